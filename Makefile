@@ -1,0 +1,27 @@
+# Two entry points, both self-installing on a fresh machine that has Python 3.11:
+#   make demo   the whole chain on bundled real images (CPU, minutes)
+#   make test   the pytest suite as CI runs it
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch must come from the package index, never from a local wheel folder (that wheel cannot load torchvision).
+export PIP_FIND_LINKS :=
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/pipeline demo --out runs/demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow and not gpu" -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) runs
