@@ -1,0 +1,30 @@
+"""Fingerprints: canonical JSON digests that say exactly what produced a store or a teacher group."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping
+
+__all__ = ["canonical_json", "digest", "diff"]
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest(data: Any) -> str:
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()
+
+
+def diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two fingerprints (for error messages)."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            keys += diff(va, vb, prefix=f"{name}.")
+        elif canonical_json(va) != canonical_json(vb):
+            keys.append(f"{name}: {va!r} != {vb!r}")
+    return keys

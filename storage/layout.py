@@ -1,0 +1,34 @@
+"""Names of the feature-store contract (DESIGN.md "The feature store"). Other tools read these: never rename."""
+
+FORMAT_VERSION = 1
+
+IMAGES = "images"
+TEACHERS = "teachers"
+LABELS = "labels"  # [N] int32 next to images/, -1 where unknown
+
+# images/
+IDS = "ids"  # [N] str
+SOURCE = "source"  # [N] str
+HW = "hw"  # [N, 2] int32
+GRID = "grid"  # [N, 2] int32
+PIXELS = "pixels"  # [B] uint8, encoded images concatenated
+PIXEL_OFFSETS = "pixel_offsets"  # [N+1] int64
+OK = "ok"  # [N] bool
+FAILURES = "failures"  # side table group: index [F] int64, reason [F] str
+FAILURE_INDEX = "index"
+FAILURE_REASON = "reason"
+
+# teachers/<name>/
+SUMMARY = "summary"  # [N, D]
+PATCHES = "patches"  # [T, D]
+OFFSETS = "offsets"  # [N+1] int64
+REGISTERS = "registers"  # [N, R, D]
+LAYERS = "layers"  # layers/<k> [T, Dk]
+HEADS = "heads"  # heads/<param> frozen teacher parts (e.g. SigLIP2 attention pool)
+PHIS = "phis"  # phis/<feature>.npz
+TEXT = "text"  # text/<set> [P, D_text]
+PHIS_FEATURES = (SUMMARY, PATCHES)  # PHI-S is never estimated for registers (AMoE §3.2)
+
+# bookkeeping that is not part of the data contract
+COMMITS = "_commits"
+STAGING = "_staging"
