@@ -1,0 +1,77 @@
+"""`pipeline cache-teachers`: thin CLI over stages.cache.run_cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..config import ConfigError, load_config, parse_overrides
+from ..configs import CacheConfig
+from ..console import console, progress
+
+
+def cache_teachers(
+    images: Annotated[str, typer.Argument(help="a folder (recursive), a text file of paths, or tar shards (a.tar, 'shard-{000..009}.tar')")],
+    store: Annotated[str, typer.Option("--store", help="store directory or fsspec URL (created if absent)")],
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="SPEC: timm:MODEL or open_clip:MODEL[,key=value...]")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="teacher group name in the store")] = None,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="safetensors / torch state dict")] = None,
+    random_init: Annotated[Optional[bool], typer.Option("--random-init/--no-random-init", help="seeded random weights")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16 (default) or float32")] = None,
+    min_tokens: Annotated[Optional[int], typer.Option("--min-tokens", help="fewest student tokens per image")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="most student tokens per image")] = None,
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV path,label stored as the labels array")] = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="join this Ray cluster")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="teacher actors")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with CacheConfig fields")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override any config field: key=value")] = None,
+) -> None:
+    """Run a teacher once over IMAGES and write its targets, pixels and PHI-S statistics into STORE."""
+    from stages.cache import run_cache
+
+    given = {
+        "teacher": teacher, "name": name, "weights": str(weights) if weights else None, "random_init": random_init,
+        "dtype": dtype, "min_tokens": min_tokens, "max_tokens": max_tokens, "labels": str(labels) if labels else None,
+        "ray_address": ray_address, "workers": workers,
+    }
+    overrides = {k: v for k, v in given.items() if v is not None}
+    try:
+        overrides.update(parse_overrides(set_ or []))
+        cfg = load_config(CacheConfig, config, overrides)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    with progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total, info="")
+            bar.update(tasks[phase], completed=done, total=total)
+
+        try:
+            report = run_cache(images, store, cfg, on_progress=on_progress)
+        except (ValueError, RuntimeError, FileNotFoundError) as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
+    _print_summary(report)
+
+
+def _print_summary(report) -> None:
+    from rich.table import Table
+
+    ing = report.ingest
+    table = Table(title=f"cache-teachers -> {report.store}", show_header=False)
+    table.add_row("teacher", report.teacher + ("  (resumed)" if report.resumed else ""))
+    table.add_row("images", f"{ing.num_images}" + ("  (already in store)" if ing.skipped else ""))
+    failed = f"{ing.num_failed}"
+    if ing.failure_reasons:
+        failed += "  (" + ", ".join(f"{k}: {v}" for k, v in sorted(ing.failure_reasons.items())) + ")"
+    table.add_row("failed images", failed)
+    table.add_row("units", f"{report.units_total} ({report.units_skipped} already committed)")
+    table.add_row("images computed / tokens written", f"{report.images_computed} / {report.tokens}")
+    for feature, info in report.phis.items():
+        table.add_row(f"PHI-S {feature}", f"{info['method']}, scale {info['scale']:.4g}, from {info['count']} rows")
+    table.add_row("seconds", ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
+    console.print(table)

@@ -1,0 +1,303 @@
+"""`pipeline cache-teachers`: run one teacher once over a store's images and write its targets.
+
+Orchestration (driver) and the teacher actor. The images phase lives in ``stages.ingest``; PHI-S
+statistics in ``storage.phis``. Teacher inference runs in a Ray actor pool: each actor owns whole
+write units (``storage.shards``), reads the stored pixels, runs the teacher on them (the exact
+pixels the student will see), writes its shards in a background thread and commits the unit.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from pipeline.configs import CacheConfig
+from storage import layout as L
+from storage.commits import CommitLog
+from storage.image_policy import ImagePolicy
+from storage.shards import ShardPlan
+from storage.store import FeatureStore, TeacherSpec
+
+from .ingest import IngestReport, ingest_images
+from .ray_cluster import ray_cluster
+from .sources import list_images
+
+__all__ = ["CacheReport", "TeacherWorker", "run_cache", "check_range"]
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+class FeatureOverflowError(ValueError):
+    """A teacher feature that the store's dtype cannot hold (never written as inf)."""
+
+
+def check_range(values: np.ndarray, dtype: str, teacher: str, feature: str) -> np.ndarray:
+    """Cast to the store dtype; non-finite values or float16 overflow are errors naming the feature."""
+    if not np.isfinite(values).all():
+        raise FeatureOverflowError(f"teacher '{teacher}' produced NaN/inf in '{feature}'")
+    if dtype == "float16":
+        peak = float(np.abs(values).max(initial=0.0))
+        if peak > FLOAT16_MAX:
+            raise FeatureOverflowError(
+                f"teacher '{teacher}' feature '{feature}' has |value| up to {peak:.4g}, beyond float16's "
+                f"{FLOAT16_MAX:.0f}: use --dtype float32 for this teacher"
+            )
+    return values.astype(dtype)
+
+
+@dataclass
+class CacheReport:
+    store: str
+    teacher: str
+    ingest: IngestReport
+    units_total: int = 0
+    units_skipped: int = 0
+    images_computed: int = 0
+    tokens: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    phis: dict[str, dict] = field(default_factory=dict)
+    resumed: bool = False
+
+
+def _teacher_kwargs(cfg: CacheConfig) -> dict:
+    return dict(
+        spec=cfg.teacher,
+        weights=cfg.weights,
+        random_init=cfg.random_init,
+        seed=cfg.seed,
+        patch_size=cfg.patch_size,
+    )
+
+
+class TeacherWorker:
+    """One teacher replica; ``run_unit`` computes a unit and hands its writes to a background thread."""
+
+    def __init__(self, store_url: str, name: str, teacher_kwargs: dict, dtype: str, threads: int,
+                 batch_size: int, token_offsets: np.ndarray, pixel_offsets: np.ndarray):
+        import torch
+
+        from .teachers import build_teacher
+
+        torch.set_num_threads(threads)
+        self.teacher = build_teacher(**teacher_kwargs)
+        self.store = FeatureStore.open(store_url, mode="r+")
+        self.group = self.store.teacher_group(name)
+        self.name, self.dtype, self.batch_size = name, dtype, batch_size
+        self.plan = self.store.plan()
+        self.tokens = np.asarray(token_offsets)
+        self.pixel_offsets = np.asarray(pixel_offsets)
+        self.shard_rows = int(self.group[L.PATCHES].shards[0])
+        self.ok = self.store.image_array(L.OK)[:]
+        self.grid = self.store.image_array(L.GRID)[:]
+        self.commits = CommitLog(store_url, f"{L.TEACHERS}/{name}/{L.COMMITS}")
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self.pending: Future | None = None
+        self.lock = threading.Lock()
+
+    def _decode(self, w0: int, w1: int) -> dict[int, np.ndarray]:
+        lo, hi = int(self.pixel_offsets[w0]), int(self.pixel_offsets[w1])
+        blob = self.store.image_array(L.PIXELS)[lo:hi] if hi > lo else np.zeros(0, np.uint8)
+        out = {}
+        for i in range(w0, w1):
+            if self.ok[i]:
+                a, b = int(self.pixel_offsets[i]) - lo, int(self.pixel_offsets[i + 1]) - lo
+                out[i] = ImagePolicy.decode(blob[a:b])
+        return out
+
+    def _forward(self, images: dict[int, np.ndarray]) -> dict[int, tuple]:
+        """Batched teacher forward, grouping images of equal size (deterministic order)."""
+        import torch
+
+        by_size: dict[tuple, list[int]] = {}
+        for i in sorted(images):
+            by_size.setdefault(images[i].shape, []).append(i)
+        results = {}
+        with torch.inference_mode():
+            for shape, idx in sorted(by_size.items()):
+                for s in range(0, len(idx), self.batch_size):
+                    chunk = idx[s : s + self.batch_size]
+                    pixels = torch.from_numpy(np.stack([images[i] for i in chunk])).permute(0, 3, 1, 2).contiguous()
+                    grid = (int(self.grid[chunk[0], 0]), int(self.grid[chunk[0], 1]))
+                    out = self.teacher.forward(pixels, grid)
+                    summary = out.summary.float().numpy()
+                    patches = out.patches.float().reshape(len(chunk), grid[0] * grid[1], -1).numpy()
+                    registers = None if out.registers is None else out.registers.float().numpy()
+                    for j, i in enumerate(chunk):
+                        results[i] = (summary[j], patches[j], None if registers is None else registers[j])
+        return results
+
+    def run_unit(self, unit: int) -> dict:
+        t0 = time.perf_counter()
+        i0, i1 = self.plan.image_range(unit)
+        r0, r1 = self.plan.owned_rows(unit, self.tokens, self.shard_rows)
+        w0, w1 = self.plan.work_range(unit, [self.tokens], [self.shard_rows])
+        images = self._decode(w0, w1)
+        t1 = time.perf_counter()
+        results = self._forward(images)
+        t2 = time.perf_counter()
+        self.flush()  # at most one unit in flight: bounded memory
+        self.pending = self.writer.submit(self._write, unit, i0, i1, r0, r1, results)
+        return {"unit": unit, "images": len(results), "tokens": r1 - r0,
+                "decode_s": t1 - t0, "forward_s": t2 - t1}
+
+    def _write(self, unit: int, i0: int, i1: int, r0: int, r1: int, results: dict) -> None:
+        g, n = self.group, i1 - i0
+        summary = np.zeros((n, g[L.SUMMARY].shape[1]), np.float32)
+        registers = np.zeros((n, *g[L.REGISTERS].shape[1:]), np.float32) if L.REGISTERS in g else None
+        for i in range(i0, i1):
+            if i in results:
+                summary[i - i0] = results[i][0]
+                if registers is not None:
+                    registers[i - i0] = results[i][2]
+        g[L.SUMMARY][i0:i1] = check_range(summary, self.dtype, self.name, L.SUMMARY)
+        if registers is not None:
+            g[L.REGISTERS][i0:i1] = check_range(registers, self.dtype, self.name, L.REGISTERS)
+        end = i1 + 1 if unit == self.plan.num_units - 1 else i1
+        g[L.OFFSETS][i0:end] = self.tokens[i0:end]
+        if r1 > r0:
+            j0 = int(np.searchsorted(self.tokens, r0, "right")) - 1
+            rows, cursor, j = [], r0, j0
+            while cursor < r1:
+                start, stop = int(self.tokens[j]), int(self.tokens[j + 1])
+                if stop > start:
+                    patch = results[j][1]
+                    rows.append(patch[cursor - start : min(stop, r1) - start])
+                    cursor = min(stop, r1)
+                j += 1
+            g[L.PATCHES][r0:r1] = check_range(np.concatenate(rows), self.dtype, self.name, L.PATCHES)
+        self.commits.commit(unit, {"images": [i0, i1], "rows": [r0, r1], "host": platform.node()})
+
+    def flush(self) -> bool:
+        if self.pending is not None:
+            self.pending.result()  # re-raises a write error in the caller
+            self.pending = None
+        return True
+
+
+def run_cache(
+    images: str,
+    store_url: str,
+    cfg: CacheConfig,
+    *,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> CacheReport:
+    """Cache one teacher into ``store_url`` (creating the store and its images/ when needed)."""
+    import ray
+    import torch
+
+    from .teachers import build_teacher
+    from storage.phis import estimate_phis
+
+    progress = on_progress or (lambda *a: None)
+    policy = ImagePolicy(cfg.patch_size, cfg.min_tokens, cfg.max_tokens, cfg.image_format, cfg.image_quality)
+    refs = list_images(images)
+    store = FeatureStore.open_or_create(store_url, policy, created_by=_created_by())
+    seconds: dict[str, float] = {}
+
+    # the driver builds the teacher once: fingerprint, dims, frozen heads, text embeddings
+    t = time.perf_counter()
+    teacher = build_teacher(**_teacher_kwargs(cfg))
+    name = cfg.name or teacher.name
+    fingerprint = {
+        **teacher.fingerprint(),
+        "image_policy": policy.to_dict(),
+        "student_patch_size": cfg.patch_size,
+        "dtype": cfg.dtype,
+    }
+    spec = TeacherSpec(name, teacher.summary_dim, teacher.embed_dim, teacher.num_registers, cfg.dtype, fingerprint)
+    resumed = store.check_teacher(spec)  # raises on a conflicting fingerprint, before any work
+    seconds["build_teacher"] = time.perf_counter() - t
+
+    cpus = cfg.num_cpus or (len(__import__("os").sched_getaffinity(0)))
+    threads = cfg.threads or max(1, cpus // cfg.workers)
+    with ray_cluster(cfg.ray_address, cfg.num_cpus):
+        t = time.perf_counter()
+        ingest = ingest_images(
+            refs,
+            store,
+            shard_images=cfg.shard_images,
+            pixel_shard_bytes=cfg.pixel_shard_bytes,
+            pixel_chunk_bytes=cfg.pixel_chunk_bytes,
+            labels_csv=cfg.labels,
+            on_progress=progress,
+        )
+        seconds["images"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        tokens = store.token_offsets()
+        pixel_offsets = store.image_array(L.PIXEL_OFFSETS)[:]
+        if not resumed:
+            store.create_teacher(
+                spec,
+                tokens,
+                shard_images=int(store.attrs["shard_images"]),
+                shard_rows=cfg.shard_rows,
+                chunk_rows=cfg.chunk_rows,
+                extra_attrs={"resampled": bool(teacher.resampled), "spec": cfg.teacher},
+            )
+            heads = {k: v.detach().cpu().float().numpy() for k, v in teacher.heads().items()}
+            if heads:
+                store.write_heads(name, heads, teacher.heads_config())
+        if cfg.text_prompts:
+            prompts = [p.strip() for p in open(cfg.text_prompts) if p.strip()]
+            with torch.inference_mode():
+                emb = teacher.encode_text(prompts).float().numpy()
+            store.write_text(name, cfg.text_set, emb, prompts)
+        del teacher
+
+        plan: ShardPlan = store.plan()
+        commits = CommitLog(store.url, f"{L.TEACHERS}/{name}/{L.COMMITS}")
+        done = commits.committed()
+        todo = [u for u in range(plan.num_units) if u not in done]
+        report = CacheReport(store.url, name, ingest, plan.num_units, len(done), resumed=resumed)
+        progress(f"teacher {name}", len(done), plan.num_units)
+        if todo:
+            actor_cls = ray.remote(num_cpus=threads)(TeacherWorker)
+            tok_ref, pix_ref = ray.put(tokens), ray.put(pixel_offsets)
+            actors = [
+                actor_cls.remote(store.url, name, _teacher_kwargs(cfg), cfg.dtype, threads, cfg.batch_size, tok_ref, pix_ref)
+                for _ in range(min(cfg.workers, len(todo)))
+            ]
+            pool = ray.util.ActorPool(actors)
+            finished = len(done)
+            for result in pool.map_unordered(lambda a, u: a.run_unit.remote(u), todo):
+                report.images_computed += result["images"]
+                report.tokens += result["tokens"]
+                for key in ("decode_s", "forward_s"):
+                    seconds[key] = seconds.get(key, 0.0) + result[key]
+                finished += 1
+                progress(f"teacher {name}", finished, plan.num_units)
+            ray.get([a.flush.remote() for a in actors])
+            for a in actors:
+                ray.kill(a)
+        seconds["teacher"] = time.perf_counter() - t
+
+    if cfg.phis:
+        t = time.perf_counter()
+        group = store.teacher_group(name)
+        ok = store.image_array(L.OK)[:]
+        for feature in L.PHIS_FEATURES:
+            kwargs = {"valid": ok} if feature == L.SUMMARY else {}
+            transform = estimate_phis(group[feature], max_rows=cfg.phis_max_rows, seed=cfg.seed, **kwargs)
+            transform.save(store.phis_path(name, feature))
+            report.phis[feature] = {"method": transform.method, "scale": float(transform.scale), "count": int(transform.count)}
+        seconds["phis"] = time.perf_counter() - t
+
+    store.teacher_group(name).attrs.update({"complete": True})
+    report.seconds = seconds
+    return report
+
+
+def _created_by() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"amoe-pipeline {version('amoe-pipeline')}"
+    except PackageNotFoundError:
+        return "amoe-pipeline"

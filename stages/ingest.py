@@ -1,0 +1,266 @@
+"""Images phase of `cache-teachers`: decode, resize and encode every image into the store's images/.
+
+Three steps, each resumable:
+  A. Ray tasks, one per unit: read + decode + resize + encode; the unit's bytes and metadata are
+     staged in ``_staging/images/unit-*.npz`` (atomic write = the step's commit).
+  B. The driver reads the staged metadata (small), computes pixel and token offsets and the
+     failure table, and creates the arrays.
+  C. Ray tasks, one per unit: write the unit's per-image shards and its owned pixel shards
+     (storage.shards ownership rule), then the unit's commit marker.
+Failures (unreadable, corrupt, truncated, not an image) are recorded, never dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from storage import layout as L
+from storage.commits import CommitLog
+from storage.fsutil import atomic_write, join
+from storage.image_policy import ImagePolicy
+from storage.shards import ShardPlan
+from storage.store import FeatureStore, StoreError
+
+from .sources import DecodeError, ImageRef, decode_rgb, image_id, iter_bytes
+
+__all__ = ["IngestReport", "ingest_images", "prepare_unit"]
+
+STAGING_IMAGES = f"{L.STAGING}/images"
+IMAGES_COMMITS = f"{L.COMMITS}/images"
+
+
+@dataclass
+class IngestReport:
+    num_images: int = 0
+    num_failed: int = 0
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+    units_done_before: int = 0
+    skipped: bool = False
+
+
+def _staged_path(store: FeatureStore, unit: int) -> str:
+    return store.path(STAGING_IMAGES, f"unit-{unit:08d}.npz")
+
+
+def prepare_unit(sources: list[str], policy: ImagePolicy) -> dict[str, np.ndarray]:
+    """Step A for one unit: decoded, resized, encoded images as flat bytes + per-image metadata."""
+    n = len(sources)
+    sizes = np.zeros(n, np.int64)
+    hw = np.zeros((n, 2), np.int32)
+    grid = np.zeros((n, 2), np.int32)
+    ok = np.zeros(n, bool)
+    ids, reasons, blobs = [""] * n, [""] * n, []
+    for i, (ref, data) in enumerate(iter_bytes([ImageRef(s) for s in sources])):
+        if isinstance(data, Exception):
+            reasons[i] = f"unreadable: {data}"
+            continue
+        ids[i] = image_id(data)
+        try:
+            image = policy.resize(decode_rgb(data))
+        except DecodeError as exc:
+            reasons[i] = str(exc.reason if hasattr(exc, "reason") else exc)
+            continue
+        except Exception as exc:  # a decoder bug on one file must not stop a billion-image job
+            reasons[i] = f"corrupt: {type(exc).__name__}: {exc}"
+            continue
+        blob = policy.encode(image)
+        blobs.append(np.frombuffer(blob, np.uint8))
+        sizes[i] = len(blob)
+        hw[i] = (image.height, image.width)
+        grid[i] = (image.height // policy.patch_size, image.width // policy.patch_size)
+        ok[i] = True
+    return {
+        "pixels": np.concatenate(blobs) if blobs else np.zeros(0, np.uint8),
+        "sizes": sizes,
+        "hw": hw,
+        "grid": grid,
+        "ok": ok,
+        "ids": np.asarray(ids, dtype=str),
+        "sources": np.asarray(sources, dtype=str),
+        "reasons": np.asarray(reasons, dtype=str),
+    }
+
+
+def _save_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _load_npz(store: FeatureStore, unit: int, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(store.fs.cat_file(_staged_path(store, unit))), allow_pickle=False) as z:
+        return {k: z[k] for k in keys}
+
+
+def _stage_task(store_url: str, unit: int, sources: list[str], policy: dict) -> int:
+    store = FeatureStore.open(store_url, mode="r")
+    arrays = prepare_unit(sources, ImagePolicy.from_dict(policy))
+    atomic_write(store.fs, _staged_path(store, unit), _save_npz(arrays))
+    return unit
+
+
+def _write_task(store_url: str, unit: int, offsets_ref: np.ndarray) -> int:
+    """Step C for one unit (runs in a Ray task)."""
+    store = FeatureStore.open(store_url, mode="r+")
+    plan = store.plan()
+    pixel_offsets = np.asarray(offsets_ref)
+    i0, i1 = plan.image_range(unit)
+    meta = _load_npz(store, unit, ("ids", "sources", "hw", "grid", "ok"))
+    images = store.group[L.IMAGES]
+    images[L.IDS][i0:i1] = meta["ids"]
+    images[L.SOURCE][i0:i1] = meta["sources"]
+    images[L.HW][i0:i1] = meta["hw"]
+    images[L.GRID][i0:i1] = meta["grid"]
+    images[L.OK][i0:i1] = meta["ok"]
+    end = i1 + 1 if unit == plan.num_units - 1 else i1
+    images[L.PIXEL_OFFSETS][i0:end] = pixel_offsets[i0:end]
+    shard = images[L.PIXELS].shards[0]
+    r0, r1 = plan.owned_rows(unit, pixel_offsets, shard)
+    if r1 > r0:
+        # bytes of the owned rows come from this unit's staged file and, past its end, the next ones'
+        first_image = int(np.searchsorted(pixel_offsets, r0, "right")) - 1
+        parts, cursor, u = [], r0, first_image // plan.shard_images
+        while cursor < r1:
+            u0, u1 = plan.image_range(u)
+            base = int(pixel_offsets[u0])
+            data = _load_npz(store, u, ("pixels",))["pixels"]
+            lo, hi = cursor - base, min(r1, int(pixel_offsets[u1])) - base
+            parts.append(data[lo:hi])
+            cursor = base + hi
+            u += 1
+        images[L.PIXELS][r0:r1] = np.concatenate(parts)
+    CommitLog(store_url, IMAGES_COMMITS).commit(unit, {"images": [i0, i1], "pixel_rows": [r0, r1]})
+    return unit
+
+
+def _read_labels(path: str, sources: list[str]) -> np.ndarray:
+    """labels CSV (columns path,label; paths relative to the CSV's folder) -> [N] int32, -1 if unknown."""
+    base = Path(path).resolve().parent
+    table: dict[str, int] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"labels file {path} needs the columns 'path' and 'label'")
+        for row in reader:
+            table[str((base / row["path"]).resolve())] = int(row["label"])
+    return np.asarray([table.get(str(Path(s).resolve()), -1) for s in sources], np.int32)
+
+
+def ingest_images(
+    refs: list[ImageRef],
+    store: FeatureStore,
+    *,
+    shard_images: int,
+    pixel_shard_bytes: int,
+    pixel_chunk_bytes: int,
+    labels_csv: str | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> IngestReport:
+    """Fill images/ (and labels) of ``store`` from ``refs``; resumes where a killed run stopped."""
+    import ray
+
+    sources = [r.source for r in refs]
+    report = IngestReport()
+    if store.images_complete:
+        stored = [str(s) for s in store.image_array(L.SOURCE)[:]]
+        if stored != sources:
+            raise StoreError(
+                f"{store.url} already holds {len(stored)} images from another image list "
+                f"(first difference at index {next((i for i, (a, b) in enumerate(zip(stored, sources)) if a != b), min(len(stored), len(sources)))}); "
+                "a store has one image set: use a new --store"
+            )
+        report.skipped = True
+        report.num_images = len(sources)
+        ok = store.image_array(L.OK)[:]
+        report.num_failed = int((~ok).sum())
+        return report
+
+    expected = {"num_images": len(sources), "shard_images": shard_images, "sources_digest": _digest(sources)}
+    previous = store.attrs.get("ingest")
+    if previous is not None and previous != expected:
+        raise StoreError(
+            f"{store.url} holds an unfinished ingest of another image list or shard size ({previous}); "
+            "rerun with the same IMAGES and --shard-images, or use a new --store"
+        )
+    store.update_attrs(ingest=expected, shard_images=shard_images)
+    plan = ShardPlan(len(sources), shard_images)
+    progress = on_progress or (lambda *a: None)
+
+    # step A: stage every unit not staged yet
+    staged = {u for u in range(plan.num_units) if store.fs.exists(_staged_path(store, u))}
+    committed = CommitLog(store.url, IMAGES_COMMITS).committed()
+    report.units_done_before = len(committed)
+    todo = [u for u in range(plan.num_units) if u not in staged and u not in committed]
+    progress("decode + resize", plan.num_units - len(todo), plan.num_units)
+    stage = ray.remote(num_cpus=1, max_retries=2)(_stage_task)
+    pending = [stage.remote(store.url, u, sources[slice(*plan.image_range(u))], store.policy.to_dict()) for u in todo]
+    done = plan.num_units - len(todo)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+        done += 1
+        progress("decode + resize", done, plan.num_units)
+
+    # step B: offsets and arrays from the staged metadata
+    sizes, ok, grid, reasons, ids = [], [], [], [], []
+    for u in range(plan.num_units):
+        meta = _load_npz(store, u, ("sizes", "ok", "grid", "reasons", "ids"))
+        sizes.append(meta["sizes"]), ok.append(meta["ok"]), grid.append(meta["grid"])
+        reasons.append(meta["reasons"]), ids.append(meta["ids"])
+    sizes_a, ok_a = np.concatenate(sizes), np.concatenate(ok)
+    reasons_a, ids_a = np.concatenate(reasons), np.concatenate(ids)
+    pixel_offsets = np.concatenate([[0], np.cumsum(sizes_a)]).astype(np.int64)
+    if not committed:
+        store.create_image_arrays(
+            len(sources),
+            int(pixel_offsets[-1]),
+            shard_images=shard_images,
+            pixel_shard_bytes=pixel_shard_bytes,
+            pixel_chunk_bytes=pixel_chunk_bytes,
+        )
+        failed = np.flatnonzero(~ok_a)
+        store.write_failures(failed, [str(reasons_a[i]) for i in failed])
+        if labels_csv:
+            store.write_labels(_read_labels(labels_csv, sources), shard_images)
+
+    # step C: write shards, unit by unit
+    writer = ray.remote(num_cpus=1, max_retries=2)(_write_task)
+    offsets_ref = ray.put(pixel_offsets)
+    todo = [u for u in range(plan.num_units) if u not in committed]
+    done = plan.num_units - len(todo)
+    progress("write images", done, plan.num_units)
+    pending = [writer.remote(store.url, u, offsets_ref) for u in todo]
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+        done += 1
+        progress("write images", done, plan.num_units)
+
+    store.update_attrs(
+        images_complete=True,
+        num_images=len(sources),
+        images_digest=_digest([str(i) for i in ids_a]),
+    )
+    if store.fs.exists(store.path(STAGING_IMAGES)):
+        store.fs.rm(store.path(STAGING_IMAGES), recursive=True)
+    report.num_images = len(sources)
+    report.num_failed = int((~ok_a).sum())
+    for r in reasons_a[~ok_a]:
+        key = str(r).split(":", 1)[0]
+        report.failure_reasons[key] = report.failure_reasons.get(key, 0) + 1
+    return report
+
+
+def _digest(items: list[str]) -> str:
+    h = hashlib.sha256()
+    for item in items:
+        h.update(item.encode())
+        h.update(b"\0")
+    return h.hexdigest()

@@ -1,0 +1,91 @@
+"""Read access to a store: whole images' targets by index, and dask views for streaming statistics.
+
+Small per-image index arrays (offsets, ok, grid) are loaded once; feature rows are read on demand,
+so memory stays bounded by what the caller asks for. Safe to use from several threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import layout as L
+from .store import FeatureStore, StoreError
+
+__all__ = ["ImageTargets", "StoreReader", "dask_view"]
+
+
+@dataclass
+class ImageTargets:
+    index: int
+    pixels: np.ndarray  # encoded bytes (uint8)
+    grid: tuple[int, int]
+    summary: dict[str, np.ndarray]  # teacher -> [D]
+    patches: dict[str, np.ndarray]  # teacher -> [gh*gw, D]
+    registers: dict[str, np.ndarray]  # teacher -> [R, D] where present
+    label: int = -1
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.pixels, *self.summary.values(), *self.patches.values(), *self.registers.values()]
+        return int(sum(p.nbytes for p in parts))
+
+
+class StoreReader:
+    def __init__(self, url: str, teachers: list[str] | None = None):
+        self.store = FeatureStore.open(url)
+        if not self.store.images_complete:
+            raise StoreError(f"{url}: images are not complete (an interrupted cache-teachers?)")
+        names = teachers if teachers is not None else self.store.teacher_names
+        for name in names:
+            if not self.store.has_teacher(name) or not self.store.teacher_attrs(name).get("complete"):
+                raise StoreError(f"{url}: teacher '{name}' is missing or incomplete")
+        self.teachers = list(names)
+        self.ok = self.store.image_array(L.OK)[:]
+        self.grid = self.store.image_array(L.GRID)[:]
+        self.pixel_offsets = self.store.image_array(L.PIXEL_OFFSETS)[:]
+        self.token_offsets = self.store.token_offsets()
+        self.pixels = self.store.image_array(L.PIXELS)
+        self.labels = self.store.group[L.LABELS][:] if L.LABELS in self.store.group else None
+        self.arrays = {}
+        for name in self.teachers:
+            g = self.store.teacher_group(name)
+            self.arrays[name] = {k: g[k] for k in (L.SUMMARY, L.PATCHES, L.REGISTERS) if k in g}
+
+    def __len__(self) -> int:
+        return len(self.ok)
+
+    def valid_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.ok)
+
+    def read(self, i: int) -> ImageTargets:
+        if not 0 <= i < len(self.ok):
+            raise IndexError(f"image {i} out of range [0, {len(self.ok)})")
+        if not self.ok[i]:
+            raise ValueError(f"image {i} failed to decode at cache time (see images/failures)")
+        t0, t1 = int(self.token_offsets[i]), int(self.token_offsets[i + 1])
+        summary, patches, registers = {}, {}, {}
+        for name, arrays in self.arrays.items():
+            summary[name] = arrays[L.SUMMARY][i]
+            patches[name] = arrays[L.PATCHES][t0:t1]
+            if L.REGISTERS in arrays:
+                registers[name] = arrays[L.REGISTERS][i]
+        return ImageTargets(
+            index=i,
+            pixels=self.pixels[int(self.pixel_offsets[i]) : int(self.pixel_offsets[i + 1])],
+            grid=(int(self.grid[i, 0]), int(self.grid[i, 1])),
+            summary=summary,
+            patches=patches,
+            registers=registers,
+            label=int(self.labels[i]) if self.labels is not None else -1,
+        )
+
+
+def dask_view(url: str, teacher: str, feature: str):
+    """A lazy dask array over one teacher feature (chunked like the store's inner chunks)."""
+    import dask.array as da
+
+    store = FeatureStore.open(url)
+    arr = store.teacher_group(teacher)[feature]
+    return da.from_array(arr, chunks=arr.chunks)
