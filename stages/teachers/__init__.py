@@ -1,0 +1,38 @@
+"""Teacher adapters: build a frozen teacher from a SPEC (``timm:...`` or ``open_clip:...``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Teacher, TeacherOutput
+from .spec import TeacherSpec, parse_spec
+
+__all__ = ["Teacher", "TeacherOutput", "TeacherSpec", "build_teacher", "parse_spec"]
+
+
+def build_teacher(
+    spec: str,
+    *,
+    weights: str | Path | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    patch_size: int = 16,
+    device: str = "cpu",
+) -> Teacher:
+    """A frozen, eval-mode teacher on CPU (``device`` is reserved for GPU actors)."""
+    parsed = parse_spec(spec)
+    if weights is not None and random_init:
+        raise ValueError("--weights and --random-init exclude each other")
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"weights file not found: {weights}")
+    if parsed.library == "timm":
+        from .timm_teacher import TimmTeacher
+
+        teacher = TimmTeacher(parsed, weights=weights, random_init=random_init, seed=seed, patch_size=patch_size)
+    else:
+        from .open_clip_teacher import OpenClipTeacher
+
+        teacher = OpenClipTeacher(parsed, weights=weights, random_init=random_init, seed=seed, patch_size=patch_size)
+    if device != "cpu":
+        teacher.model.to(device)
+    return teacher
