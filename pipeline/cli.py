@@ -1,0 +1,30 @@
+"""The `pipeline` command. Subcommands are registered here; their bodies live in pipeline/commands/."""
+
+from __future__ import annotations
+
+import typer
+
+from .commands import cache as cache_cmd
+from .commands import data as data_cmd
+from .commands import demo as demo_cmd
+from .commands import inspect as inspect_cmd
+
+app = typer.Typer(
+    name="pipeline",
+    help="Agglomerative MoE vision models: cache teachers into a Zarr feature store, inspect it, run the demo.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(data_cmd.app, name="data", help="Write the bundled real image sets (demo, long-tailed pool).")
+app.command("cache-teachers", no_args_is_help=True)(cache_cmd.cache_teachers)
+app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect_store)
+app.command("demo")(demo_cmd.demo)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

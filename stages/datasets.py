@@ -1,0 +1,194 @@
+"""Real image sets shipped inside installed packages (scikit-image, scikit-learn): never downloaded.
+
+* ``write_demo_images``: the bundled photos plus the 1,797 scikit-learn digits, upscaled, with a
+  labels CSV and a stratified train/held-out split (the demo's kNN evaluation set).
+* ``write_longtail_pool``: a real long-tailed pool for curation: random crops of the bundled photos
+  whose count per source photo follows a Zipf law; a crop's concept is its source photo.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["DemoImageSet", "LongtailPool", "bundled_photos", "write_demo_images", "write_longtail_pool"]
+
+# every one of these ships inside the scikit-image wheel (skimage/data/*.png|jpg)
+SKIMAGE_PHOTOS = (
+    "astronaut", "coffee", "chelsea", "rocket", "camera", "moon", "horse", "hubble_deep_field",
+    "immunohistochemistry", "page", "text", "clock", "coins", "retina", "colorwheel", "brick",
+    "grass", "gravel", "logo",
+)
+
+
+def bundled_photos() -> dict[str, np.ndarray]:
+    """name -> image array (uint8 HxW, HxWx3 or HxWx4), from scikit-image and scikit-learn."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = {}
+    for name in SKIMAGE_PHOTOS:
+        arr = np.asarray(getattr(skimage.data, name)())
+        photos[name] = (arr * 255).astype(np.uint8) if arr.dtype == bool else arr.astype(np.uint8)
+    sample = load_sample_images()
+    for fname, arr in zip(sample.filenames, sample.images):
+        photos[Path(fname).stem] = np.asarray(arr, np.uint8)
+    return photos
+
+
+@dataclass(frozen=True)
+class DemoImageSet:
+    root: Path
+    photos: list[Path]
+    digits: list[Path]
+    labels_csv: Path
+    num_train: int
+    num_heldout: int
+
+
+def _stratified_split(labels: np.ndarray, heldout: float, seed: int) -> np.ndarray:
+    """Boolean mask of held-out items: a seeded ``heldout`` share of every class."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        take = int(round(len(idx) * heldout))
+        mask[rng.choice(idx, size=take, replace=False)] = True
+    return mask
+
+
+def _save_if_changed(img: Image.Image, path: Path) -> None:
+    """PNG writes are deterministic; skipping identical files keeps reruns cheap and idempotent."""
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    data = buf.getvalue()
+    if not path.exists() or path.read_bytes() != data:
+        path.write_bytes(data)
+
+
+def write_demo_images(out: Path, *, digits_size: int = 64, heldout: float = 0.2, seed: int = 0) -> DemoImageSet:
+    """Write photos to ``out/photos`` and digits to ``out/digits`` with ``out/digits/labels.csv``.
+
+    Digits (8x8, values 0-16) are scaled to 0-255 and upscaled with bicubic interpolation: smooth
+    strokes look more like the natural images the teachers were trained on than nearest's blocks.
+    The CSV's ``path`` column is relative to ``out``.
+    """
+    from sklearn.datasets import load_digits
+
+    out = Path(out)
+    (out / "photos").mkdir(parents=True, exist_ok=True)
+    (out / "digits").mkdir(parents=True, exist_ok=True)
+    photo_paths = []
+    for name, arr in bundled_photos().items():
+        path = out / "photos" / f"{name}.png"
+        _save_if_changed(Image.fromarray(arr), path)
+        photo_paths.append(path)
+    digits = load_digits()
+    labels = digits.target.astype(int)
+    held = _stratified_split(labels, heldout, seed)
+    digit_paths = []
+    rows = []
+    for i, (img, label) in enumerate(zip(digits.images, labels)):
+        arr = np.clip(np.rint(img * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+        pil = Image.fromarray(arr, "L").resize((digits_size, digits_size), Image.BICUBIC)
+        rel = Path("digits") / f"digit_{i:04d}.png"
+        _save_if_changed(pil, out / rel)
+        digit_paths.append(out / rel)
+        rows.append((str(rel), int(label), "heldout" if held[i] else "train"))
+    labels_csv = out / "digits" / "labels.csv"
+    with open(labels_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows(rows)
+    return DemoImageSet(out, photo_paths, digit_paths, labels_csv, int((~held).sum()), int(held.sum()))
+
+
+@dataclass(frozen=True)
+class LongtailPool:
+    root: Path
+    concepts_csv: Path
+    counts: dict[str, int]  # crops per concept, most frequent first
+
+    @property
+    def num_crops(self) -> int:
+        return sum(self.counts.values())
+
+
+def zipf_counts(total: int, num_concepts: int, head_to_tail: float) -> np.ndarray:
+    """Crops per concept, ∝ 1/k^s with s chosen so that count_1 / count_K = head_to_tail."""
+    if num_concepts < 2 or head_to_tail < 1 or total < num_concepts:
+        raise ValueError(f"need >= 2 concepts, head_to_tail >= 1 and total >= concepts (got {num_concepts}, {head_to_tail}, {total})")
+    s = math.log(head_to_tail) / math.log(num_concepts)
+    weights = 1.0 / np.arange(1, num_concepts + 1) ** s
+    counts = np.maximum(1, np.floor(total * weights / weights.sum())).astype(int)
+    # hand the rounding remainder to the head, keeping the exact total and the order
+    counts[0] += total - counts.sum()
+    return counts
+
+
+def _write_crops(job: tuple) -> list[tuple[str, str]]:
+    root, photo_name, arr, start, count, crop_min, crop_max, seed = job
+    rng = np.random.default_rng([seed, start])
+    img = Image.fromarray(arr).convert("RGB")
+    rows = []
+    for j in range(count):
+        side = int(rng.integers(crop_min, crop_max + 1))
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w = min(img.width, max(8, int(round(side * math.sqrt(aspect)))))
+        h = min(img.height, max(8, int(round(side / math.sqrt(aspect)))))
+        x = int(rng.integers(0, img.width - w + 1))
+        y = int(rng.integers(0, img.height - h + 1))
+        crop = img.crop((x, y, x + w, y + h))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        rel = f"crops/{photo_name}/{start + j:06d}.png"
+        crop.save(Path(root) / rel, format="PNG", compress_level=1)
+        rows.append((rel, photo_name))
+    return rows
+
+
+def write_longtail_pool(
+    out: Path,
+    *,
+    n_crops: int = 20000,
+    head_to_tail: float = 100.0,
+    crop_min: int = 48,
+    crop_max: int = 160,
+    seed: int = 0,
+    workers: int = 2,
+) -> LongtailPool:
+    """Write a Zipf-distributed pool of crops and ``concepts.csv`` (path relative to ``out``, concept)."""
+    if crop_min < 8 or crop_max < crop_min:
+        raise ValueError(f"bad crop size range [{crop_min}, {crop_max}]")
+    out = Path(out)
+    photos = bundled_photos()
+    names = sorted(photos)
+    order = np.random.default_rng(seed).permutation(len(names))  # which photo is the head: seeded
+    names = [names[i] for i in order]
+    counts = zipf_counts(n_crops, len(names), head_to_tail)
+    jobs, start = [], 0
+    for name, count in zip(names, counts):
+        (out / "crops" / name).mkdir(parents=True, exist_ok=True)
+        for s in range(0, int(count), 500):  # chunks keep both workers busy
+            jobs.append((str(out), name, photos[name], start + s, min(500, int(count) - s), crop_min, crop_max, seed))
+        start += int(count)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_write_crops, jobs))
+    else:
+        results = [_write_crops(j) for j in jobs]
+    concepts_csv = out / "concepts.csv"
+    with open(concepts_csv, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "concept"])
+        for rows in results:
+            writer.writerows(rows)
+    return LongtailPool(out, concepts_csv, dict(zip(names, map(int, counts))))

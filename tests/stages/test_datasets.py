@@ -1,0 +1,64 @@
+import csv
+from collections import Counter
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from stages.datasets import write_demo_images, write_longtail_pool, zipf_counts
+from stages.sources import decode_rgb
+
+
+def test_demo_images(tmp_path):
+    s = write_demo_images(tmp_path / "d")
+    rows = list(csv.DictReader(open(s.labels_csv)))
+    assert len(rows) == 1797 == len(s.digits) and len(s.photos) >= 20
+    labels = np.array([int(r["label"]) for r in rows])
+    held = np.array([r["split"] == "heldout" for r in rows])
+    assert s.num_heldout == held.sum() and s.num_train + s.num_heldout == 1797
+    for c in range(10):  # stratified ~20% per class
+        assert abs(held[labels == c].mean() - 0.2) < 0.02
+    img = np.asarray(decode_rgb((tmp_path / "d" / rows[0]["path"]).read_bytes()))
+    assert img.shape == (64, 64, 3) and img.max() > 100
+    for p in s.photos:
+        decode_rgb(p.read_bytes())
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "d").rglob("*.png")}
+    again = write_demo_images(tmp_path / "d")
+    assert [r for r in csv.DictReader(open(again.labels_csv))] == rows
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "d").rglob("*.png")}  # idempotent
+
+
+def test_zipf_counts():
+    c = zipf_counts(20000, 21, 100.0)
+    assert c.sum() == 20000 and (np.diff(c) <= 0).all()
+    assert 80 <= c[0] / c[-1] <= 120
+    with pytest.raises(ValueError):
+        zipf_counts(5, 21, 100.0)
+
+
+def test_longtail_pool_is_zipf_and_deterministic(tmp_path):
+    pool = write_longtail_pool(tmp_path / "a", n_crops=600, head_to_tail=20.0, crop_min=16, crop_max=40)
+    rows = list(csv.DictReader(open(pool.concepts_csv)))
+    assert len(rows) == 600 == pool.num_crops
+    counts = Counter(r["concept"] for r in rows)
+    assert set(counts) == set(pool.counts) and len(counts) >= 20
+    ordered = sorted(counts.values(), reverse=True)
+    assert 14 <= ordered[0] / ordered[-1] <= 30
+    first = decode_rgb((tmp_path / "a" / rows[0]["path"]).read_bytes())
+    assert 16 <= max(first.size) <= 40 * 1.2
+    again = write_longtail_pool(tmp_path / "b", n_crops=600, head_to_tail=20.0, crop_min=16, crop_max=40, workers=1)
+    rows_b = list(csv.DictReader(open(again.concepts_csv)))
+    assert rows == rows_b
+    assert (tmp_path / "a" / rows[7]["path"]).read_bytes() == (tmp_path / "b" / rows[7]["path"]).read_bytes()
+
+
+def test_data_cli(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "--help"])
+    assert result.exit_code == 0 and "demo" in result.output and "longtail" in result.output
+    result = runner.invoke(app, ["data", "longtail", str(tmp_path / "p"), "--n-crops", "100", "--head-to-tail", "5"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 100 crops" in result.output
+    result = runner.invoke(app, ["data", "longtail", str(tmp_path / "p"), "--n-crops", "3"])
+    assert result.exit_code != 0
