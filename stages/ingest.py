@@ -248,8 +248,8 @@ def ingest_images(
         num_images=len(sources),
         images_digest=_digest([str(i) for i in ids_a]),
     )
-    if store.fs.exists(store.path(STAGING_IMAGES)):
-        store.fs.rm(store.path(STAGING_IMAGES), recursive=True)
+    if store.fs.exists(store.path(L.STAGING)):
+        store.fs.rm(store.path(L.STAGING), recursive=True)
     report.num_images = len(sources)
     report.num_failed = int((~ok_a).sum())
     for r in reasons_a[~ok_a]:
