@@ -15,9 +15,12 @@ __all__ = ["describe_store"]
 
 
 def _logical_bytes(group) -> int:
+    """Uncompressed bytes of the target arrays (what raw storage of the same values would take)."""
     total = 0
-    for _, arr in group.arrays():
-        total += int(np.prod(arr.shape)) * arr.dtype.itemsize if arr.dtype.kind != "T" and arr.dtype != object else 0
+    for key in (L.SUMMARY, L.PATCHES, L.REGISTERS, L.OFFSETS):
+        if key in group:
+            arr = group[key]
+            total += int(np.prod(arr.shape)) * arr.dtype.itemsize
     return total
 
 
@@ -64,8 +67,9 @@ def describe_store(url: str) -> dict:
     for name in store.teacher_names:
         g = store.teacher_group(name)
         ta = dict(g.attrs)
-        on_disk = du(store.fs, store.path(L.TEACHERS, name))
+        on_disk = sum(du(store.fs, store.path(L.TEACHERS, name, k)) for k in (L.SUMMARY, L.PATCHES, L.REGISTERS, L.OFFSETS))
         logical = _logical_bytes(g)
+        phis_bytes = du(store.fs, store.path(L.TEACHERS, name, L.PHIS))
         plan = store.plan()
         teachers[name] = {
             "spec": ta.get("spec"),
@@ -77,7 +81,8 @@ def describe_store(url: str) -> dict:
             "dtype": ta.get("dtype"),
             "resampled": ta.get("resampled"),
             "fingerprint_digest": ta.get("fingerprint_digest"),
-            "bytes_on_disk": on_disk,
+            "bytes_on_disk": on_disk,  # targets only: summary, patches, registers, offsets
+            "phis_bytes": phis_bytes,
             "bytes_per_image": on_disk / n_ok,
             "bytes_per_token": on_disk / n_tok,
             "compression_ratio": logical / on_disk if on_disk else None,

@@ -129,11 +129,10 @@ class PhisTransform:
 
     def save(self, url: str) -> None:
         buf = io.BytesIO()
-        np.savez(
+        np.savez(  # the rotation is not stored: it is whiten times the scale(s), see ``load``
             buf,
-            mean=self.mean, whiten=self.whiten, unwhiten=self.unwhiten, rotation=self.rotation,
-            scale=np.float64(self.scale), eigenvalues=self.eigenvalues, method=np.str_(self.method),
-            count=np.int64(self.count),
+            mean=self.mean, whiten=self.whiten, unwhiten=self.unwhiten, scale=np.float64(self.scale),
+            eigenvalues=self.eigenvalues, method=np.str_(self.method), count=np.int64(self.count),
         )
         fs, path = filesystem(url)
         atomic_write(fs, path, buf.getvalue())
@@ -142,7 +141,13 @@ class PhisTransform:
     def load(cls, url: str) -> "PhisTransform":
         fs, path = filesystem(url)
         with np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False) as z:
-            return cls(z["mean"], z["rotation"], float(z["scale"]), z["eigenvalues"], str(z["method"]), int(z["count"]))
+            method, scale, evals = str(z["method"]), float(z["scale"]), z["eigenvalues"]
+            if method == "phi-s":
+                rotation = z["whiten"] * scale
+            else:
+                floor = np.maximum(evals, EIGEN_FLOOR * max(evals.max(), 1e-300))
+                rotation = z["whiten"] * np.sqrt(floor)[:, None]
+            return cls(z["mean"], rotation, scale, evals, method, int(z["count"]))
 
 
 def _row_blocks(total: int, block: int) -> list[tuple[int, int]]:

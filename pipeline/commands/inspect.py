@@ -45,8 +45,8 @@ def inspect_store(
         f"min {tpi['min']} mean {tpi['mean']:.1f} max {tpi['max']}, total {tpi['total']}; "
         f"pixels {_mb(im['pixel_bytes_on_disk'])} ({_mb(im['pixel_bytes_per_image'])}/image); labels: {'yes' if im['labels'] else 'no'}"
     )
-    table = Table("teacher", "dims (summary/patch)", "regs", "dtype", "units", "on disk", "per image", "per token",
-                  "compression", "PHI-S summary / patches")
+    table = Table("teacher", "dims (summary/patch)", "regs", "dtype", "units", "targets on disk", "per image",
+                  "per token", "compression", "PHI-S files", "PHI-S summary / patches")
     for name, t in facts["teachers"].items():
         phis = " / ".join(
             f"{p['method']} s={p['scale']:.3g} top={p['top_eigen_share']:.2f}" if p else "-" for p in t["phis"].values()
@@ -57,6 +57,6 @@ def inspect_store(
             name + (" (resampled)" if t["resampled"] else ""),
             f"{t['dims']['summary']}/{t['dims']['patches']}",
             str(t["num_registers"]), t["dtype"], status, _mb(t["bytes_on_disk"]),
-            _mb(t["bytes_per_image"]), f"{t['bytes_per_token']:.0f} B", ratio, phis,
+            _mb(t["bytes_per_image"]), f"{t['bytes_per_token']:.0f} B", ratio, _mb(t["phis_bytes"]), phis,
         )
     console.print(table)

@@ -110,6 +110,8 @@ def test_save_load_roundtrip(tmp_path, url):
     t.save(path)
     back = PhisTransform.load(path)
     np.testing.assert_array_equal(back.whiten, t.whiten)
+    np.testing.assert_allclose(back.rotation, t.rotation, atol=1e-12)
+    np.testing.assert_allclose(back.invert(back.apply(x)), x, atol=1e-8)
     assert back.method == t.method and back.count == t.count
     if url == "local":
         with np.load(path, allow_pickle=False) as z:
