@@ -83,17 +83,20 @@ def forward_alone(store_url: str, spec: str, random_init: bool, threads: int, ba
         return time.perf_counter() - t, len(images)
 
 
-def read_bench(store_url: str, threads: int, count: int) -> dict:
-    from storage.reader import StoreReader
+def read_bench(store_url: str, threads: int, count: int, batch: int) -> dict:
+    """Random images, read one per call (batch 1) or ``batch`` per call (storage.reader.read_batch)."""
+    from storage.reader import StoreReader, read_batch
 
     reader = StoreReader(store_url)
     rng = np.random.default_rng(0)
     idx = rng.choice(reader.valid_indices(), size=count, replace=True)
+    groups = [idx[s: s + batch] for s in range(0, count, batch)]
+    read = (lambda g: [reader.read(int(g[0]))]) if batch == 1 else (lambda g: read_batch(reader, g))
     t = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        nbytes = sum(r.nbytes for r in pool.map(reader.read, idx))
+        nbytes = sum(r.nbytes for rs in pool.map(read, groups) for r in rs)
     dt = time.perf_counter() - t
-    return {"threads": threads, "images_per_s": count / dt, "mb_per_s": nbytes / dt / 1e6}
+    return {"threads": threads, "batch": batch, "images_per_s": count / dt, "mb_per_s": nbytes / dt / 1e6}
 
 
 def main() -> None:
@@ -157,8 +160,9 @@ def main() -> None:
                               s["raw_float16_per_image"], s["compression_ratio"], s["theia_per_image"],
                               s["pixel_bytes_per_image"]])
     both = str(work / f"store-{args.teachers.split(',')[0]}")
-    for th in (1, 2):
-        results["reads"].append(read_bench(both, th, args.reads))
+    for batch in (1, 32):
+        for th in (1, 2):
+            results["reads"].append(read_bench(both, th, args.reads, batch))
     table = "\n\n".join([
         "### Overhead (seconds; ratio = time / forward alone)\n\n" + md_table(
             ["teacher", "images", "forward alone", "teacher phase", "cache (add teacher)", "cache (fresh store)",
@@ -167,7 +171,8 @@ def main() -> None:
             ["teacher", "D", "tokens/image", "per image", "per token", "raw float16 per image",
              "compression", "Theia-style per image", "pixels per image"], size_rows),
         "### Random-access reads (pixels + summary + patches of whole images)\n\n" + md_table(
-            ["threads", "images/s", "MB/s"], [[r["threads"], r["images_per_s"], r["mb_per_s"]] for r in results["reads"]]),
+            ["images per call", "threads", "images/s", "MB/s"],
+            [[r["batch"], r["threads"], r["images_per_s"], r["mb_per_s"]] for r in results["reads"]]),
     ])
     js, md = write_results("cache_teachers", results, table)
     print(table)

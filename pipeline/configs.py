@@ -32,7 +32,7 @@ class CacheConfig(StrictConfig):
     # job layout
     shard_images: int = Field(256, gt=0, description="images per write unit and per-image zarr shard")
     shard_rows: int = Field(16384, gt=0, description="rows per zarr shard of the flat patch array")
-    chunk_rows: int = Field(1024, gt=0, description="rows per inner chunk (random-access read unit)")
+    chunk_rows: int = Field(256, gt=0, description="rows per inner chunk of patches (random-access read unit)")
     pixel_shard_bytes: int = Field(1 << 24, gt=0)
     pixel_chunk_bytes: int = Field(1 << 18, gt=0)
     batch_size: int = Field(32, gt=0)

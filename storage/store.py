@@ -239,17 +239,21 @@ class FeatureStore:
         shard_images: int,
         shard_rows: int,
         chunk_rows: int,
+        image_chunk: int = 16,
         extra_attrs: dict | None = None,
     ) -> zarr.Group:
         """Create teachers/<name>/ with empty arrays sized from the token offsets."""
         num_images, total = len(offsets) - 1, int(offsets[-1])
         g = self.group.require_group(f"{L.TEACHERS}/{spec.name}")
         comp = feature_compressor(spec.dtype)
+        # per-image features: one shard per write unit, small inner chunks for random access
+        inner = min(image_chunk, shard_images)
         g.create_array(
             L.SUMMARY,
             shape=(num_images, spec.summary_dim),
             dtype=spec.dtype,
-            chunks=(shard_images, spec.summary_dim),
+            chunks=(inner, spec.summary_dim),
+            shards=(shard_images, spec.summary_dim),
             compressors=comp,
             fill_value=0,
             overwrite=True,
@@ -272,7 +276,8 @@ class FeatureStore:
                 L.REGISTERS,
                 shape=(num_images, spec.num_registers, spec.patch_dim),
                 dtype=spec.dtype,
-                chunks=(shard_images, spec.num_registers, spec.patch_dim),
+                chunks=(inner, spec.num_registers, spec.patch_dim),
+                shards=(shard_images, spec.num_registers, spec.patch_dim),
                 compressors=comp,
                 fill_value=0,
                 overwrite=True,

@@ -237,5 +237,29 @@ def test_inspect_cli(image_folder, tmp_path, ray_local):
     assert facts["images"]["failed"] >= 4
     result = CliRunner().invoke(app, ["inspect", url])
     assert result.exit_code == 0 and "cnn" in result.output
+    # readers: one image, a batch (same values, any order), and a dask view
+    from storage.reader import StoreReader, dask_view, read_batch
+
+    reader = StoreReader(url)
+    g = zarr.open_group(url, mode="r")
+    offsets = g["teachers/cnn/offsets"][:]
+    valid = reader.valid_indices()
+    one = reader.read(int(valid[2]))
+    np.testing.assert_array_equal(one.patches["cnn"], g["teachers/cnn/patches"][offsets[valid[2]]: offsets[valid[2] + 1]])
+    np.testing.assert_array_equal(one.summary["cnn"], g["teachers/cnn/summary"][valid[2]])
+    batch = read_batch(reader, valid[::-1][:5])
+    for item in batch:
+        ref = reader.read(item.index)
+        np.testing.assert_array_equal(item.pixels, ref.pixels)
+        np.testing.assert_array_equal(item.patches["cnn"], ref.patches["cnn"])
+        np.testing.assert_array_equal(item.summary["cnn"], ref.summary["cnn"])
+    assert [b.index for b in batch] == list(valid[::-1][:5])
+    bad = int(np.flatnonzero(~reader.ok)[0])
+    with pytest.raises(ValueError, match="failed to decode"):
+        reader.read(bad)
+    view = dask_view(url, "cnn", "patches")
+    assert view.shape == g["teachers/cnn/patches"].shape
+    np.testing.assert_allclose(float(view[:100].astype("float64").sum().compute()),
+                               float(g["teachers/cnn/patches"][:100].astype("float64").sum()))
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "no feature store" in result.output
