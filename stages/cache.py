@@ -8,8 +8,8 @@ pixels the student will see), writes its shards in a background thread and commi
 
 from __future__ import annotations
 
+import os
 import platform
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -98,7 +98,6 @@ class TeacherWorker:
         self.commits = CommitLog(store_url, f"{L.TEACHERS}/{name}/{L.COMMITS}")
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self.pending: Future | None = None
-        self.lock = threading.Lock()
 
     def _decode(self, w0: int, w1: int) -> dict[int, np.ndarray]:
         lo, hi = int(self.pixel_offsets[w0]), int(self.pixel_offsets[w1])
@@ -214,7 +213,7 @@ def run_cache(
     resumed = store.check_teacher(spec)  # raises on a conflicting fingerprint, before any work
     seconds["build_teacher"] = time.perf_counter() - t
 
-    cpus = cfg.num_cpus or (len(__import__("os").sched_getaffinity(0)))
+    cpus = cfg.num_cpus or len(os.sched_getaffinity(0))
     threads = cfg.threads or max(1, cpus // cfg.workers)
     with ray_cluster(cfg.ray_address, cfg.num_cpus):
         t = time.perf_counter()
