@@ -24,7 +24,7 @@ from storage.image_policy import ImagePolicy
 from storage.phis import PhisTransform
 from storage.store import FeatureStore, StoreError
 
-from conftest import TINY_CNN, TINY_VIT, write_image_folder
+from cache_helpers import TINY_CNN, TINY_VIT, write_image_folder
 
 SMALL = {"min_tokens": 16, "max_tokens": 64, "shard_images": 4, "shard_rows": 96, "chunk_rows": 32,
          "pixel_shard_bytes": 1 << 14, "pixel_chunk_bytes": 1 << 12, "batch_size": 4, "phis_max_rows": 5000}
