@@ -37,6 +37,11 @@ class RouterOutput(NamedTuple):
     topk_idx: torch.Tensor  # [T, k] int64 chosen experts
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Router math in at least float32 (bf16 softmax/logsumexp are too coarse), float64 stays float64."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _masked_mean(v: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over the leading (token) dim, ignoring masked-out tokens (sequence-packing padding)."""
     if token_mask is None:
@@ -59,13 +64,13 @@ def load_balance_loss(probs: torch.Tensor, topk_idx: torch.Tensor, token_mask: t
     """M2oT Eq. 9: ``E * sum_j F_j P_j``; gradient flows through ``P_j`` only."""
     num_experts = probs.shape[-1]
     f = expert_fractions(topk_idx, num_experts, token_mask)
-    p = _masked_mean(probs.float(), token_mask)
+    p = _masked_mean(_upcast(probs), token_mask)
     return num_experts * (f * p).sum()
 
 
 def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE z-loss: ``mean_t logsumexp(logits_t)^2`` (keeps router logits small and softmax stable)."""
-    lse = torch.logsumexp(logits.float(), dim=-1)
+    lse = torch.logsumexp(_upcast(logits), dim=-1)
     return _masked_mean(lse.square(), token_mask)
 
 
@@ -81,7 +86,7 @@ def expert_usage_entropy(fractions: torch.Tensor) -> torch.Tensor:
     e = fractions.shape[-1]
     if e == 1:
         return torch.ones((), device=fractions.device)
-    return _entropy(fractions.float()) / math.log(e)
+    return _entropy(_upcast(fractions)) / math.log(e)
 
 
 def token_routing_entropy(probs: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,7 +94,7 @@ def token_routing_entropy(probs: torch.Tensor, token_mask: torch.Tensor | None =
     e = probs.shape[-1]
     if e == 1:
         return torch.ones((), device=probs.device)
-    return _masked_mean(_entropy(probs.float()), token_mask) / math.log(e)
+    return _masked_mean(_entropy(_upcast(probs)), token_mask) / math.log(e)
 
 
 class Router(nn.Module):
@@ -125,7 +130,7 @@ class Router(nn.Module):
         if self.training and self.noise_std > 0:  # TGR-MoE: Gaussian noise on the logits, training only
             noise = torch.randn(logits.shape, device=logits.device, dtype=logits.dtype, generator=self.generator)
             routed = logits + self.noise_std * noise
-        routed = routed.float()
+        routed = _upcast(routed)
         if self.score_func == "softmax":
             scores = probs = routed.softmax(-1)
         else:
