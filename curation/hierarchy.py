@@ -1,0 +1,209 @@
+"""Hierarchical k-means (Vo et al. 2024; AMoE §3.3 / supp. §12): a tree of centroids.
+
+Level 1 clusters the embeddings (or a ``fit_sample`` of them, AMoE's step (ii)); level l+1
+clusters the centroids of level l. When fitted on a subsample, every remaining row of the pool is
+assigned to its nearest level-1 centroid in bounded-memory chunks (AMoE's step (iii)), so the
+tree covers the whole pool. Levels are 1-based everywhere, as in the papers (level 1 = finest).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from curation.kmeans import (DEFAULT_CHUNK_ROWS, Init, RefineInit, Strategy, _shape, assign,
+                             kmeans_with_resampling, take_rows)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hierarchy:
+    """Fitted tree. ``centroids[l-1]`` is level l ([K_l, d] float32); ``assignments`` [N] int64 is
+    the level-1 cluster of every point; ``sqdist`` [N] float32 its squared distance to that
+    centroid; ``parents[l-1]`` [K_l] int64 maps a level-l cluster to its level-(l+1) cluster;
+    ``inertia[l-1]`` is the k-means objective at level l (over all N points at level 1, over the
+    level-(l-1) centroids above)."""
+
+    centroids: list[np.ndarray]
+    assignments: np.ndarray
+    sqdist: np.ndarray
+    parents: list[np.ndarray]
+    inertia: list[float]
+    spherical: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.parents) != len(self.centroids) - 1 or len(self.inertia) != len(self.centroids):
+            raise ValueError("need one parent map between consecutive levels and one inertia per level")
+        for lvl, p in enumerate(self.parents, start=1):
+            if p.shape != (self.centroids[lvl - 1].shape[0],):
+                raise ValueError(f"parent map of level {lvl} has shape {p.shape}")
+            if p.size and (p.min() < 0 or p.max() >= self.centroids[lvl].shape[0]):
+                raise ValueError(f"parent map of level {lvl} points outside level {lvl + 1}")
+        if self.assignments.size and (self.assignments.min() < 0
+                                      or self.assignments.max() >= self.centroids[0].shape[0]):
+            raise ValueError("level-1 assignments out of range")
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.centroids)
+
+    @property
+    def n_points(self) -> int:
+        return int(self.assignments.shape[0])
+
+    @property
+    def levels(self) -> list[int]:
+        return [int(c.shape[0]) for c in self.centroids]
+
+    def _check_level(self, level: int) -> None:
+        if not 1 <= level <= self.n_levels:
+            raise ValueError(f"level must be in 1..{self.n_levels}, got {level}")
+
+    def cluster_map(self, level: int) -> np.ndarray:
+        """Level-1 cluster -> its ancestor at ``level`` ([K_1] int64), composed from parents."""
+        self._check_level(level)
+        m = np.arange(self.centroids[0].shape[0], dtype=np.int64)
+        for p in self.parents[: level - 1]:
+            m = p[m]
+        return m
+
+    def point_clusters(self, level: int) -> np.ndarray:
+        """Cluster id of every point at ``level`` ([N] int64)."""
+        return self.cluster_map(level)[self.assignments]
+
+    def cluster_sizes(self, level: int) -> np.ndarray:
+        """Number of points under each cluster of ``level`` ([K_level] int64)."""
+        self._check_level(level)
+        return np.bincount(self.point_clusters(level), minlength=self.levels[level - 1]).astype(np.int64)
+
+    def save(self, path: str | Path) -> None:
+        arrays: dict[str, np.ndarray] = {
+            "assignments": self.assignments, "sqdist": self.sqdist,
+            "inertia": np.asarray(self.inertia, dtype=np.float64),
+            "spherical": np.asarray(self.spherical), "n_levels": np.asarray(self.n_levels),
+        }
+        for lvl, c in enumerate(self.centroids, start=1):
+            arrays[f"centroids_{lvl}"] = c
+        for lvl, p in enumerate(self.parents, start=1):
+            arrays[f"parents_{lvl}"] = p
+        with open(path, "wb") as f:  # file handle: numpy would otherwise append ".npz"
+            np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Hierarchy:
+        with np.load(path) as z:
+            n = int(z["n_levels"])
+            return cls(
+                centroids=[z[f"centroids_{i}"] for i in range(1, n + 1)],
+                assignments=z["assignments"].astype(np.int64), sqdist=z["sqdist"],
+                parents=[z[f"parents_{i}"].astype(np.int64) for i in range(1, n)],
+                inertia=[float(v) for v in z["inertia"]], spherical=bool(z["spherical"]))
+
+
+def _per_level(value: int | Sequence[int], n_levels: int, name: str) -> list[int]:
+    vals = [int(value)] * n_levels if np.isscalar(value) else [int(v) for v in value]
+    if len(vals) != n_levels:
+        raise ValueError(f"{name} needs one value per level ({n_levels}), got {len(vals)}")
+    return vals
+
+
+def validate_levels(levels: Sequence[int], n_points: int) -> list[int]:
+    """Levels must be positive, strictly decreasing, and K_1 <= the number of fit points."""
+    levels = [int(k) for k in levels]
+    if not levels:
+        raise ValueError("levels must name at least one level, e.g. [1000, 100]")
+    if any(k <= 0 for k in levels):
+        raise ValueError(f"every level needs a positive number of clusters, got {levels}")
+    if any(b >= a for a, b in zip(levels, levels[1:])):
+        raise ValueError(f"levels must be strictly decreasing (finest first), got {levels}")
+    if levels[0] > n_points:
+        raise ValueError(f"K_1={levels[0]} is larger than the number of points to fit ({n_points})")
+    return levels
+
+
+def sample_fit_rows(n: int, fit_sample: int | np.ndarray | None, seed: int) -> np.ndarray | None:
+    """Sorted row indices of the uniform fit subsample (AMoE supp. §12 step (ii)); None = all."""
+    if fit_sample is None:
+        return None
+    if np.isscalar(fit_sample):
+        m = int(fit_sample)
+        if m <= 0:
+            raise ValueError(f"fit_sample must be positive, got {m}")
+        if m >= n:
+            return None
+        return np.sort(np.random.default_rng([seed, 1]).choice(n, size=m, replace=False))
+    idx = np.unique(np.asarray(fit_sample, dtype=np.int64))
+    if idx.size == 0 or idx[0] < 0 or idx[-1] >= n:
+        raise ValueError("fit_sample indices must be non-empty and inside [0, N)")
+    return None if idx.size == n else idx
+
+
+def fit_hierarchy(embeddings: Any, levels: Sequence[int], *,
+                  fit_sample: int | np.ndarray | None = None,
+                  refine_steps: int | Sequence[int] = 0,
+                  points_per_cluster: int | Sequence[int] = 10,
+                  refine_strategy: Strategy = "closest", refine_init: RefineInit = "fresh",
+                  n_iter: int = 20, init: Init = "kmeans++", spherical: bool = False, seed: int = 0,
+                  chunk_rows: int = DEFAULT_CHUNK_ROWS, gpu: bool | None = None,
+                  timings: dict[str, float] | None = None) -> Hierarchy:
+    """Fit the tree on ``embeddings`` ([N, d] numpy or zarr, float32/float16).
+
+    Level 1 runs :func:`kmeans_with_resampling` on the fit rows (all rows, or ``fit_sample``: a
+    count drawn uniformly with ``seed`` or explicit row indices); only those rows are held in
+    memory. The other rows are then assigned to the level-1 centroids ``chunk_rows`` at a time.
+    Each level l >= 2 runs the same procedure on the level-(l-1) centroids. ``refine_steps`` and
+    ``points_per_cluster`` are per level or one value for all (Vo et al. use e.g. 1/10/10/10 steps
+    and r ~ half the mean cluster size). ``timings``, if given, receives seconds per phase.
+    """
+    n, _ = _shape(embeddings)
+    fit_rows = sample_fit_rows(n, fit_sample, seed)
+    n_fit = n if fit_rows is None else fit_rows.size
+    levels = validate_levels(levels, n_fit)
+    steps = _per_level(refine_steps, len(levels), "refine_steps")
+    ppc = _per_level(points_per_cluster, len(levels), "points_per_cluster")
+    t = timings if timings is not None else {}
+
+    t0 = time.perf_counter()
+    if fit_rows is None:
+        x_fit = take_rows(embeddings, np.arange(n), chunk_rows, spherical) if not isinstance(
+            embeddings, np.ndarray) else np.asarray(embeddings)
+    else:
+        x_fit = take_rows(embeddings, fit_rows, chunk_rows, spherical)
+    t["read_fit_rows"] = time.perf_counter() - t0
+
+    common = dict(n_iter=n_iter, init=init, spherical=spherical, gpu=gpu, chunk_rows=chunk_rows,
+                  strategy=refine_strategy, refine_init=refine_init)
+    t0 = time.perf_counter()
+    res = kmeans_with_resampling(x_fit, levels[0], refine_steps=steps[0],
+                                 points_per_cluster=ppc[0], seed=seed, **common)
+    t["level_1_fit"] = time.perf_counter() - t0
+    log.info("level 1: K=%d on %d points in %.1fs", levels[0], n_fit, t["level_1_fit"])
+    del x_fit
+
+    t0 = time.perf_counter()
+    if fit_rows is None:
+        labels, sqdist = res.labels, res.sqdist
+    else:  # AMoE supp. §12 step (iii): assign the rest of the pool to the level-1 centroids
+        labels, sqdist = assign(embeddings, res.centroids, spherical=spherical,
+                                chunk_rows=chunk_rows, gpu=gpu, skip_rows=fit_rows)
+        labels[fit_rows], sqdist[fit_rows] = res.labels, res.sqdist
+    t["assign_pool"] = time.perf_counter() - t0
+
+    centroids, parents = [res.centroids], []
+    inertia = [float(sqdist.astype(np.float64).sum())]
+    t0 = time.perf_counter()
+    for lvl in range(1, len(levels)):
+        up = kmeans_with_resampling(centroids[-1], levels[lvl], refine_steps=steps[lvl],
+                                    points_per_cluster=ppc[lvl], seed=seed + 1000 * lvl, **common)
+        centroids.append(up.centroids)
+        parents.append(up.labels)
+        inertia.append(up.inertia)
+    t["upper_levels_fit"] = time.perf_counter() - t0
+    return Hierarchy(centroids, labels, sqdist, parents, inertia, spherical)
