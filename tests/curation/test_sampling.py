@@ -1,0 +1,186 @@
+"""Cap allocation vs a bisection reference; top-down allocation; balanced sampling on a long tail."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from curation.hierarchy import Hierarchy, fit_hierarchy
+from curation.metrics import compare_to_random, coverage, normalized_entropy
+from curation.sampling import (allocate, allocate_grouped, curate_embeddings,
+                               hierarchical_allocation, hierarchical_sample)
+
+
+def cap_by_bisection(sizes: np.ndarray, target: int) -> int:
+    """Reference: the largest integer x with sum(min(x, n_i)) <= target (plain bisection)."""
+    lo, hi = 0, int(sizes.max())
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if np.minimum(mid, sizes).sum() <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def check_allocation(alloc: np.ndarray, sizes: np.ndarray, target: int) -> None:
+    assert alloc.sum() == min(target, sizes.sum())
+    assert (alloc >= 0).all() and (alloc <= sizes).all()
+    if target < sizes.sum():
+        x = cap_by_bisection(sizes, target)
+        full = alloc == sizes
+        assert ((alloc == x) | (alloc == x + 1) | full).all()  # the cap property
+        assert (alloc[~full] >= x).all() and (alloc <= x + 1).all()
+
+
+def zipf_concepts(n_concepts=30, head=2500, a=1.45, dim=16, seed=0):
+    """Long-tailed mixture: concept i has round(head / i^a) points (head/tail ~ 140x)."""
+    rng = np.random.default_rng(seed)
+    sizes = np.maximum(np.round(head / np.arange(1, n_concepts + 1) ** a).astype(int), 1)
+    centers = rng.normal(size=(n_concepts, dim)) * 10
+    labels = np.repeat(np.arange(n_concepts), sizes)
+    x = centers[labels] + rng.normal(size=(labels.size, dim))
+    perm = rng.permutation(labels.size)
+    return x[perm].astype(np.float32), labels[perm]
+
+
+# ------------------------------------------------------------------------ allocation
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocate_matches_bisection_cap(seed):
+    rng = np.random.default_rng(seed)
+    sizes = rng.zipf(1.6, size=rng.integers(1, 60)).clip(max=500).astype(np.int64)
+    sizes[rng.random(sizes.size) < 0.1] = 0  # empty clusters are allowed
+    for target in [0, 1, 7, int(sizes.sum()) // 3, int(sizes.sum()) - 1, int(sizes.sum()),
+                   int(sizes.sum()) + 10]:
+        check_allocation(allocate(sizes, target, np.random.default_rng(seed)), sizes, target)
+
+
+def test_allocate_remainder_and_determinism():
+    sizes = np.array([1, 5, 100, 3, 50, 50, 50])
+    a = allocate(sizes, 100, np.random.default_rng(0))
+    # cap: 1+5+3 taken whole, 91 over 4 clusters -> x = 22, remainder 3 to random clusters
+    assert cap_by_bisection(sizes, 100) == 22
+    np.testing.assert_array_equal(a[[0, 1, 3]], [1, 5, 3])
+    assert sorted(a[[2, 4, 5, 6]].tolist()) == [22, 23, 23, 23]
+    np.testing.assert_array_equal(a, allocate(sizes, 100, np.random.default_rng(0)))
+    seen = {tuple(allocate(sizes, 100, np.random.default_rng(s))) for s in range(20)}
+    assert len(seen) > 1  # the remainder really goes to random clusters
+
+
+def test_allocate_grouped_equals_per_group():
+    rng = np.random.default_rng(3)
+    groups = rng.integers(0, 8, size=200)
+    groups[groups == 5] = 6  # group 5 is empty
+    sizes = rng.integers(0, 40, size=200)
+    totals = np.bincount(groups, weights=sizes, minlength=8).astype(int)
+    targets = (totals * rng.random(8)).astype(int)
+    targets[2] = totals[2] + 5  # more than available: take all
+    alloc = allocate_grouped(sizes, groups, targets, rng)
+    for g in range(8):
+        check_allocation(alloc[groups == g], sizes[groups == g], int(targets[g]))
+
+
+def test_allocate_bad_input():
+    with pytest.raises(ValueError, match=">= 0"):
+        allocate(np.array([3, -1]), 2, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=">= 0"):
+        allocate(np.array([3, 1]), -2, np.random.default_rng(0))
+
+
+# ------------------------------------------------------------------------ hierarchical sampling
+
+
+@pytest.fixture(scope="module")
+def tree():
+    x, labels = zipf_concepts()
+    h = fit_hierarchy(x, [90, 30, 6], refine_steps=[0, 3, 3], points_per_cluster=[10, 2, 2],
+                      seed=0)
+    return x, labels, h
+
+
+def test_top_down_allocation_is_consistent(tree):
+    _, _, h = tree
+    alloc = hierarchical_allocation(h, 500, np.random.default_rng(0))
+    assert alloc[-1].sum() == 500
+    for lvl in range(1, h.n_levels):  # children of every cluster share exactly its allocation
+        per_parent = np.bincount(h.parents[lvl - 1], weights=alloc[lvl - 1], minlength=h.levels[lvl])
+        np.testing.assert_array_equal(per_parent, alloc[lvl])
+        sizes = h.cluster_sizes(lvl)
+        for parent in range(h.levels[lvl]):  # the cap property holds among siblings
+            kids = h.parents[lvl - 1] == parent
+            check_allocation(alloc[lvl - 1][kids], sizes[kids], int(alloc[lvl][parent]))
+    assert (alloc[0] <= h.cluster_sizes(1)).all()
+
+
+@pytest.mark.parametrize("selection", ["random", "closest"])
+def test_sample_exact_size_unique_sorted_deterministic(tree, selection):
+    _, _, h = tree
+    for target in [1, 37, 500, h.n_points - 1]:
+        sel = hierarchical_sample(h, target, selection=selection, seed=4)
+        assert sel.size == target and sel.dtype == np.int64
+        assert (np.diff(sel) > 0).all() and sel[0] >= 0 and sel[-1] < h.n_points
+    np.testing.assert_array_equal(hierarchical_sample(h, 500, selection=selection, seed=4),
+                                  hierarchical_sample(h, 500, selection=selection, seed=4))
+    np.testing.assert_array_equal(hierarchical_sample(h, h.n_points + 3), np.arange(h.n_points))
+
+
+def test_closest_selection_takes_nearest_points(tree):
+    _, _, h = tree
+    sel = hierarchical_sample(h, 400, selection="closest", seed=0)
+    chosen = np.zeros(h.n_points, bool)
+    chosen[sel] = True
+    for c in np.unique(h.assignments[sel]):
+        members = h.assignments == c
+        if (members & ~chosen).any():
+            assert h.sqdist[members & chosen].max() <= h.sqdist[members & ~chosen].min()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_balanced_sampling_flattens_long_tail(tree, seed):
+    x, labels, deep = tree
+    h = fit_hierarchy(x, [90, 30], refine_steps=[0, 3], points_per_cluster=[10, 2], seed=seed)
+    sel = hierarchical_sample(h, 450, selection="random", seed=seed)
+    cmp = compare_to_random(labels, sel, seed=seed, num_labels=30)
+    assert cmp["entropy_curated"] >= 0.9, cmp
+    assert cmp["entropy_random"] < 0.7, cmp
+    assert cmp["coverage_curated"] >= 0.95, cmp
+    assert normalized_entropy(labels[sel], 30) == pytest.approx(cmp["entropy_curated"])
+    assert coverage(labels[sel], 30) == cmp["coverage_curated"]
+    # a deeper tree (6 top nodes over 30 concepts) balances nodes, not concepts: still far flatter
+    deep_cmp = compare_to_random(labels, hierarchical_sample(deep, 450, seed=seed), seed=seed,
+                                 num_labels=30)
+    assert deep_cmp["entropy_curated"] >= 0.85 > 0.7 > deep_cmp["entropy_random"], deep_cmp
+
+
+def test_curate_embeddings_end_to_end_from_zarr(tmp_path):
+    x, labels = zipf_concepts(seed=1)
+    z = zarr.create_array(store=str(tmp_path / "e.zarr"), shape=x.shape, dtype="float16",
+                          chunks=(512, x.shape[1]))
+    z[:] = x.astype(np.float16)
+    res = curate_embeddings(z, [90, 30], 450, fit_sample=3000, refine_steps=[1, 3],
+                            points_per_cluster=[5, 2], selection="closest", seed=1, chunk_rows=700)
+    assert isinstance(res.hierarchy, Hierarchy) and res.hierarchy.n_points == len(x)
+    assert res.selected_indices.size == 450
+    assert len(np.unique(res.selected_indices)) == 450
+    m = res.metrics
+    assert [row["level"] for row in m["per_level"]] == [1, 2]
+    assert m["per_level"][1]["entropy_curated"] > m["per_level"][1]["entropy_random"]
+    assert set(m["timings_s"]) >= {"level_1_fit", "assign_pool", "sampling"}
+    assert normalized_entropy(labels[res.selected_indices], 30) >= 0.85
+
+
+def test_sampling_bad_input(tree):
+    x, _, h = tree
+    with pytest.raises(ValueError, match="positive number of points"):
+        hierarchical_sample(h, 0)
+    with pytest.raises(ValueError, match="positive number of points"):
+        curate_embeddings(x, [10, 2], -5)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        curate_embeddings(x, [10, 20], 5)
+    with pytest.raises(ValueError, match="larger than the number of points"):
+        curate_embeddings(x[:50], [60, 2], 5)
+    with pytest.raises(ValueError, match="selection"):
+        hierarchical_sample(h, 10, selection="farthest")
