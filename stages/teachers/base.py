@@ -1,25 +1,47 @@
-"""The teacher interface every adapter implements (the cache job only talks to this)."""
+"""The teacher interface every adapter implements (the cache job only talks to this) and shared helpers."""
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Teacher", "TeacherOutput", "library_versions", "resize_pixels", "to_student_grid"]
+__all__ = [
+    "RESAMPLE_RULE",
+    "RESIZE_RULE",
+    "Teacher",
+    "TeacherOutput",
+    "attention_pool_config",
+    "check_pixels",
+    "freeze",
+    "library_versions",
+    "resize_pixels",
+    "seeded",
+    "to_student_grid",
+]
+
+# Written into every fingerprint so a store says exactly how its pixels became teacher input.
+RESIZE_RULE = "float [0,1], bicubic, antialias=True, align_corners=False, clamp [0,1], then (x-mean)/std"
+RESAMPLE_RULE = "bilinear, antialias=True, align_corners=False"
 
 
 @dataclass
 class TeacherOutput:
-    summary: torch.Tensor  # [B, Ds] global embedding
-    patches: torch.Tensor  # [B, gh, gw, D] on the student grid
-    registers: torch.Tensor | None  # [B, R, D] where the model has register tokens
+    summary: torch.Tensor  # [B, Ds] float32: CLS / pooled pre-logits / attention-pool output
+    patches: torch.Tensor  # [B, gh, gw, D] float32 on the student grid
+    registers: torch.Tensor | None  # [B, R, D] float32 where the model has register tokens
 
 
 class Teacher(ABC):
-    """A frozen teacher that turns the store's uint8 pixels into targets on the student grid."""
+    """A frozen teacher that turns the store's uint8 pixels into targets on the student grid.
+
+    Built by ``build_teacher``: eval mode, gradients off, float32; outputs are CPU tensors whatever
+    ``device`` the model computes on.
+    """
 
     name: str
     spec: str
@@ -27,43 +49,105 @@ class Teacher(ABC):
     summary_dim: int
     num_registers: int
     resampled: bool
+    patch_size: int  # the student's patch size P: pixels are (gh·P, gw·P)
+    device: torch.device
 
     @abstractmethod
     def forward(self, pixels: torch.Tensor, grid: tuple[int, int]) -> TeacherOutput:
-        """pixels: uint8 [B, 3, H, W] (H = gh·P, W = gw·P); the adapter applies its own input rule."""
+        """pixels: uint8 [B, 3, H, W] RGB with H = gh·P, W = gw·P; the adapter applies its own input rule."""
 
     @abstractmethod
-    def fingerprint(self) -> dict: ...
+    def fingerprint(self) -> dict:
+        """JSON-able description of everything that determines the targets."""
 
     def heads(self) -> dict[str, torch.Tensor]:
+        """Frozen parts the student may reuse (e.g. SigLIP2's attention pool); {} if none."""
         return {}
 
     def heads_config(self) -> dict:
+        """JSON-able config that rebuilds ``heads()`` without the teacher's library."""
         return {}
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         raise ValueError(f"teacher {self.spec} has no text tower")
 
+    @staticmethod
+    def _output(summary, patches, registers) -> TeacherOutput:
+        cpu = lambda t: None if t is None else t.detach().to("cpu", torch.float32).contiguous()  # noqa: E731
+        return TeacherOutput(cpu(summary), cpu(patches), cpu(registers))
 
-def resize_pixels(pixels: torch.Tensor, size: tuple[int, int], mean, std) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> normalized float [B,3,h,w]: bicubic (antialiased when shrinking), clamped to [0, 1]."""
+
+def check_pixels(pixels: torch.Tensor, grid: tuple[int, int], patch_size: int) -> None:
+    """Refuse input that breaks the store contract rather than compute targets for the wrong grid."""
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ValueError(f"pixels must be uint8 [B, 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
+    gh, gw = grid
+    if gh < 1 or gw < 1 or tuple(pixels.shape[-2:]) != (gh * patch_size, gw * patch_size):
+        raise ValueError(
+            f"pixels {tuple(pixels.shape[-2:])} do not match grid {tuple(grid)} at student patch size {patch_size}"
+        )
+
+
+def resize_pixels(
+    pixels: torch.Tensor, size: Sequence[int], mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> normalized float [B,3,h,w] by ``RESIZE_RULE`` (PIL-like bicubic, up or down)."""
     x = pixels.float().div_(255.0)
     if tuple(x.shape[-2:]) != tuple(size):
-        shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=shrink).clamp_(0.0, 1.0)
-    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+        x = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False, antialias=True).clamp_(0.0, 1.0)
+    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - mean_t) / std_t
 
 
 def to_student_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, bool]:
-    """[B, h, w, D] -> [B, gh, gw, D]: bilinear (antialiased when shrinking); flags whether it resampled."""
+    """[B, h, w, D] -> [B, gh, gw, D] by ``RESAMPLE_RULE``; also says whether it resampled.
+
+    Antialiasing only acts when shrinking (a SigLIP 16x16 map onto a small student grid);
+    when enlarging it equals plain bilinear.
+    """
     if tuple(tokens.shape[1:3]) == tuple(grid):
         return tokens, False
-    shrink = grid[0] < tokens.shape[1] or grid[1] < tokens.shape[2]
     x = tokens.permute(0, 3, 1, 2)
-    x = F.interpolate(x, size=grid, mode="bilinear", align_corners=False, antialias=shrink)
+    x = F.interpolate(x, size=tuple(grid), mode="bilinear", align_corners=False, antialias=True)
     return x.permute(0, 2, 3, 1).contiguous(), True
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch for a model's construction without disturbing the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    return model.eval().requires_grad_(False)
+
+
+def attention_pool_config(pool: torch.nn.Module) -> dict:
+    """Constructor arguments of a timm ``AttentionPoolLatent`` (SigLIP's MAP head), read off the module."""
+    mlp = getattr(pool, "mlp", None)
+    norm = getattr(pool, "norm", None)
+    act = type(mlp.act).__name__ if mlp is not None else None
+    return {
+        "module": "timm.layers.AttentionPoolLatent",
+        "in_features": int(pool.kv.in_features),
+        "out_features": int(pool.out_features) if mlp is not None else 0,
+        "embed_dim": int(pool.kv.in_features),
+        "num_heads": int(pool.num_heads),
+        "mlp_ratio": (mlp.fc1.out_features / pool.out_features) if mlp is not None else 0.0,
+        "latent_len": int(pool.latent_len),
+        "latent_dim": int(pool.latent_dim),
+        "q_proj": not isinstance(pool.q, torch.nn.Identity),
+        "qkv_bias": pool.kv.bias is not None,
+        "qk_norm": not isinstance(pool.q_norm, torch.nn.Identity),
+        "pos_embed": "abs" if getattr(pool, "pos_embed", None) is not None else "",
+        "pool_type": getattr(pool, "pool", "token"),
+        "norm_layer": None if norm is None or isinstance(norm, torch.nn.Identity) else type(norm).__name__,
+        "norm_eps": float(getattr(norm, "eps", 1e-6)),
+        "act_layer": {"GELUTanh": "gelu_tanh", "GELU": "gelu", "QuickGELU": "quick_gelu"}.get(act, act),
+    }
 
 
 def library_versions() -> dict[str, str]:
