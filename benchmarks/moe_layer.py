@@ -43,10 +43,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_step(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds of forward alone and of forward + backward (with the router loss)."""
-
+def _step_fns(model: nn.Module, x: torch.Tensor) -> dict:
     def fwd_bwd():
+        model.zero_grad(set_to_none=True)
         y, aux = model(x)
         loss = y.float().square().mean() + (aux["router_loss"] if "router_loss" in aux else 0.0)
         loss.backward()
@@ -55,20 +54,27 @@ def time_step(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> d
         with torch.no_grad():
             model(x)
 
-    out = {}
-    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            model.zero_grad(set_to_none=True)
-            _sync(x.device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(x.device)
-            times.append(time.perf_counter() - t0)
-        out[name] = sorted(times)[len(times) // 2]
-    return out
+    return {"fwd": fwd, "fwd_bwd": fwd_bwd}
+
+
+def time_interleaved(models: dict[str, nn.Module], x: torch.Tensor, warmup: int, repeats: int) -> dict[str, dict]:
+    """Median seconds of forward and forward+backward per model.
+
+    Rounds alternate between the models, so a load change on a shared machine hits all of them alike
+    instead of biasing whichever happened to run during it.
+    """
+    fns = {name: _step_fns(m, x) for name, m in models.items()}
+    times = {name: {"fwd": [], "fwd_bwd": []} for name in models}
+    for r in range(warmup + repeats):
+        for name, steps in fns.items():
+            for kind, fn in steps.items():
+                _sync(x.device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(x.device)
+                if r >= warmup:
+                    times[name][kind].append(time.perf_counter() - t0)
+    return {name: {k: sorted(v)[len(v) // 2] for k, v in t.items()} for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backends", default=None, help="comma list; default loop,torch (cpu) / triton,torch,loop (cuda)")
     ap.add_argument("--configs", default="8x2,28x6", help="experts x top_k, comma separated")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -94,29 +100,26 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     x = torch.randn(tokens, d, device=device, dtype=dtype)
 
-    rows, records = [], []
     dense_flops = 3 * 2 * 2 * tokens * d * dense_hidden
-    dense = DenseMLP(d, dense_hidden).to(device, dtype)
-    dense_t = time_step(dense, x, args.warmup, args.repeats)
-    del dense
-    records.append(dict(layer="dense", experts=1, top_k=1, hidden=dense_hidden, backend="-", **dense_t))
-    rows.append(["dense", "-", dense_hidden, "-", tokens / dense_t["fwd_bwd"], dense_flops / dense_t["fwd_bwd"] / 1e12, 1.0, dense_t["fwd"] * 1e3])
-    print(rows[-1], flush=True)
-
+    models: dict[str, nn.Module] = {"dense": DenseMLP(d, dense_hidden).to(device, dtype)}
+    specs = {"dense": dict(layer="dense", experts=1, top_k=1, hidden=dense_hidden, backend="-", flops=dense_flops)}
     for e, k in configs:
         h = fine_grained_hidden(d, args.mlp_ratio, k)
-        flops = 3 * 2 * 2 * tokens * k * d * h
-        moe = MoEMLP(d, h, e, k).to(device, dtype)
         for be in backends:
-            moe.backend = be
-            t = time_step(moe, x, args.warmup, args.repeats)
-            records.append(dict(layer="moe", experts=e, top_k=k, hidden=h, backend=be, **t))
-            rows.append([
-                f"moe E={e} k={k}", be, h, f"{flops / dense_flops:.2f}", tokens / t["fwd_bwd"],
-                flops / t["fwd_bwd"] / 1e12, dense_t["fwd_bwd"] / t["fwd_bwd"], t["fwd"] * 1e3,
-            ])
-            print(rows[-1], flush=True)
-        del moe
+            name = f"moe E={e} k={k} {be}"
+            models[name] = MoEMLP(d, h, e, k, backend=be).to(device, dtype)
+            specs[name] = dict(layer="moe", experts=e, top_k=k, hidden=h, backend=be, flops=3 * 2 * 2 * tokens * k * d * h)
+    timed = time_interleaved(models, x, args.warmup, args.repeats)
+
+    rows, records = [], []
+    dense_t = timed["dense"]["fwd_bwd"]
+    for name, spec in specs.items():
+        t = timed[name]
+        records.append(dict(**spec, **t, tokens_per_s=tokens / t["fwd_bwd"], tflops=spec["flops"] / t["fwd_bwd"] / 1e12,
+                            speed_vs_dense=dense_t / t["fwd_bwd"]))
+        label = "dense" if spec["layer"] == "dense" else f"moe E={spec['experts']} k={spec['top_k']}"
+        rows.append([label, spec["backend"], spec["hidden"], f"{spec['flops'] / dense_flops:.2f}", tokens / t["fwd_bwd"],
+                     spec["flops"] / t["fwd_bwd"] / 1e12, dense_t / t["fwd_bwd"], t["fwd"] * 1e3])
 
     header = ["layer", "backend", "expert hidden", "active FLOPs / dense", "tokens/s (fwd+bwd)",
               "TFLOP/s (fwd+bwd)", "speed vs dense", "fwd ms"]

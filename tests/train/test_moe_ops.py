@@ -198,7 +198,7 @@ def _layer(e, k, act, backend="loop", d=24, h=20, dtype=torch.float32, seed=0, *
     torch.manual_seed(seed)
     m = MoEMLP(d, h, e, k, activation=act, backend=backend, **kw)
     with torch.no_grad():  # non-trivial biases and a router that is not near-uniform
-        for p in (m.b1, m.b2):
+        for p in (m.experts.b1, m.experts.b2):
             p.normal_(std=0.5)
         m.router.proj.weight.normal_(std=0.5)
     return m.to(dtype)
@@ -252,13 +252,13 @@ def naive_moe(m: MoEMLP, x: torch.Tensor) -> torch.Tensor:
         gates = top.values / top.values.sum()
         y = torch.zeros_like(x[t])
         for gate, j in zip(gates, top.indices.tolist()):
-            h = x[t] @ m.w1[j] + m.b1[j]
+            h = x[t] @ m.experts.w1[j] + m.experts.b1[j]
             if m.activation == "gelu":
                 h = 0.5 * h * (1 + torch.erf(h / 2**0.5))
             else:
                 a, b = h[: m.hidden_dim], h[m.hidden_dim :]
                 h = a * torch.sigmoid(a) * b
-            y = y + gate * (h @ m.w2[j] + m.b2[j])
+            y = y + gate * (h @ m.experts.w2[j] + m.experts.b2[j])
         outs.append(y)
     return torch.stack(outs)
 

@@ -40,6 +40,41 @@ def expert_activation(h: torch.Tensor, activation: Activation) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def batched_experts(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: Activation,
+) -> torch.Tensor:
+    """Experts on equal-size slot batches ``x [E, C, d] -> [E, C, d]`` (Soft MoE, expert choice): plain bmm."""
+    h = torch.bmm(x, w1) if b1 is None else torch.baddbmm(b1.unsqueeze(1), x, w1)
+    h = expert_activation(h, activation)
+    return torch.bmm(h, w2) if b2 is None else torch.baddbmm(b2.unsqueeze(1), h, w2)
+
+
+class ExpertBank(nn.Module):
+    """Stacked expert MLP weights ``w1 [E, d, h|2h]``, ``b1``, ``w2 [E, h, d]``, ``b2`` (``x @ W`` layout)."""
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, activation: Activation = "gelu",
+                 bias: bool = True, init_std: float = 0.02) -> None:
+        super().__init__()
+        if activation not in ("gelu", "swiglu"):
+            raise ValueError(f"activation must be 'gelu' or 'swiglu', got {activation!r}")
+        self.activation = activation
+        fc1_out = 2 * hidden_dim if activation == "swiglu" else hidden_dim
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, fc1_out))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, fc1_out)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        nn.init.trunc_normal_(self.w1, std=init_std)
+        nn.init.trunc_normal_(self.w2, std=init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return batched_experts(x, self.w1, self.b1, self.w2, self.b2, self.activation)
+
+
 class MoEMLP(nn.Module):
     """Token-choice top-k MoE MLP with dropless dispatch; ``backend`` picks the grouped GEMM."""
 
@@ -61,30 +96,23 @@ class MoEMLP(nn.Module):
         init_std: float = 0.02,
     ) -> None:
         super().__init__()
-        if activation not in ("gelu", "swiglu"):
-            raise ValueError(f"activation must be 'gelu' or 'swiglu', got {activation!r}")
         self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
         self.activation, self.backend = activation, backend
         self.load_balance_weight, self.z_loss_weight = load_balance_weight, z_loss_weight
         self.router = Router(dim, num_experts, top_k, score_func=score_func, renormalize=renormalize, noise_std=noise_std)
-        fc1_out = 2 * hidden_dim if activation == "swiglu" else hidden_dim
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, fc1_out))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
-        self.b1 = nn.Parameter(torch.zeros(num_experts, fc1_out)) if bias else None
-        self.b2 = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
-        nn.init.trunc_normal_(self.w1, std=init_std)
-        nn.init.trunc_normal_(self.w2, std=init_std)
+        self.experts = ExpertBank(dim, hidden_dim, num_experts, activation, bias, init_std)
 
     def experts_forward(self, x_sorted: torch.Tensor, expert_idx: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """All experts' MLPs on rows already sorted by expert: two grouped GEMMs around the activation."""
         backend = resolve_backend(self.backend, x_sorted.device)
-        h = grouped_gemm(x_sorted, self.w1, offsets, backend)
-        if self.b1 is not None:
-            h = h + self.b1.index_select(0, expert_idx)
+        ex = self.experts
+        h = grouped_gemm(x_sorted, ex.w1, offsets, backend)
+        if ex.b1 is not None:
+            h = h + ex.b1.index_select(0, expert_idx)
         h = expert_activation(h, self.activation)
-        y = grouped_gemm(h, self.w2, offsets, backend)
-        if self.b2 is not None:
-            y = y + self.b2.index_select(0, expert_idx)
+        y = grouped_gemm(h, ex.w2, offsets, backend)
+        if ex.b2 is not None:
+            y = y + ex.b2.index_select(0, expert_idx)
         return y
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
