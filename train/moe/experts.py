@@ -99,7 +99,9 @@ class MoEMLP(nn.Module):
         self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
         self.activation, self.backend = activation, backend
         self.load_balance_weight, self.z_loss_weight = load_balance_weight, z_loss_weight
-        self.router = Router(dim, num_experts, top_k, score_func=score_func, renormalize=renormalize, noise_std=noise_std)
+        self.router = Router(
+            dim, num_experts, top_k, score_func=score_func, renormalize=renormalize, noise_std=noise_std, init_std=init_std
+        )
         self.experts = ExpertBank(dim, hidden_dim, num_experts, activation, bias, init_std)
 
     def experts_forward(self, x_sorted: torch.Tensor, expert_idx: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
