@@ -20,8 +20,9 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/pipeline demo --out runs/demo
 
+# Triton kernels are checked on CPU by Triton's interpreter (it must be set before triton is imported).
 test: $(VENV)/.installed
-	$(PY) -m pytest -m "not slow and not gpu" -q -p no:cacheprovider
+	TRITON_INTERPRET=1 $(PY) -m pytest -m "not slow and not gpu" -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) runs

@@ -123,14 +123,22 @@ class LongtailPool:
 
 
 def zipf_counts(total: int, num_concepts: int, head_to_tail: float) -> np.ndarray:
-    """Crops per concept, ∝ 1/k^s with s chosen so that count_1 / count_K = head_to_tail."""
-    if num_concepts < 2 or head_to_tail < 1 or total < num_concepts:
-        raise ValueError(f"need >= 2 concepts, head_to_tail >= 1 and total >= concepts (got {num_concepts}, {head_to_tail}, {total})")
+    """Crops per concept, ∝ 1/k^s with s chosen so that count_1 / count_K = head_to_tail.
+
+    Largest-remainder rounding keeps the exact total; a total too small for every concept to get at
+    least one crop at this ratio is an error rather than a silently flatter distribution.
+    """
+    if num_concepts < 2 or head_to_tail < 1:
+        raise ValueError(f"need >= 2 concepts and head_to_tail >= 1 (got {num_concepts}, {head_to_tail})")
     s = math.log(head_to_tail) / math.log(num_concepts)
     weights = 1.0 / np.arange(1, num_concepts + 1) ** s
-    counts = np.maximum(1, np.floor(total * weights / weights.sum())).astype(int)
-    # hand the rounding remainder to the head, keeping the exact total and the order
-    counts[0] += total - counts.sum()
+    ideal = total * weights / weights.sum()
+    if ideal.min() < 1:
+        need = math.ceil(weights.sum() / weights.min())
+        raise ValueError(f"{total} crops cannot give {num_concepts} concepts a {head_to_tail:g}:1 Zipf law; need >= {need}")
+    counts = np.floor(ideal).astype(int)
+    remainder = total - counts.sum()
+    counts[np.argsort(-(ideal - counts), kind="stable")[:remainder]] += 1
     return counts
 
 

@@ -33,6 +33,11 @@ def test_zipf_counts():
     c = zipf_counts(20000, 21, 100.0)
     assert c.sum() == 20000 and (np.diff(c) <= 0).all()
     assert 80 <= c[0] / c[-1] <= 120
+    s = np.log(100.0) / np.log(21)
+    ideal = 20000 / np.arange(1, 22) ** s / (1 / np.arange(1, 22) ** s).sum()
+    assert np.abs(c - ideal).max() < 1  # within one crop of the float64 law
+    with pytest.raises(ValueError, match="need >="):
+        zipf_counts(21, 21, 100.0)  # used to return a negative head count
     with pytest.raises(ValueError):
         zipf_counts(5, 21, 100.0)
 
