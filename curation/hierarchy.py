@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from curation.kmeans import (DEFAULT_CHUNK_ROWS, Init, RefineInit, Strategy, _shape, assign,
-                             kmeans_with_resampling, take_rows)
+from curation.kmeans import (DEFAULT_CHUNK_ROWS, Init, RefineInit, Strategy, _prep, _shape,
+                             assign, kmeans_with_resampling, take_rows)
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,8 @@ def sample_fit_rows(n: int, fit_sample: int | np.ndarray | None, seed: int) -> n
 
 def fit_hierarchy(embeddings: Any, levels: Sequence[int], *,
                   fit_sample: int | np.ndarray | None = None,
-                  refine_steps: int | Sequence[int] = 0,
-                  points_per_cluster: int | Sequence[int] = 10,
+                  refine_steps: int | Sequence[int] | None = None,
+                  points_per_cluster: int | Sequence[int] | None = None,
                   refine_strategy: Strategy = "closest", refine_init: RefineInit = "fresh",
                   n_iter: int = 20, init: Init = "kmeans++", spherical: bool = False, seed: int = 0,
                   chunk_rows: int = DEFAULT_CHUNK_ROWS, gpu: bool | None = None,
@@ -159,30 +159,37 @@ def fit_hierarchy(embeddings: Any, levels: Sequence[int], *,
     count drawn uniformly with ``seed`` or explicit row indices); only those rows are held in
     memory. The other rows are then assigned to the level-1 centroids ``chunk_rows`` at a time.
     Each level l >= 2 runs the same procedure on the level-(l-1) centroids. ``refine_steps`` and
-    ``points_per_cluster`` are per level or one value for all (Vo et al. use e.g. 1/10/10/10 steps
-    and r ~ half the mean cluster size). ``timings``, if given, receives seconds per phase.
+    ``points_per_cluster`` are per level or one value for all. Defaults follow Vo et al.'s
+    4-level config: no resampling at level 1 (too costly there), 10 steps above it, and r = half
+    the mean cluster size of the level (at least 1). ``timings``, if given, receives seconds per
+    phase. Memory: the fit rows (float32) plus [N] labels and distances; the pool is streamed.
     """
     n, _ = _shape(embeddings)
     fit_rows = sample_fit_rows(n, fit_sample, seed)
     n_fit = n if fit_rows is None else fit_rows.size
     levels = validate_levels(levels, n_fit)
+    if refine_steps is None:
+        refine_steps = [0] + [10] * (len(levels) - 1)
+    if points_per_cluster is None:
+        inputs = [n_fit] + levels[:-1]
+        points_per_cluster = [max(1, m // k // 2) for m, k in zip(inputs, levels)]
     steps = _per_level(refine_steps, len(levels), "refine_steps")
     ppc = _per_level(points_per_cluster, len(levels), "points_per_cluster")
     t = timings if timings is not None else {}
 
     t0 = time.perf_counter()
-    if fit_rows is None:
-        x_fit = take_rows(embeddings, np.arange(n), chunk_rows, spherical) if not isinstance(
-            embeddings, np.ndarray) else np.asarray(embeddings)
-    else:
-        x_fit = take_rows(embeddings, fit_rows, chunk_rows, spherical)
+    if fit_rows is None and isinstance(embeddings, np.ndarray):
+        x_fit = _prep(embeddings, spherical)  # no copy when already float32 and not spherical
+    else:  # blockwise read: float32, unit-norm rows when spherical
+        x_fit = take_rows(embeddings, np.arange(n) if fit_rows is None else fit_rows, chunk_rows,
+                          spherical)
     t["read_fit_rows"] = time.perf_counter() - t0
 
     common = dict(n_iter=n_iter, init=init, spherical=spherical, gpu=gpu, chunk_rows=chunk_rows,
                   strategy=refine_strategy, refine_init=refine_init)
     t0 = time.perf_counter()
     res = kmeans_with_resampling(x_fit, levels[0], refine_steps=steps[0],
-                                 points_per_cluster=ppc[0], seed=seed, **common)
+                                 points_per_cluster=ppc[0], seed=seed, prepared=True, **common)
     t["level_1_fit"] = time.perf_counter() - t0
     log.info("level 1: K=%d on %d points in %.1fs", levels[0], n_fit, t["level_1_fit"])
     del x_fit

@@ -277,8 +277,8 @@ def kmeans_with_resampling(x: np.ndarray, k: int, *, refine_steps: int = 10,
                            points_per_cluster: int = 10, strategy: Strategy = "closest",
                            refine_init: RefineInit = "fresh", n_iter: int = 20,
                            spherical: bool = False, seed: int = 0, init: Init = "kmeans++",
-                           gpu: bool | None = None,
-                           chunk_rows: int = DEFAULT_CHUNK_ROWS) -> KMeansResult:
+                           gpu: bool | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                           prepared: bool = False) -> KMeansResult:
     """k-means followed by ``refine_steps`` resampling steps (Vo et al. 2024, Alg. 1).
 
     Procedure at one level, on the level's input points X (the data at level 1, the previous
@@ -294,23 +294,25 @@ def kmeans_with_resampling(x: np.ndarray, k: int, *, refine_steps: int = 10,
           ``k * r`` points and weighs every cluster (nearly) equally;
        b. ``C <- kmeans(X', k)``: a full k-means on X' -- ``refine_init="fresh"`` re-initialises
           it (``init`` with seed ``seed + step + 1``), as in the reference implementation;
-          ``"previous"`` starts Lloyd from the current C instead (cheaper, same fixed points);
+          ``"previous"`` warm-starts Lloyd from the current C instead (cheaper);
        c. re-assign every point of X to the new C.
 
     Why: plain k-means puts many centroids in dense regions; iterating on a per-cluster
     balanced resample moves centroids toward a uniform cover of the support, which is what
     makes the subsequent balanced sampling flatten the concept distribution. The paper uses
     r roughly half the mean cluster size and 10 steps on the upper levels.
+    ``prepared=True`` promises x is already float32, C-contiguous and (if spherical) unit-norm,
+    saving a copy of the fit set.
     """
-    x = _prep(np.asarray(x), spherical)
+    x = x if prepared else _prep(np.asarray(x), spherical)
     _check_k(x.shape[0], k)
     if refine_steps < 0:
         raise ValueError(f"refine_steps must be >= 0, got {refine_steps}")
     if refine_init not in ("fresh", "previous"):
         raise ValueError(f"refine_init must be 'fresh' or 'previous', got {refine_init!r}")
-    res = kmeans(x, k, n_iter=n_iter, spherical=spherical, seed=seed, init=init, gpu=gpu,
-                 chunk_rows=chunk_rows)
-    centroids, labels, sqdist = res.centroids, res.labels, res.sqdist
+    centroids = fit_centroids(x, k, n_iter=n_iter, spherical=spherical, seed=seed, init=init,
+                              gpu=gpu)
+    labels, sqdist = assign(x, centroids, spherical=spherical, chunk_rows=chunk_rows, gpu=gpu)
     rng = np.random.default_rng(seed)
     for step in range(refine_steps):
         picked = resample_per_cluster(labels, sqdist, k, points_per_cluster, strategy, rng)

@@ -124,16 +124,18 @@ class CurationResult:
 
 def curate_embeddings(embeddings: Any, levels: list[int], target: int, *,
                       fit_sample: int | np.ndarray | None = None,
-                      refine_steps: int | list[int] = 0, points_per_cluster: int | list[int] = 10,
+                      refine_steps: int | list[int] | None = None,
+                      points_per_cluster: int | list[int] | None = None,
                       refine_strategy: Strategy = "closest", refine_init: RefineInit = "fresh",
                       selection: Selection = "random", n_iter: int = 20, init: Init = "kmeans++",
                       spherical: bool = False, seed: int = 0,
                       chunk_rows: int = DEFAULT_CHUNK_ROWS, gpu: bool | None = None) -> CurationResult:
     """Embeddings [N, d] (numpy or zarr) -> hierarchy, balanced selection of ``target`` rows, metrics.
 
-    The one call the embedding job / CLI needs: :func:`fit_hierarchy` then
-    :func:`hierarchical_sample`; ``metrics`` holds per-level cluster sizes, inertia and the
-    normalized entropy of the pool vs the selection over each level's clusters, plus timings.
+    The one call the embedding job / CLI needs: :func:`fit_hierarchy` (see it for the defaults
+    of ``refine_steps`` / ``points_per_cluster``) then :func:`hierarchical_sample`; ``metrics``
+    holds per-level cluster sizes, inertia and the normalized entropy of the pool vs the
+    selection over each level's clusters, plus timings in seconds.
     """
     if int(target) <= 0:
         raise ValueError(f"target must be a positive number of points, got {target}")
