@@ -44,6 +44,8 @@ def allocate_grouped(sizes: np.ndarray, groups: np.ndarray, targets: np.ndarray,
     if targets.size and targets.min() < 0:
         raise ValueError("targets must be >= 0")
     n_groups = targets.size
+    if groups.size and (groups.min() < 0 or groups.max() >= n_groups):
+        raise ValueError(f"group ids must lie in [0, {n_groups})")
     m = np.bincount(groups, minlength=n_groups)
     totals = np.bincount(groups, weights=sizes, minlength=n_groups).astype(np.int64)
     a = np.minimum(targets, totals)
@@ -55,11 +57,11 @@ def allocate_grouped(sizes: np.ndarray, groups: np.ndarray, targets: np.ndarray,
     csum = np.cumsum(s)
     prefix = csum - (csum[starts[g]] - s[starts[g]])  # P_k
     ok = prefix + (m[g] - k) * s <= a[g]
-    k_star = np.bincount(g, weights=ok, minlength=n_groups).astype(np.int64)
-    p_star = np.where(k_star > 0, prefix[np.maximum(starts + k_star - 1, 0)] if s.size else 0, 0)
+    k_star = np.bincount(g, weights=ok, minlength=n_groups).astype(np.int64)  # ok is a prefix
+    p_star = np.bincount(g, weights=s * ok, minlength=n_groups).astype(np.int64)  # P_k*
     rest = m - k_star
     cap = np.where(rest > 0, (a - p_star) // np.maximum(rest, 1), np.iinfo(np.int64).max)
-    remainder = np.where(rest > 0, a - p_star - rest * np.where(rest > 0, cap, 0), 0)
+    remainder = np.where(rest > 0, a - p_star - rest * cap, 0)
 
     alloc_sorted = np.minimum(s, cap[g])
     above = np.flatnonzero(s > cap[g])  # members that still have room

@@ -70,8 +70,9 @@ def test_allocate_remainder_and_determinism():
     assert len(seen) > 1  # the remainder really goes to random clusters
 
 
-def test_allocate_grouped_equals_per_group():
-    rng = np.random.default_rng(3)
+@pytest.mark.parametrize("seed", range(4))
+def test_allocate_grouped_equals_per_group(seed):
+    rng = np.random.default_rng(seed)
     groups = rng.integers(0, 8, size=200)
     groups[groups == 5] = 6  # group 5 is empty
     sizes = rng.integers(0, 40, size=200)
@@ -88,6 +89,9 @@ def test_allocate_bad_input():
         allocate(np.array([3, -1]), 2, np.random.default_rng(0))
     with pytest.raises(ValueError, match=">= 0"):
         allocate(np.array([3, 1]), -2, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="group ids"):
+        allocate_grouped(np.array([3, 1]), np.array([0, 2]), np.array([1, 1]),
+                         np.random.default_rng(0))
 
 
 # ------------------------------------------------------------------------ hierarchical sampling
