@@ -165,6 +165,18 @@ def test_resampling_refinement_keeps_blobs_and_is_seeded(strategy, refine_init):
     np.testing.assert_allclose(a.inertia, inertia_float64(x, a.centroids, a.labels), rtol=1e-5)
 
 
+def test_resampling_moves_centroids_toward_uniform_support():
+    """Vo et al.'s toy example: 90% of the mass on [0, 1], 10% on [1, 10]. A uniform cover of the
+    support puts 18 of 20 centroids on [1, 10]; plain k-means follows density (about 14);
+    resampling steps push it toward the uniform cover."""
+    rng = np.random.default_rng(0)
+    t = np.concatenate([rng.uniform(0, 1, 9000), rng.uniform(1, 10, 1000)])
+    x = np.stack([t, np.zeros_like(t)], 1).astype(np.float32)
+    plain = (kmeans(x, 20, seed=0).centroids[:, 0] > 1).sum()
+    refined = kmeans_with_resampling(x, 20, refine_steps=10, points_per_cluster=20, seed=0)
+    assert (refined.centroids[:, 0] > 1).sum() >= max(plain + 2, 16)
+
+
 # ------------------------------------------------------------------------ hierarchy
 
 
