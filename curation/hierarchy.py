@@ -162,7 +162,9 @@ def fit_hierarchy(embeddings: Any, levels: Sequence[int], *,
     ``points_per_cluster`` are per level or one value for all. Defaults follow Vo et al.'s
     4-level config: no resampling at level 1 (too costly there), 10 steps above it, and r = half
     the mean cluster size of the level (at least 1). ``timings``, if given, receives seconds per
-    phase. Memory: the fit rows (float32) plus [N] labels and distances; the pool is streamed.
+    phase. Memory: the fit rows (float32), 12 bytes per pool row (label + distance) and a few
+    read buffers of ``chunk_rows x d`` floats; the pool itself is streamed, never held.
+    ``init="kmeans++"`` costs K passes over the fit rows: use ``"random"`` for very large K.
     """
     n, _ = _shape(embeddings)
     fit_rows = sample_fit_rows(n, fit_sample, seed)
