@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -65,10 +66,10 @@ def prepare_unit(sources: list[str], policy: ImagePolicy) -> dict[str, np.ndarra
         try:
             image = policy.resize(decode_rgb(data))
         except DecodeError as exc:
-            reasons[i] = str(exc.reason if hasattr(exc, "reason") else exc)
+            reasons[i] = exc.reason
             continue
         except Exception as exc:  # a decoder bug on one file must not stop a billion-image job
-            reasons[i] = f"corrupt: {type(exc).__name__}: {exc}"
+            reasons[i] = f"corrupt: {type(exc).__name__}: {re.sub(r' at 0x[0-9a-f]+', '', str(exc))[:200]}"
             continue
         blob = policy.encode(image)
         blobs.append(np.frombuffer(blob, np.uint8))

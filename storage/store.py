@@ -7,7 +7,6 @@ the helpers here and mark progress with ``storage.commits``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -319,10 +318,6 @@ class FeatureStore:
 
     def teacher_attrs(self, name: str) -> dict:
         return dict(self.teacher_group(name).attrs)
-
-    def summary(self) -> dict:
-        """Plain facts for logs and `pipeline inspect`."""
-        return {"url": self.url, **json.loads(json.dumps(self.attrs, default=str))}
 
     def plan(self) -> ShardPlan:
         return ShardPlan(self.num_images, int(self.group.attrs["shard_images"]))
