@@ -1,0 +1,62 @@
+"""A small real store for the trainer tests: photos at mixed resolutions plus labelled digits, cached
+with a tiny DINOv3-architecture ViT (CLS + 4 registers) and a tiny SigLIP2 (attention-pool summary)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_VIT = "timm:vit_small_patch16_dinov3,depth=2,embed_dim=48,num_heads=2"
+TINY_SIGLIP = ("open_clip:ViT-B-16-SigLIP2-256,embed_dim=64,vision_cfg.image_size=64,trunk.depth=2,"
+               "trunk.embed_dim=64,trunk.num_heads=2,text_cfg.width=64,text_cfg.heads=2,text_cfg.layers=1,"
+               "text_cfg.context_length=16,text_cfg.vocab_size=49408,text_cfg.hf_tokenizer_name=")
+
+
+def write_train_images(root: Path, digits_per_class: int = 4) -> Path:
+    """Real photos at several sizes and aspect ratios, labelled digits, and one broken file; returns labels CSV."""
+    from skimage import data
+    from sklearn.datasets import load_digits
+
+    root.mkdir(parents=True, exist_ok=True)
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    rows = ["path,label"]
+    for k, photo in enumerate(photos):
+        img = Image.fromarray(photo)
+        for j, (sx, sy) in enumerate(((0.12, 0.12), (0.2, 0.1), (0.1, 0.25))):
+            img.resize((max(16, int(img.width * sx)), max(16, int(img.height * sy)))).save(root / f"photo{k}_{j}.png")
+    digits = load_digits()
+    picked = np.concatenate([np.flatnonzero(digits.target == c)[:digits_per_class] for c in range(10)])
+    for i in picked:
+        name = f"digit{i:04d}.png"
+        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((32, 32), Image.NEAREST).convert("RGB").save(root / name)
+        rows.append(f"{name},{digits.target[i]}")
+    (root / "broken.png").write_bytes(b"not a png")
+    labels = root.parent / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    return labels
+
+
+def cache_config(teacher: str, name: str, labels: Path):
+    from pipeline.configs import CacheConfig
+
+    return CacheConfig(teacher=teacher, name=name, random_init=True, seed=0, min_tokens=4, max_tokens=48,
+                       labels=str(labels), shard_images=16, shard_rows=256, chunk_rows=64, batch_size=16,
+                       workers=1, num_cpus=2)
+
+
+@pytest.fixture(scope="session")
+def train_store(tmp_path_factory) -> str:
+    """Store URL with teachers "dino" (registers) and "siglip" (frozen attention pool in heads/)."""
+    from stages.cache import run_cache
+    from stages.ray_cluster import ray_cluster
+
+    root = tmp_path_factory.mktemp("train_store")
+    labels = write_train_images(root / "images")
+    url = str(root / "store")
+    with ray_cluster(num_cpus=2):
+        run_cache(str(root / "images"), url, cache_config(TINY_VIT, "dino", labels))
+        run_cache(str(root / "images"), url, cache_config(TINY_SIGLIP, "siglip", labels))
+    return url

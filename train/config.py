@@ -1,0 +1,185 @@
+"""The trainer's typed config: student, heads, losses, data, optimizer and run (TOML sections mirror it).
+
+``model.preset`` names a whole student (``tiny``, ``demo``, ``amoe-dense``, ``amoe``, ``m2ot-b``):
+the preset fills the fields first and any field given next to it wins, so an ablation is one line.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.config import StrictConfig
+
+__all__ = ["DataConfig", "HeadConfig", "LossConfig", "ModelConfig", "MoEConfig", "OptimConfig", "PRESETS",
+           "RunConfig", "TrainConfig"]
+
+
+class MoEConfig(StrictConfig):
+    """Which blocks get a sparse MLP and how it routes (M²oT §4, AMoE §3.1, TGR-MoE)."""
+
+    layers: Literal["none", "all", "odd", "even"] | list[int] = Field(
+        "none", description="blocks with an MoE MLP: none (dense), all (AMoE), odd (M²oT: every other), or indices")
+    kind: Literal["topk", "soft", "expert_choice"] = "topk"
+    experts: int = Field(8, gt=0)
+    top_k: int = Field(2, gt=0)
+    hidden: int | None = Field(None, gt=0, description="expert hidden width (default: the dense MLP's)")
+    fine_grained: bool = Field(False, description="shrink the expert width by top_k so active params match dense (M²oT §5.1)")
+    backend: Literal["auto", "triton", "torch", "loop"] = "auto"
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = True
+    noise_std: float = Field(0.0, ge=0)
+    load_balance_weight: float = Field(0.01, ge=0, description="M²oT Eq. 10 λ2 on M·Σ F_j P_j (Eq. 9)")
+    z_loss_weight: float = Field(1e-3, ge=0)
+    capacity_factor: float = Field(1.0, gt=0, description="expert choice: capacity = tokens·k/E · factor")
+    soft_slots: int = Field(1, gt=0, description="Soft MoE: slots per expert")
+    bias: bool = True
+
+
+class ModelConfig(StrictConfig):
+    """The student ViT: patch embedding, CLS + registers, pre-norm blocks with 2-D normalized RoPE."""
+
+    preset: str | None = Field(None, description="named student: tiny, demo, amoe-dense, amoe, m2ot-b")
+    patch_size: int = Field(16, gt=0)
+    dim: int = Field(192, gt=0)
+    depth: int = Field(4, gt=0)
+    num_heads: int = Field(3, gt=0)
+    head_dim: int | None = Field(None, gt=0, description="attention head width (default dim / heads)")
+    mlp_ratio: float = Field(4.0, gt=0)
+    mlp_hidden: int | None = Field(None, gt=0, description="dense MLP hidden width (default dim · mlp_ratio)")
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    qk_norm: bool = False
+    qkv_bias: bool = True
+    registers: int = Field(4, ge=0)
+    rope_base: float = Field(100.0, gt=1)
+    pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    moe: MoEConfig = MoEConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            name = data["preset"]
+            if name not in PRESETS:
+                raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+            merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[name].items()}
+            for key, value in data.items():
+                if key == "moe" and isinstance(value, dict):
+                    merged["moe"] = {**merged.get("moe", {}), **value}
+                else:
+                    merged[key] = value
+            return merged
+        return data
+
+    @property
+    def hidden(self) -> int:
+        return self.mlp_hidden or int(round(self.dim * self.mlp_ratio))
+
+    def moe_layer_ids(self) -> list[int]:
+        spec = self.moe.layers
+        if spec == "none":
+            return []
+        if spec == "all":
+            return list(range(self.depth))
+        if spec in ("odd", "even"):  # 0-based block index: "odd" = blocks 1, 3, 5, ... (every other layer)
+            return [i for i in range(self.depth) if i % 2 == (1 if spec == "odd" else 0)]
+        bad = [i for i in spec if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"moe.layers {bad} outside [0, {self.depth})")
+        return sorted(set(spec))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # small students for tests and the CPU demo
+    "tiny": dict(dim=64, depth=2, num_heads=2, registers=4),
+    "demo": dict(dim=192, depth=4, num_heads=3, registers=4),
+    # AMoE as released: 18 blocks, dim 768, 8 heads of width 128, RMSNorm, QK-norm; dense MLP 4x
+    "amoe-dense": dict(dim=768, depth=18, num_heads=8, head_dim=128, norm="rmsnorm", qk_norm=True, registers=4),
+    # AMoE: every block sparse, 28 gated experts of width 384, top-6, no shared expert
+    "amoe": dict(dim=768, depth=18, num_heads=8, head_dim=128, norm="rmsnorm", qk_norm=True, registers=4,
+                 moe=dict(layers="all", experts=28, top_k=6, hidden=384, score="softmax")),
+    # M²oT-B: ViT-B/16, 8 experts top-2 on every other block
+    "m2ot-b": dict(dim=768, depth=12, num_heads=12, registers=4, moe=dict(layers="odd", experts=8, top_k=2)),
+}
+
+
+class HeadConfig(StrictConfig):
+    """Per-teacher adaptor heads (AMoE §3.1: Linear, LayerNorm, GELU, Linear)."""
+
+    hidden: int | None = Field(None, gt=0, description="head hidden width (default: the student dim)")
+    share: bool = Field(False, description="one head per teacher for summary, patches and registers (AMoE) "
+                                           "instead of one per feature (RADIO)")
+
+
+class LossConfig(StrictConfig):
+    """Weights of each term: w_cos·(1 − cos) + w_sl1·smooth-L1 per feature (M²oT Eq. 2, AM-RADIO weights)."""
+
+    summary_cos: float = Field(1.0, ge=0)
+    summary_smooth_l1: float = Field(0.0, ge=0)
+    patches_cos: float = Field(0.9, ge=0)
+    patches_smooth_l1: float = Field(0.1, ge=0)
+    registers_cos: float = Field(0.9, ge=0)
+    registers_smooth_l1: float = Field(0.1, ge=0)
+    smooth_l1_beta: float = Field(1.0, gt=0)
+    teacher_weights: dict[str, float] = Field(default_factory=dict, description="per-teacher multiplier (default 1)")
+    phis: bool = Field(True, description="match summary and patches in PHI-S space where the store has statistics")
+    router: float = Field(1.0, ge=0, description="multiplier on the MoE layers' router losses")
+
+
+class DataConfig(StrictConfig):
+    teachers: list[str] | None = Field(None, description="teachers to distil (default: all in the store)")
+    mode: Literal["packed", "padded"] = Field("packed", description="token-balanced packing or padded batches")
+    seq_len: int = Field(512, gt=0, description="token slots per packed sequence")
+    seqs_per_batch: int = Field(4, gt=0, description="packed sequences per microbatch (per rank)")
+    max_images_per_seq: int = Field(16, gt=0, description="AMoE packs up to 16 images per sequence")
+    padded_images: int = Field(16, gt=0, description="images per microbatch in padded mode")
+    shuffle_buffer: int = Field(2048, gt=0)
+    workers: int = Field(2, ge=0, description="DataLoader worker processes")
+    prefetch: int = Field(4, gt=0, description="microbatches prefetched per worker")
+    flip: bool = Field(False, description="horizontal flip of pixels and target grid (summary kept: approximate)")
+    crop: bool = Field(False, description="random crops aligned to the token grid (summary kept: approximate)")
+    crop_min_scale: float = Field(0.5, gt=0, le=1, description="smallest crop area as a fraction of the grid")
+
+
+class OptimConfig(StrictConfig):
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of lr")
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "linear"] = "cosine"
+    clip_grad: float | None = Field(1.0, gt=0)
+    accumulation: int = Field(1, gt=0, description="microbatches per optimizer step and rank")
+
+
+class RunConfig(StrictConfig):
+    steps: int = Field(1000, gt=0)
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(200, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
+    attention: Literal["auto", "dense", "flex"] = "auto"
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's)")
+
+
+class TrainConfig(StrictConfig):
+    """`pipeline train`: everything a run needs besides the store."""
+
+    model: ModelConfig = ModelConfig()
+    heads: HeadConfig = HeadConfig()
+    loss: LossConfig = LossConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        self.model.moe_layer_ids()
+        if self.model.moe.top_k > self.model.moe.experts:
+            raise ValueError(f"model.moe.top_k ({self.model.moe.top_k}) exceeds model.moe.experts ({self.model.moe.experts})")
+        return self

@@ -1,0 +1,187 @@
+"""From the store to packed microbatches: replayable plans in the main process, loading in workers.
+
+The main process turns the shuffled stream (``storage.streaming``) into microbatch plans using only
+``images/grid`` and ``images/ok``; workers of a ``DataLoader`` read, decode and augment the images of
+each plan. Because plans are a pure function of (store, config, seed), a run resumed at microbatch m
+replays the same plans from m on, and augmentation draws from an RNG keyed by (seed, microbatch,
+image slot), so the number of workers never changes what a step sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from storage.image_policy import ImagePolicy
+from storage.reader import StoreReader, read_batch
+from storage.streaming import epoch_stream
+
+from .config import DataConfig
+from .model.vit import patchify
+from .packing import Microbatch, build_layout, pack_stream, padded_stream
+
+__all__ = ["StepPlan", "PlanStream", "StoreBatches", "make_loader", "augment", "ordered_plans"]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """A microbatch plan for this rank, with the image count of the whole step (all ranks, accumulation)."""
+
+    microbatch: Microbatch
+    step: int
+    global_images: int
+
+
+class PlanStream:
+    """Microbatch plans of a run: shuffled, packed, split over ranks; replayable from any step."""
+
+    def __init__(self, ok: np.ndarray, grid: np.ndarray, unit_rows: int, cfg: DataConfig, *, registers: int, seed: int,
+                 accumulation: int = 1, world: int = 1, rank: int = 0):
+        self.ok, self.grid, self.unit_rows, self.cfg = ok, grid, unit_rows, cfg
+        self.prefix, self.seed = 1 + registers, seed
+        self.accumulation, self.world, self.rank = accumulation, world, rank
+        longest = int((grid[:, 0] * grid[:, 1])[ok].max()) + self.prefix if ok.any() else 0
+        if cfg.mode == "packed" and longest > cfg.seq_len:
+            raise ValueError(f"the store's largest image needs {longest} tokens (CLS + registers + patches) but "
+                             f"data.seq_len is {cfg.seq_len}: raise data.seq_len")
+
+    def tokens_of(self, row: int) -> int:
+        return self.prefix + int(self.grid[row, 0]) * int(self.grid[row, 1])
+
+    def microbatches(self) -> Iterator[Microbatch]:
+        stream = epoch_stream(self.ok, self.unit_rows, seed=self.seed, buffer=self.cfg.shuffle_buffer)
+        if self.cfg.mode == "padded":
+            return padded_stream(stream, self.tokens_of, images=self.cfg.padded_images)
+        return pack_stream(stream, self.tokens_of, seq_len=self.cfg.seq_len, seqs=self.cfg.seqs_per_batch,
+                           max_images=self.cfg.max_images_per_seq)
+
+    def steps(self, start_step: int = 0) -> Iterator[StepPlan]:
+        """This rank's plans from ``start_step`` on (earlier steps are replayed from metadata and skipped)."""
+        per_step = self.accumulation * self.world
+        group: list[Microbatch] = []
+        step = 0
+        for mb in self.microbatches():
+            group.append(mb)
+            if len(group) < per_step:
+                continue
+            if step >= start_step:
+                total = sum(m.num_images for m in group)
+                for a in range(self.accumulation):
+                    yield StepPlan(group[a * self.world + self.rank], step, total)
+            group, step = [], step + 1
+
+
+def ordered_plans(ok: np.ndarray, grid: np.ndarray, cfg: DataConfig, registers: int) -> Iterator[StepPlan]:
+    """Every usable image once, in store order, packed (for evaluation and feature extraction)."""
+    prefix = 1 + registers
+    rows = np.flatnonzero(ok)
+    stream = ((0, int(r)) for r in rows)
+    tokens = lambda r: prefix + int(grid[r, 0]) * int(grid[r, 1])  # noqa: E731
+    for mb in pack_stream(stream, tokens, seq_len=cfg.seq_len, seqs=cfg.seqs_per_batch, max_images=cfg.max_images_per_seq):
+        yield StepPlan(mb, 0, mb.num_images)
+
+
+def augment(pixels: np.ndarray, patches: dict[str, np.ndarray], grid: tuple[int, int], patch: int, cfg: DataConfig,
+            rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[int, int]]:
+    """Flip and grid-aligned crop applied to pixels and every teacher's patch grid together.
+
+    Both approximate the teacher's view: the cached summary and registers saw the whole, unflipped
+    image and are kept as they are; the patch targets are exact for a flip only if the teacher is
+    flip-equivariant, and exact for a crop only up to the teacher's attention to the cut-off context.
+    """
+    gh, gw = grid
+    grids = {k: v.reshape(gh, gw, -1) for k, v in patches.items()}
+    if cfg.crop:
+        scale = rng.uniform(cfg.crop_min_scale, 1.0)
+        ch, cw = max(1, int(round(gh * np.sqrt(scale)))), max(1, int(round(gw * np.sqrt(scale))))
+        y0, x0 = int(rng.integers(0, gh - ch + 1)), int(rng.integers(0, gw - cw + 1))
+        pixels = pixels[y0 * patch:(y0 + ch) * patch, x0 * patch:(x0 + cw) * patch]
+        grids = {k: v[y0:y0 + ch, x0:x0 + cw] for k, v in grids.items()}
+        gh, gw = ch, cw
+    if cfg.flip and rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+        grids = {k: v[:, ::-1] for k, v in grids.items()}
+    return (np.ascontiguousarray(pixels), {k: np.ascontiguousarray(v.reshape(gh * gw, -1)) for k, v in grids.items()},
+            (gh, gw))
+
+
+class StoreBatches(torch.utils.data.Dataset):
+    """``dataset[StepPlan]`` -> a packed microbatch (pixels as uint8 patches, layout, raw float16 targets)."""
+
+    def __init__(self, store_url: str, teachers: list[str], cfg: DataConfig, *, patch: int, registers: int, seed: int,
+                 train: bool = True):
+        self.store_url, self.teachers, self.cfg = store_url, teachers, cfg
+        self.patch, self.registers, self.seed, self.train = patch, registers, seed, train
+        self._reader: StoreReader | None = None
+
+    @property
+    def reader(self) -> StoreReader:
+        if self._reader is None:  # opened lazily: once per worker process
+            self._reader = StoreReader(self.store_url, self.teachers)
+        return self._reader
+
+    def __len__(self) -> int:  # plans come from the sampler; the length is never used for indexing
+        return len(self.reader)
+
+    def __getitem__(self, plan: StepPlan) -> dict:
+        mb = plan.microbatch
+        rows = mb.rows
+        items = {it.index: it for it in read_batch(self.reader, rows)}
+        pixels, grids = [], []
+        feats = {t: {"summary": [], "patches": [], "registers": []} for t in self.teachers}
+        for slot, row in enumerate(rows):
+            it = items[row]
+            image = ImagePolicy.decode(it.pixels)
+            patches = {t: it.patches[t] for t in self.teachers}
+            grid = it.grid
+            if self.train and (self.cfg.flip or self.cfg.crop):
+                rng = np.random.default_rng([self.seed, mb.index, slot])
+                image, patches, grid = augment(image, patches, grid, self.patch, self.cfg, rng)
+            pixels.append(patchify(torch.from_numpy(np.array(image)).permute(2, 0, 1), self.patch))
+            grids.append(grid)
+            for t in self.teachers:
+                feats[t]["summary"].append(it.summary[t])
+                feats[t]["patches"].append(patches[t])
+                if t in it.registers:
+                    feats[t]["registers"].append(it.registers[t])
+        sequences, k = [], 0
+        for seq in mb.sequences:
+            sequences.append(grids[k:k + len(seq)])
+            k += len(seq)
+        seq_len = mb.seq_len if self.cfg.mode == "packed" or not self.train else max(
+            1 + self.registers + g[0] * g[1] for g in grids)
+        layout = build_layout(sequences, seq_len, self.registers)
+        targets = {}
+        for t, f in feats.items():
+            targets[t] = {"summary": torch.from_numpy(np.stack(f["summary"])),
+                          "patches": torch.from_numpy(np.concatenate(f["patches"]))}
+            if f["registers"]:
+                targets[t]["registers"] = torch.from_numpy(np.stack(f["registers"]))
+        labels = [items[r].label for r in rows]
+        return {
+            "pixels": torch.cat(pixels),
+            "layout": layout,
+            "targets": targets,
+            "rows": torch.tensor(rows, dtype=torch.int64),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "index": mb.index,
+            "step": plan.step,
+            "global_images": plan.global_images,
+            "real_tokens": int((layout.doc_ids >= 0).sum()),
+            "slots": int(layout.doc_ids.numel()),
+        }
+
+
+def _identity(x):
+    return x
+
+
+def make_loader(dataset: StoreBatches, plans, cfg: DataConfig) -> torch.utils.data.DataLoader:
+    """Workers load plans in order; ``batch_size=None`` hands each plan to ``dataset[plan]`` as is."""
+    kwargs = {}
+    if cfg.workers > 0:
+        kwargs = dict(num_workers=cfg.workers, prefetch_factor=cfg.prefetch, persistent_workers=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=plans, collate_fn=_identity, **kwargs)

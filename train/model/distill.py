@@ -1,0 +1,57 @@
+"""Student + per-teacher heads: everything that is trained, and the fixed target spaces it predicts in."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import HeadConfig, ModelConfig
+from ..packing import PackedLayout
+from ..targets import TeacherTargets
+from .heads import TeacherHeads
+from .vit import Student, StudentOutput
+
+__all__ = ["DistillModel"]
+
+
+class DistillModel(nn.Module):
+    """Predictions per teacher in the space its targets are compared in (PHI-S for summary/patches)."""
+
+    def __init__(self, model_cfg: ModelConfig, head_cfg: HeadConfig, teachers: list[TeacherTargets]):
+        super().__init__()
+        self.student = Student(model_cfg)
+        hidden = head_cfg.hidden or model_cfg.dim
+        self.heads = nn.ModuleDict()
+        self.spaces = nn.ModuleDict()
+        for t in teachers:
+            if t.spec.registers > model_cfg.registers:
+                raise ValueError(f"teacher {t.spec.name} has {t.spec.registers} registers; the student only "
+                                 f"{model_cfg.registers}: set model.registers >= {t.spec.registers}")
+            self.heads[t.spec.name] = TeacherHeads(t.spec, model_cfg.dim, hidden, head_cfg.share, t.pool)
+            self.spaces[t.spec.name] = nn.ModuleDict(t.spaces)
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return list(self.heads.keys())
+
+    def forward(self, pixels: torch.Tensor, layout: PackedLayout, attention: str = "auto"
+                ) -> tuple[dict[str, dict[str, torch.Tensor]], StudentOutput]:
+        out = self.student(pixels, layout, attention)
+        preds = {name: self.project(name, out, layout) for name in self.heads}
+        return preds, out
+
+    def project(self, name: str, out: StudentOutput, layout: PackedLayout) -> dict[str, torch.Tensor]:
+        heads, spaces = self.heads[name], self.spaces[name]
+        pred = {"patches": heads.head("patches")(out.patches)}
+        if heads.pool is not None:  # AMoE §3.1: the teacher's frozen pool over our projected patches
+            raw = spaces["patches"].denormalize(pred["patches"])
+            pred["summary"] = spaces["summary"].normalize(heads.pool(raw, layout.patch_image, layout.num_images))
+        else:
+            pred["summary"] = heads.head("summary")(out.cls)
+        if heads.spec.registers:
+            pred["registers"] = heads.head("registers")(out.registers[:, : heads.spec.registers])
+        return pred
+
+    def raw_summaries(self, preds: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Head summaries mapped back into each teacher's own space (PHI-S inverted), for evaluation."""
+        return {name: self.spaces[name]["summary"].denormalize(p["summary"]) for name, p in preds.items()}

@@ -1,0 +1,132 @@
+"""Per-teacher adaptor heads and the frozen teacher attention pool reused from the store's ``heads/``.
+
+AMoE §3.1 / M²oT Eq. 1: a head g_t = Linear → LayerNorm → GELU → Linear projects student tokens into
+teacher t's space. For a teacher whose summary is an attention pool over its patches (SigLIP2), the
+student's projected patches go through that teacher's own frozen pool instead of a summary head, so
+the pool is not re-learned (AMoE §3.1). The pool expects raw teacher patch features: when the patch
+targets live in PHI-S space, the projected patches are mapped back with the unwhitening transform first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["AdaptorHead", "TeacherHeads", "TeacherSpec", "FrozenSummaryPool", "build_frozen_pool"]
+
+
+class AdaptorHead(nn.Sequential):
+    def __init__(self, dim: int, hidden: int, out_dim: int):
+        super().__init__(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What the trainer knows of a teacher, all read from the store."""
+
+    name: str
+    summary_dim: int
+    patch_dim: int
+    registers: int  # teacher registers supervised (0: none)
+    register_dim: int
+
+
+class FrozenSummaryPool(nn.Module):
+    """summary = head(fc_norm(attn_pool(patches))), rebuilt from the tensors and config in ``heads/``."""
+
+    def __init__(self, pool: nn.Module, fc_norm: nn.Module, head: nn.Module):
+        super().__init__()
+        self.pool, self.fc_norm, self.head = pool, fc_norm, head
+        self.requires_grad_(False)
+
+    def forward(self, patches: torch.Tensor, image: torch.Tensor, num_images: int) -> torch.Tensor:
+        """Pool each image's patch rows (``image`` [T] says whose) into one summary: [B, D_summary]."""
+        counts = torch.bincount(image, minlength=num_images)
+        longest = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(len(image), device=image.device) - starts[image]
+        padded = patches.new_zeros(num_images, longest, patches.shape[-1])
+        padded[image, slot] = patches
+        keep = torch.zeros(num_images, longest, dtype=torch.bool, device=image.device)
+        keep[image, slot] = True
+        return self.head(self.fc_norm(self._pool(padded, keep)))
+
+    def _pool(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """timm AttentionPoolLatent's forward with a key-padding mask (images of different sizes)."""
+        p = self.pool
+        B, N, C = x.shape
+        if getattr(p, "pos_embed", None) is not None:
+            raise ValueError("attention pools with a positional embedding cannot take native-resolution grids")
+        q_latent = p.latent.expand(B, -1, -1)
+        q = p.q(q_latent).reshape(B, p.latent_len, p.num_heads, p.head_dim).transpose(1, 2)
+        kv = p.kv(x).reshape(B, N, 2, p.num_heads, p.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        q, k = p.q_norm(q), p.k_norm(k)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        out = p.proj(out.transpose(1, 2).reshape(B, p.latent_len, C))
+        out = out + p.mlp(p.norm(out))
+        if p.pool == "token":
+            return out[:, 0]
+        if p.pool == "avg":
+            return out.mean(1)
+        raise ValueError(f"unsupported pool type {p.pool!r}")
+
+
+_ACT = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "quick_gelu": None}
+
+
+def build_frozen_pool(tensors: dict[str, torch.Tensor], config: dict) -> FrozenSummaryPool:
+    """Rebuild the pool from ``teachers/<t>/heads`` (written by cache-teachers) without the teacher library."""
+    from timm.layers import AttentionPoolLatent
+
+    pc = config.get("attn_pool")
+    if not pc:
+        raise ValueError("heads/ has no attn_pool config")
+    act = pc.get("act_layer") or "gelu"
+    if act not in _ACT or _ACT[act] is None:
+        raise ValueError(f"unsupported attention-pool activation {act!r}")
+    pool = AttentionPoolLatent(
+        pc["in_features"], pc["out_features"] or None, embed_dim=pc["embed_dim"], num_heads=pc["num_heads"],
+        mlp_ratio=pc["mlp_ratio"], latent_len=pc["latent_len"], latent_dim=pc["latent_dim"], pos_embed=pc["pos_embed"],
+        pool_type=pc["pool_type"], qkv_bias=pc["qkv_bias"], qk_norm=pc["qk_norm"], act_layer=_ACT[act],
+        **({"norm_layer": nn.LayerNorm} if pc.get("norm_layer") else {}),
+    )
+    pool.load_state_dict(_sub(tensors, "attn_pool."), strict=True)
+    fc = config.get("fc_norm")
+    fc_norm: nn.Module = nn.Identity()
+    if fc:
+        fc_norm = nn.LayerNorm(fc["dim"], eps=fc["eps"])
+        fc_norm.load_state_dict(_sub(tensors, "fc_norm."), strict=True)
+    hc = config.get("head")
+    head: nn.Module = nn.Identity()
+    if hc:
+        head = nn.Linear(hc["in_features"], hc["out_features"], bias=hc["bias"])
+        head.load_state_dict(_sub(tensors, f"head.{hc['name']}."), strict=True)
+    return FrozenSummaryPool(pool, fc_norm, head)
+
+
+def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+class TeacherHeads(nn.Module):
+    """All heads of one teacher: ``summary`` (from CLS, unless a frozen pool), ``patches``, ``registers``."""
+
+    def __init__(self, spec: TeacherSpec, dim: int, hidden: int, share: bool, pool: FrozenSummaryPool | None = None):
+        super().__init__()
+        self.spec = spec
+        if share and len({spec.summary_dim, spec.patch_dim, spec.register_dim or spec.patch_dim}) > 1:
+            raise ValueError(f"teacher {spec.name}: shared heads need equal summary/patch/register dims")
+        self.share = share
+        self.patches = AdaptorHead(dim, hidden, spec.patch_dim)
+        self.pool = pool
+        need_summary = pool is None and not share
+        self.summary = AdaptorHead(dim, hidden, spec.summary_dim) if need_summary else None
+        self.registers = AdaptorHead(dim, hidden, spec.register_dim) if spec.registers and not share else None
+
+    def head(self, feature: str) -> nn.Module:
+        """The head for "summary", "patches" or "registers" (the patch head when shared, AMoE)."""
+        own = getattr(self, feature)
+        return own if own is not None else self.patches
