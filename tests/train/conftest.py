@@ -32,7 +32,7 @@ def write_train_images(root: Path, digits_per_class: int = 4) -> Path:
     for i in picked:
         name = f"digit{i:04d}.png"
         Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((32, 32), Image.NEAREST).convert("RGB").save(root / name)
-        rows.append(f"{name},{digits.target[i]}")
+        rows.append(f"{root.name}/{name},{digits.target[i]}")
     (root / "broken.png").write_bytes(b"not a png")
     labels = root.parent / "labels.csv"
     labels.write_text("\n".join(rows) + "\n")

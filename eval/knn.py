@@ -1,0 +1,46 @@
+"""Weighted k-nearest-neighbour classification on frozen features (DINO, RADIO and AMoE protocol).
+
+Features are L2-normalized; faiss finds the k most cosine-similar bank items of each query; each
+neighbour votes for its label with weight exp(sim / T) (k = 20, T = 0.07), and the class with the
+largest vote wins.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+__all__ = ["knn_predict", "knn_accuracy", "l2_normalize"]
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_predict(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, *, k: int = 20,
+                temperature: float = 0.07, num_classes: int | None = None) -> np.ndarray:
+    """Predicted label of every query; ``bank_labels`` are non-negative ints."""
+    bank, queries = l2_normalize(bank), l2_normalize(queries)
+    bank_labels = np.asarray(bank_labels, np.int64)
+    if len(bank) == 0 or len(queries) == 0:
+        raise ValueError("kNN needs a non-empty bank and query set")
+    if bank.shape[1] != queries.shape[1]:
+        raise ValueError(f"bank dim {bank.shape[1]} != query dim {queries.shape[1]}")
+    if (bank_labels < 0).any():
+        raise ValueError("bank labels must be >= 0 (drop unlabelled images first)")
+    k = min(k, len(bank))
+    index = faiss.IndexFlatIP(bank.shape[1])
+    index.add(np.ascontiguousarray(bank))
+    sims, idx = index.search(np.ascontiguousarray(queries), k)
+    num_classes = num_classes or int(bank_labels.max()) + 1
+    votes = np.zeros((len(queries), num_classes), np.float64)
+    weights = np.exp(sims.astype(np.float64) / temperature)
+    np.add.at(votes, (np.repeat(np.arange(len(queries)), k), bank_labels[idx].ravel()), weights.ravel())
+    return votes.argmax(1)
+
+
+def knn_accuracy(bank, bank_labels, queries, query_labels, *, k: int = 20, temperature: float = 0.07) -> float:
+    pred = knn_predict(bank, bank_labels, queries, k=k, temperature=temperature,
+                       num_classes=int(max(np.max(bank_labels), np.max(query_labels))) + 1)
+    return float((pred == np.asarray(query_labels)).mean())

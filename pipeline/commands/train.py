@@ -1,0 +1,83 @@
+"""`pipeline train`: a student from a store; the run directory records config and store fingerprint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..config import ConfigError, load_config, parse_overrides
+from ..console import console, progress
+from ..runs import RunError, prepare_run
+
+
+def _init_distributed() -> tuple[int, int]:
+    """torchrun sets WORLD_SIZE/RANK: gloo on CPU, NCCL on GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def train(
+    store: Annotated[str, typer.Option("--store", help="feature store written by cache-teachers")],
+    out: Annotated[Path, typer.Option("--out", help="run directory (created; an existing one is resumed)")],
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with TrainConfig sections")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="student preset: tiny, demo, amoe-dense, amoe, m2ot-b")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="optimizer steps")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override any field: section.key=value")] = None,
+) -> None:
+    """Distil the store's teachers into a student; resumes from the run's last checkpoint if there is one."""
+    from train.config import TrainConfig
+    from train.trainer import TrainingDiverged
+    from train.trainer import train as run_training
+
+    overrides: dict = {}
+    if model:
+        overrides["model"] = {"preset": model}
+    if steps:
+        overrides["run"] = {"steps": steps}
+    try:
+        given = parse_overrides(set_ or [])
+        for section, values in given.items():
+            overrides[section] = {**overrides.get(section, {}), **values} if isinstance(values, dict) else values
+        cfg = load_config(TrainConfig, config, overrides)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    rank, world = _init_distributed()
+    try:
+        meta = prepare_run(out, cfg, store, write=rank == 0)
+    except (RunError, ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    with progress(disable=rank != 0) as bar:
+        task = bar.add_task("train", total=cfg.run.steps, info="")
+
+        def on_step(r: dict) -> None:
+            bar.update(task, completed=r["step"] + 1,
+                       info=f"loss {r['loss']:.4f}  {r['tokens_per_s']:.0f} tok/s  data-wait {100 * r['data_wait']:.1f}%")
+
+        try:
+            result = run_training(cfg, store, out, fingerprint_meta={"store_fingerprint": meta["fingerprint"]},
+                                  on_step=on_step)
+        except TrainingDiverged as exc:
+            console.print(f"[red]stopped:[/red] {exc}")
+            raise typer.Exit(2) from None
+        except ValueError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
+    if rank == 0:
+        resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+        console.print(f"trained {result.steps} steps{resumed} in {result.seconds:.1f} s: final loss {result.last_loss:.4f}, "
+                      f"{result.tokens_per_s:.0f} tokens/s, data wait {100 * result.data_wait:.1f}% of step time -> {out}")
