@@ -1,0 +1,141 @@
+"""The trainer on a real cached store: exact resume after SIGKILL, NaN stop, torchrun equivalence, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from train.checkpoint import latest_checkpoint
+from train.config import OptimConfig, TrainConfig
+from train.trainer import lr_at
+
+PIPELINE = [sys.executable, "-m", "pipeline.cli"]
+BASE = ["--model", "tiny", "--set", "data.seq_len=160", "--set", "data.seqs_per_batch=2", "--set", "data.workers=1",
+        "--set", "run.log_every=1", "--set", "optim.warmup_steps=2", "--set", "run.threads=1",
+        "--set", "data.flip=true", "--set", "data.crop=true"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _train(store: str, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*PIPELINE, "train", "--store", store, "--out", str(out), *BASE, *extra],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout + proc.stderr)
+    return proc
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_resume_after_sigkill_gives_the_same_loss_curve(train_store, tmp_path):
+    steps = ["--steps", "9", "--set", "run.checkpoint_every=3"]
+    _train(train_store, tmp_path / "whole", *steps)
+    whole = _losses(tmp_path / "whole")
+    assert [s for s, _ in whole] == list(range(9))
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*PIPELINE, "train", "--store", train_store, "--out", str(run), *BASE, *steps],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    deadline = time.time() + 300
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and any(
+            json.loads(ln)["step"] >= 6 for ln in metrics.read_text().splitlines() if ln.endswith("}"))):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # past the step-6 checkpoint, with metrics logged beyond it
+    proc.wait()
+    assert latest_checkpoint(run / "checkpoints").name == "step_00000006"
+    _train(train_store, run, *steps)
+    assert _losses(run) == whole, "resumed run diverged from the uninterrupted one"
+
+
+def test_non_finite_loss_stops_naming_step_and_term(train_store, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(train_store, store)
+    summary = zarr.open_group(str(store), mode="r+")["teachers/dino/summary"]
+    ok = zarr.open_group(str(store), mode="r")["images/ok"][:]
+    rows = np.flatnonzero(ok)
+    values = summary[:]
+    values[rows[len(rows) // 2:]] = np.nan  # half the images: a step soon meets one
+    summary[:] = values
+    run = tmp_path / "run"
+    proc = _train(str(store), run, "--steps", "20", "--set", "run.checkpoint_every=1", "--set", "loss.phis=false",
+                  check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    text = " ".join((proc.stdout + proc.stderr).split())
+    assert "non-finite loss" in text and "dino/summary" in text
+    bad_step = int(text.split("stopped: step ")[1].split(":")[0])
+    last = latest_checkpoint(run / "checkpoints")
+    if bad_step == 0:
+        assert last is None
+    else:
+        assert last is not None and last.name == f"step_{bad_step:08d}"
+        from safetensors.torch import load_file
+        assert all(torch.isfinite(v).all() for v in load_file(str(last / "model.safetensors")).values())
+
+
+def test_torchrun_two_processes_equal_one_process_with_accumulation(train_store, tmp_path):
+    common = ["--steps", "3", "--set", "run.checkpoint_every=3", "--set", "data.workers=0"]
+    _train(train_store, tmp_path / "single", *common, "--set", "optim.accumulation=2")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                "-m", "pipeline.cli", "train", "--store", train_store, "--out", str(tmp_path / "ddp"), *BASE, *common]
+    proc = subprocess.run(torchrun, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    single, ddp = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
+    assert [s for s, _ in single] == [s for s, _ in ddp] == [0, 1, 2]
+    np.testing.assert_allclose([l for _, l in ddp], [l for _, l in single], rtol=1e-5)
+    from safetensors.torch import load_file
+    a = load_file(str(latest_checkpoint(tmp_path / "single" / "checkpoints") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "ddp" / "checkpoints") / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+def test_another_store_fingerprint_or_config_is_refused(train_store, tmp_path):
+    run = tmp_path / "run"
+    _train(train_store, run, "--steps", "1")
+    other = tmp_path / "other"
+    shutil.copytree(train_store, other)
+    g = zarr.open_group(str(other / "teachers" / "dino"), mode="r+")
+    g.attrs["fingerprint_digest"] = "0" * 64
+    proc = _train(str(other), run, "--steps", "2", check=False)
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 1 and "another fingerprint" in text and "teachers.dino" in text
+    proc = _train(train_store, run, "--steps", "2", "--set", "model.depth=3", check=False)
+    assert proc.returncode == 1 and "model.depth" in proc.stdout
+    _train(train_store, run, "--steps", "2")  # more steps on the same store and config: resumes
+    assert [s for s, _ in _losses(run)] == [0, 1]
+
+
+def test_bad_config_is_a_clear_error(train_store, tmp_path):
+    proc = _train(train_store, tmp_path / "r", "--steps", "1", "--set", "model.nope=1", check=False)
+    assert proc.returncode != 0 and "model.nope" in " ".join((proc.stdout + proc.stderr).split())
+    proc = _train(train_store, tmp_path / "r2", "--steps", "1", "--set", "data.seq_len=8", check=False)
+    assert proc.returncode == 1 and "raise data.seq_len" in " ".join(proc.stdout.split())
+
+
+def test_lr_schedule_warmup_then_decay():
+    cfg = OptimConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1, schedule="cosine")
+    assert [lr_at(s, cfg, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, cfg, 14) == pytest.approx(1.0) and lr_at(14, cfg, 14) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 14) == pytest.approx(0.55)
+    lin = cfg.model_copy(update={"schedule": "linear"})
+    assert lr_at(9, lin, 14) == pytest.approx(0.55) and lr_at(6, lin, 14) == pytest.approx(1 - 0.9 * 0.2)
+
+
+def test_presets_resolve_and_fields_override():
+    cfg = TrainConfig.model_validate({"model": {"preset": "amoe", "depth": 2}})
+    assert cfg.model.depth == 2 and cfg.model.moe.experts == 28 and cfg.model.head_dim == 128
+    with pytest.raises(ValueError, match="unknown model preset"):
+        TrainConfig.model_validate({"model": {"preset": "nope"}})
