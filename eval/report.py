@@ -1,0 +1,75 @@
+"""A run's report: Markdown with PNG loss curves, the kNN table and student-teacher agreement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["write_report"]
+
+
+def _records(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def _plot(records: list[dict], keys: list[str], path: Path, title: str, log: bool = True) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    steps = [r["step"] for r in records]
+    for key in keys:
+        ax.plot(steps, [r.get(key, float("nan")) for r in records], label=key.removeprefix("loss/"), lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(run: Path, extra: dict | None = None) -> Path:
+    """Write ``run/report.md`` (and its PNGs) from metrics.jsonl and eval.json; returns the path."""
+    records = _records(run)
+    lines = [f"# Run report: {run.name}", ""]
+    if extra:
+        lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in extra.items()] + [""]
+    if records:
+        _plot(records, ["loss"], run / "loss.png", "total loss (Eq. 6)")
+        terms = sorted(k for k in records[-1] if k.startswith("loss/"))
+        _plot(records, terms, run / "loss_terms.png", "loss terms per teacher and feature")
+        tail = records[len(records) // 2:]
+        wait = sum(r["data_wait"] * r["step_time"] for r in tail) / max(1e-9, sum(r["step_time"] for r in tail))
+        tok = sum(r["tokens_per_s"] * r["step_time"] for r in tail) / max(1e-9, sum(r["step_time"] for r in tail))
+        lines += ["## Training", "", f"- steps logged: {len(records)}, final loss {records[-1]['loss']:.4f} "
+                  f"(first {records[0]['loss']:.4f})",
+                  f"- second half of the run: {tok:.0f} real tokens/s, data wait {100 * wait:.1f}% of step time", "",
+                  "![loss](loss.png)", "", "![loss terms](loss_terms.png)", ""]
+    ev_path = run / "eval.json"
+    if ev_path.exists():
+        ev = json.loads(ev_path.read_text())
+        knn = ev["knn"]
+        top1 = knn["top1"]
+        teachers = sorted(k.split("/", 1)[1] for k in top1 if k.startswith("teacher/"))
+        lines += ["## kNN top-1", "",
+                  f"k = {knn['k']}, T = {knn['temperature']}; {knn['query_images']} queries ({knn['queries']}) against "
+                  f"{knn['bank_images']} labelled neighbours ({knn['bank']}); checkpoint step {ev['checkpoint_step']}.", "",
+                  "| features | top-1 | student / teacher |", "|---|---|---|",
+                  f"| student backbone CLS | {top1['student/cls']:.3f} | |"]
+        for t in teachers:
+            teacher = top1[f"teacher/{t}"]
+            ratio = f"{top1[f'student/{t}'] / teacher:.3f}" if teacher else "n/a"
+            lines += [f"| student head {t} | {top1[f'student/{t}']:.3f} | {ratio} |", f"| teacher {t} (cached) | {teacher:.3f} | |"]
+        lines += ["", "## Student-teacher cosine on the evaluation store (teacher space)", "",
+                  "| head / feature | mean cosine |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in sorted(ev.get("cosine", {}).items())]
+        lines.append("")
+    path = run / "report.md"
+    path.write_text("\n".join(lines))
+    return path
