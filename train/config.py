@@ -34,6 +34,8 @@ class MoEConfig(StrictConfig):
     z_loss_weight: float = Field(1e-3, ge=0)
     capacity_factor: float = Field(1.0, gt=0, description="expert choice: capacity = tokens·k/E · factor")
     soft_slots: int = Field(1, gt=0, description="Soft MoE: slots per expert")
+    upcycle_from: str | None = Field(None, description="dense run directory or checkpoint to upcycle (M²oT §4.1)")
+    upcycle_noise: float = Field(0.0, ge=0, description="noise std (relative) added to each expert copy")
     bias: bool = True
 
 

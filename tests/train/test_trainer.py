@@ -139,3 +139,18 @@ def test_presets_resolve_and_fields_override():
     assert cfg.model.depth == 2 and cfg.model.moe.experts == 28 and cfg.model.head_dim == 128
     with pytest.raises(ValueError, match="unknown model preset"):
         TrainConfig.model_validate({"model": {"preset": "nope"}})
+
+
+def test_moe_student_trains_from_the_same_store_and_upcycles_from_dense(train_store, tmp_path):
+    """Only the config changes: routing losses and per-layer metrics appear in the logs."""
+    moe = ["--set", "model.moe.layers=odd", "--set", "model.moe.experts=4", "--set", "model.moe.top_k=2",
+           "--set", "model.moe.backend=loop"]
+    _train(train_store, tmp_path / "dense", "--steps", "2")
+    _train(train_store, tmp_path / "moe", "--steps", "2", *moe,
+           "--set", f"model.moe.upcycle_from={tmp_path / 'dense'}")
+    records = [json.loads(ln) for ln in (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()]
+    assert "loss/router" in records[0] and "moe/0/expert_usage_entropy" in records[0]
+    assert 0 < records[0]["moe/0/token_routing_entropy"] <= 1.0 + 1e-6
+    proc = _train(train_store, tmp_path / "moe2", "--steps", "1", *moe,
+                  "--set", f"model.moe.upcycle_from={tmp_path / 'nowhere'}", check=False)
+    assert proc.returncode == 1 and "no checkpoint found" in " ".join(proc.stdout.split())

@@ -142,6 +142,39 @@ class Student(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
+    @torch.no_grad()
+    def upcycle_from(self, dense_state: dict[str, torch.Tensor], noise_std: float = 0.0, seed: int = 0) -> None:
+        """Sparse upcycling (M²oT §4.1): load a dense student, copying each dense MLP into every expert.
+
+        Everything but the MoE MLPs is loaded as is; routers keep their fresh init. With renormalized
+        top-k gates and no noise, the upcycled student computes exactly what the dense one did.
+        """
+        from ..moe import upcycle_into
+
+        own = self.state_dict()
+        generator = torch.Generator().manual_seed(seed)
+        for i, block in enumerate(self.blocks):
+            if not block.sparse:
+                continue
+            if not isinstance(block.mlp, MoEMLP):
+                raise ValueError("upcycling needs token-choice top-k MoE blocks (model.moe.kind = topk)")
+            fc1, fc2 = nn.Linear(self.cfg.dim, block.mlp.hidden_dim), nn.Linear(block.mlp.hidden_dim, self.cfg.dim)
+            for name, layer in (("fc1", fc1), ("fc2", fc2)):
+                key = f"blocks.{i}.mlp.{name}"
+                if f"{key}.weight" not in dense_state:
+                    raise ValueError(f"dense checkpoint has no {key}: is it a dense student of the same depth?")
+                layer.weight.copy_(dense_state[f"{key}.weight"])
+                layer.bias.copy_(dense_state[f"{key}.bias"])
+            upcycle_into(block.mlp, fc1, fc2, noise_std, generator)
+        shared = {k: v for k, v in dense_state.items() if k in own and not self._is_sparse_key(k)}
+        missing = [k for k in own if k not in shared and not self._is_sparse_key(k)]
+        if missing:
+            raise ValueError(f"dense checkpoint lacks {missing[:5]}")
+        self.load_state_dict(shared, strict=False)
+
+    def _is_sparse_key(self, key: str) -> bool:
+        return key.startswith("blocks.") and ".mlp." in key and self.blocks[int(key.split(".")[1])].sparse
+
     def forward(self, pixels: torch.Tensor, layout: PackedLayout, attention: str = "auto") -> StudentOutput:
         """``pixels`` [T, 3·p·p] uint8 or float in [0, 1], patch rows in ``layout.patch_pos`` order."""
         S, L = layout.doc_ids.shape
