@@ -5,9 +5,13 @@ from __future__ import annotations
 import typer
 
 from .commands import cache as cache_cmd
+from .commands import curate as curate_cmd
 from .commands import data as data_cmd
 from .commands import demo as demo_cmd
+from .commands import eval as eval_cmd
 from .commands import inspect as inspect_cmd
+from .commands import report as report_cmd
+from .commands import train as train_cmd
 
 app = typer.Typer(
     name="pipeline",
@@ -17,8 +21,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data_cmd.app, name="data", help="Write the bundled real image sets (demo, long-tailed pool).")
+app.command("curate", no_args_is_help=True)(curate_cmd.curate)
 app.command("cache-teachers", no_args_is_help=True)(cache_cmd.cache_teachers)
 app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect_store)
+app.command("train", no_args_is_help=True)(train_cmd.train)
+app.command("eval", no_args_is_help=True)(eval_cmd.evaluate)
+app.command("report", no_args_is_help=True)(report_cmd.report)
 app.command("demo")(demo_cmd.demo)
 
 

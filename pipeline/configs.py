@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .config import StrictConfig
 
-__all__ = ["CacheConfig"]
+__all__ = ["CacheConfig", "CurateConfig"]
 
 
 class CacheConfig(StrictConfig):
@@ -53,4 +53,64 @@ class CacheConfig(StrictConfig):
             raise ValueError("pixel_shard_bytes must be a multiple of pixel_chunk_bytes")
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith((".", "_"))):
             raise ValueError(f"teacher name {self.name!r} must be a plain, non-hidden name without '/'")
+        return self
+
+
+class CurateConfig(StrictConfig):
+    """`pipeline curate`: embedder, image policy, hierarchy levels, sampling target, job layout."""
+
+    embedder: str = Field(description="teacher SPEC whose summary embedding clusters the pool, e.g. timm:efficientnet_lite0")
+    weights: str | None = Field(None, description="safetensors or torch state dict with the embedder's weights")
+    random_init: bool = Field(False, description="seeded random embedder weights (tests)")
+    seed: int = 0
+    dtype: Literal["float16", "float32"] = Field("float16", description="dtype of DIR/embeddings")
+    # image policy: the store's rule (aspect kept, sides multiple of the patch, tokens clamped); the
+    # default cap of 196 tokens is the usual 224 x 224 embedding resolution
+    patch_size: int = Field(16, gt=0)
+    min_tokens: int = Field(16, gt=0)
+    max_tokens: int = Field(196, gt=0)
+    # hierarchy and sampling (curation/)
+    levels: list[int] = Field(description="clusters per level, finest first, strictly decreasing, e.g. [1000, 100, 20]")
+    target: int = Field(gt=0, description="number of images to select")
+    fit_sample: int | None = Field(None, gt=0, description="fit level 1 on this many random rows; the rest is assigned")
+    selection: Literal["random", "closest"] = Field("random", description="how points are picked inside a level-1 cluster")
+    refine_steps: int | list[int] | None = Field(None, description="resampling steps per level (default: 0 at level 1, 10 above)")
+    points_per_cluster: int | list[int] | None = Field(None, description="resampling r per level (default: half the mean cluster size)")
+    n_iter: int = Field(20, gt=0, description="Lloyd iterations per k-means")
+    init: Literal["kmeans++", "random"] = "kmeans++"
+    spherical: bool = Field(False, description="spherical k-means (cosine) instead of L2")
+    chunk_rows: int = Field(65536, gt=0, description="rows read at once when assigning the pool")
+    gpu: bool | None = Field(None, description="faiss on GPU (default: when one is visible)")
+    concepts: str | None = Field(None, description="CSV path,concept (or path,label): concept entropy/coverage in metrics.json")
+    plots: bool = Field(True, description="write DIR/plots/*.png")
+    # job layout
+    unit_images: int = Field(1024, gt=0, description="images per embedding unit (commit granularity, zarr chunk)")
+    batch_size: int = Field(32, gt=0)
+    workers: int = Field(1, gt=0, description="embedder actors")
+    threads: int | None = Field(None, gt=0, description="torch threads per actor (default: CPUs / workers)")
+    ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded local cluster (default: all)")
+
+    @field_validator("levels", mode="before")
+    @classmethod
+    def _split_levels(cls, value):
+        if isinstance(value, str):  # "1000,100,20" from the command line
+            try:
+                return [int(v) for v in value.replace(" ", "").split(",") if v]
+            except ValueError:
+                raise ValueError(f"levels must be comma-separated integers, got {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "CurateConfig":
+        if not self.levels:
+            raise ValueError("levels must name at least one level, e.g. 1000,100")
+        if any(k <= 0 for k in self.levels):
+            raise ValueError(f"every level needs a positive number of clusters, got {self.levels}")
+        if any(b >= a for a, b in zip(self.levels, self.levels[1:])):
+            raise ValueError(f"levels must be strictly decreasing (finest first), got {self.levels}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.weights is not None and self.random_init:
+            raise ValueError("weights and random_init exclude each other")
         return self

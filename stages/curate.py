@@ -1,0 +1,175 @@
+"""`pipeline curate`: embed a pool, cluster it hierarchically, sample it balanced, write the manifest.
+
+embed (``stages.embed``, Ray, resumable) -> hierarchical k-means on ``fit_sample`` rows, the rest
+of the pool assigned in bounded-memory chunks (``curation.hierarchy``) -> hierarchical balanced
+sampling (``curation.sampling``) -> ``DIR/manifest`` (``stages.manifest``), ``DIR/metrics.json``,
+``DIR/hierarchy.npz`` and ``DIR/plots/*.png``. Images that failed to decode are left out of the
+clustering (they are listed in ``DIR/pool/failures``); the embedding matrix is never loaded whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from .embed import EMBEDDINGS, POOL, EmbedReport, run_embed
+from .manifest import MANIFEST, absolute_source, write_manifest
+from .sources import list_images
+
+if TYPE_CHECKING:
+    from pipeline.configs import CurateConfig
+
+__all__ = ["CurateReport", "OkRows", "read_concepts", "run_curate"]
+
+
+class OkRows:
+    """Read-only view of the rows of a 2-D (zarr) array listed in ``rows`` (sorted), sliceable like
+    an array: ``view[a:b]`` reads only the underlying block that spans those rows. The curation code
+    reads embeddings only by contiguous slices, so the failed images drop out without a copy."""
+
+    def __init__(self, array: Any, rows: np.ndarray):
+        self.array, self.rows = array, np.asarray(rows, dtype=np.int64)
+        self.shape = (int(self.rows.size), int(array.shape[1]))
+        self.dtype = array.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("OkRows supports contiguous slices only")
+        rows = self.rows[key]
+        if rows.size == 0:
+            return np.zeros((0, self.shape[1]), dtype=self.dtype)
+        block = np.asarray(self.array[int(rows[0]): int(rows[-1]) + 1])
+        return block[rows - rows[0]]
+
+
+def read_concepts(path: str | Path, sources: list[str]) -> tuple[np.ndarray, list[str]]:
+    """A CSV with ``path`` and ``concept`` (or ``label``) columns -> (code per source, -1 where the
+    CSV does not list it; concept names). Paths are relative to the CSV's folder."""
+    base = Path(path).resolve().parent
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = set(reader.fieldnames or [])
+        key = "concept" if "concept" in cols else "label" if "label" in cols else None
+        if "path" not in cols or key is None:
+            raise ValueError(f"concepts file {path} needs the columns 'path' and 'concept' (or 'label')")
+        table = {absolute_source(str(base / row["path"])): str(row[key]) for row in reader}
+    names = sorted(set(table.values()))
+    code = {c: i for i, c in enumerate(names)}
+    return np.array([code.get(table.get(absolute_source(s), ""), -1) for s in sources], np.int64), names
+
+
+@dataclass
+class CurateReport:
+    out: str
+    embed: EmbedReport
+    num_ok: int = 0
+    num_selected: int = 0
+    levels: list[int] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _check_sizes(cfg: CurateConfig, n: int, what: str) -> None:
+    if cfg.target > n:
+        raise ValueError(f"--target {cfg.target} exceeds the pool: {n} {what}")
+    n_fit = n if cfg.fit_sample is None else min(cfg.fit_sample, n)
+    if cfg.levels[0] > n_fit:
+        raise ValueError(f"level 1 asks for {cfg.levels[0]} clusters but only {n_fit} {what} are fitted "
+                         "(--fit-sample / pool size): lower K1")
+
+
+def _concept_metrics(codes: np.ndarray, names: list[str], ok_rows: np.ndarray, selected_rows: np.ndarray,
+                     seed: int) -> dict[str, Any]:
+    """Entropy and coverage of concepts: curated vs a random subset of equal size, over the ok images
+    whose concept is known."""
+    from curation.metrics import compare_to_random
+
+    known = ok_rows[codes[ok_rows] >= 0]
+    if known.size == 0:
+        raise ValueError("no image of the pool is listed in the concepts file (paths must match)")
+    labels = codes[known]
+    sel = np.flatnonzero(np.isin(known, selected_rows))
+    present = np.unique(codes[ok_rows][codes[ok_rows] >= 0])
+    num = len(names)
+    cmp = compare_to_random(labels, sel, seed=seed, num_labels=num)
+    rand = np.random.default_rng([seed, 3]).choice(labels.size, size=sel.size, replace=False)  # as in compare_to_random
+    per = {names[c]: {"pool": int((labels == c).sum()), "curated": int((labels[sel] == c).sum()),
+                      "random": int((labels[rand] == c).sum())} for c in range(num)}
+    return {**cmp, "num_known": int(known.size), "num_concepts_in_pool": int(present.size),
+            "per_concept": per}
+
+
+def run_curate(images: str, out: str, cfg: CurateConfig, *,
+               on_progress: Callable[[str, int, int], None] | None = None) -> CurateReport:
+    import zarr
+
+    from curation.plots import plot_curation, plot_entropy
+    from curation.sampling import curate_embeddings
+
+    progress = on_progress or (lambda *a: None)
+    out_path = Path(out)
+    refs = list_images(images)
+    _check_sizes(cfg, len(refs), "images")  # before any work
+    concepts = read_concepts(cfg.concepts, [r.source for r in refs]) if cfg.concepts else None
+
+    embed = run_embed(refs, str(out_path), cfg, on_progress=progress)
+    report = CurateReport(str(out_path), embed, levels=list(cfg.levels))
+    group = zarr.open_group(str(out_path), mode="r+")
+    ok = group[f"{POOL}/ok"][:]
+    ok_rows = np.flatnonzero(ok)
+    report.num_ok = int(ok_rows.size)
+    _check_sizes(cfg, report.num_ok, "decodable images")
+    emb = group[EMBEDDINGS]
+    data = emb if ok_rows.size == ok.size else OkRows(emb, ok_rows)
+
+    progress("cluster + sample", 0, 1)
+    t = time.perf_counter()
+    result = curate_embeddings(
+        data, list(cfg.levels), cfg.target, fit_sample=cfg.fit_sample, refine_steps=cfg.refine_steps,
+        points_per_cluster=cfg.points_per_cluster, selection=cfg.selection, n_iter=cfg.n_iter, init=cfg.init,
+        spherical=cfg.spherical, seed=cfg.seed, chunk_rows=cfg.chunk_rows, gpu=cfg.gpu)
+    report.seconds["curate"] = time.perf_counter() - t
+    progress("cluster + sample", 1, 1)
+    h, sel = result.hierarchy, result.selected_indices
+    rows = ok_rows[sel]  # pool rows of the selected images, ascending
+    report.num_selected = int(rows.size)
+
+    t = time.perf_counter()
+    h.save(out_path / "hierarchy.npz")
+    clusters = np.stack([h.point_clusters(lvl)[sel] for lvl in range(1, h.n_levels + 1)], axis=1)
+    pool = group[POOL]
+    write_manifest(out_path / MANIFEST, ids=pool["ids"].get_orthogonal_selection(rows),
+                   sources=pool["source"].get_orthogonal_selection(rows), index=rows, clusters=clusters,
+                   attrs={"levels": h.levels, "target": cfg.target, "selection": cfg.selection, "seed": cfg.seed,
+                          "embedder": cfg.embedder, "num_pool": int(ok.size), "num_pool_ok": report.num_ok})
+    metrics: dict[str, Any] = {
+        "pool": {"num_images": int(ok.size), "num_ok": report.num_ok, "num_failed": embed.num_failed,
+                 "failure_reasons": embed.failure_reasons},
+        **result.metrics,
+    }
+    if concepts is not None:
+        metrics["concepts"] = _concept_metrics(concepts[0], concepts[1], ok_rows, rows, cfg.seed)
+    files = {"manifest": str(out_path / MANIFEST), "hierarchy": str(out_path / "hierarchy.npz"),
+             "metrics": str(out_path / "metrics.json")}
+    if cfg.plots:
+        paths = plot_curation(result, out_path / "plots")
+        if concepts is not None:
+            paths.append(plot_entropy([{"set": "concepts", **metrics["concepts"]}],
+                                      out_path / "plots" / "concept_entropy.png", key="set"))
+        files["plots"] = ", ".join(str(p) for p in paths)
+    report.seconds["write"] = time.perf_counter() - t
+    metrics["timings_s"] = {**embed.seconds, **metrics.get("timings_s", {}), **report.seconds}
+    metrics["config"] = cfg.model_dump(mode="json")
+    (out_path / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    report.metrics, report.files = metrics, files
+    return report

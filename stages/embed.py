@@ -1,0 +1,271 @@
+"""Embedding job of `pipeline curate`: one L2-normalized summary embedding per image, with any teacher.
+
+The run folder DIR is a Zarr v3 group; after this job it holds
+
+```
+DIR/
+  zarr.json            attrs: kind "amoe-curation", embed {what was embedded, how}, embed_complete
+  embeddings [N, D]    float16|float32, row i = image i of the IMAGES list, unit norm (zeros where not ok)
+  pool/ids    [N] str  content hash of the image bytes ("" where unreadable)
+  pool/source [N] str  where image i came from
+  pool/ok     [N] bool false where decoding failed
+  pool/failures/{index [F] int64, reason [F] str}   written once every unit is committed
+  _commits/embed/unit-*.json                         one marker per unit (its failures inside)
+```
+
+Images are read with ``stages.sources`` and resized with the store's ``ImagePolicy`` (the pixels
+cache-teachers would store and the teacher would see), then batched by size through the teacher
+adapter in a Ray actor pool. Work is split in units of ``unit_images`` consecutive images; every
+array is chunked by unit, so a unit's writes touch only its own chunk objects, and the unit's commit
+marker is written after them. A rerun (after ``kill -9``) skips committed units; a unit is a pure
+function of its images, so the result equals an uninterrupted run. Bad images never stop the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from storage.commits import CommitLog
+from storage.fingerprint import digest
+from storage.image_policy import ImagePolicy
+
+from .ray_cluster import ray_cluster
+from .sources import DecodeError, ImageRef, decode_rgb, image_id, iter_bytes
+
+if TYPE_CHECKING:
+    from pipeline.configs import CurateConfig
+
+    from .teachers import Teacher
+
+__all__ = ["EMBEDDINGS", "EmbedError", "EmbedReport", "EmbedWorker", "decode_unit", "embed_images",
+           "embed_sources", "normalize_rows", "run_embed"]
+
+RUN_KIND = "amoe-curation"
+EMBEDDINGS = "embeddings"
+POOL = "pool"
+EMBED_COMMITS = "_commits/embed"
+
+
+class EmbedError(RuntimeError):
+    """A run folder that cannot be used as asked (it holds another embedding job)."""
+
+
+@dataclass
+class EmbedReport:
+    out: str
+    num_images: int = 0
+    num_failed: int = 0
+    failure_reasons: dict[str, int] = field(default_factory=dict)
+    dim: int = 0
+    units_total: int = 0
+    units_skipped: int = 0
+    images_computed: int = 0
+    skipped: bool = False  # everything was already embedded
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ one unit
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Unit L2 norm per row, in float32 (a zero row stays zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def decode_unit(sources: list[str], policy: ImagePolicy) -> tuple[list[np.ndarray | None], list[str], list[str]]:
+    """Read, decode and resize: (uint8 [H, W, 3] or None per image, content ids, failure reasons)."""
+    n = len(sources)
+    images: list[np.ndarray | None] = [None] * n
+    ids, reasons = [""] * n, [""] * n
+    for i, (_, data) in enumerate(iter_bytes([ImageRef(s) for s in sources])):
+        if isinstance(data, Exception):
+            reasons[i] = f"unreadable: {data}"
+            continue
+        ids[i] = image_id(data)
+        try:
+            images[i] = np.asarray(policy.resize(decode_rgb(data)).convert("RGB"))
+        except DecodeError as exc:
+            reasons[i] = exc.reason
+        except Exception as exc:  # a decoder bug on one file must not stop a billion-image job
+            reasons[i] = f"corrupt: {type(exc).__name__}: {re.sub(r' at 0x[0-9a-f]+', '', str(exc))[:200]}"
+    return images, ids, reasons
+
+
+def embed_images(teacher: Teacher, images: list[np.ndarray | None], batch_size: int) -> np.ndarray:
+    """Normalized summary embeddings [n, D] float32 of policy-sized images (zero rows for None).
+
+    Images of equal size are batched together, in a fixed order, so a unit's result does not depend
+    on which worker computes it or when."""
+    import torch
+
+    out = np.zeros((len(images), teacher.summary_dim), np.float32)
+    by_size: dict[tuple, list[int]] = {}
+    for i, img in enumerate(images):
+        if img is not None:
+            by_size.setdefault(img.shape, []).append(i)
+    patch = teacher.patch_size
+    with torch.inference_mode():
+        for shape, idx in sorted(by_size.items()):
+            grid = (shape[0] // patch, shape[1] // patch)
+            for s in range(0, len(idx), batch_size):
+                chunk = idx[s: s + batch_size]
+                pixels = torch.from_numpy(np.stack([images[i] for i in chunk])).permute(0, 3, 1, 2).contiguous()
+                out[chunk] = normalize_rows(teacher.forward(pixels, grid).summary.float().numpy())
+    return out
+
+
+def embed_sources(teacher: Teacher, sources: list[str], policy: ImagePolicy, batch_size: int = 32) -> dict:
+    """One unit end to end: ``embeddings`` [n, D] float32 (unit norm), ``ids``, ``ok``, ``reasons``."""
+    images, ids, reasons = decode_unit(sources, policy)
+    return {"embeddings": embed_images(teacher, images, batch_size), "ids": ids,
+            "ok": np.array([img is not None for img in images], bool), "reasons": reasons}
+
+
+# ------------------------------------------------------------------------------------ the actor
+def _teacher_kwargs(cfg: CurateConfig) -> dict:
+    return dict(spec=cfg.embedder, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed,
+                patch_size=cfg.patch_size)
+
+
+def _policy(cfg: CurateConfig) -> ImagePolicy:
+    return ImagePolicy(cfg.patch_size, cfg.min_tokens, cfg.max_tokens)
+
+
+class EmbedWorker:
+    """One embedder replica: ``run_unit`` decodes, embeds, writes the unit's chunks, then commits it."""
+
+    def __init__(self, url: str, teacher_kwargs: dict, policy: dict, dtype: str, threads: int,
+                 batch_size: int, unit_images: int):
+        import torch
+        import zarr
+
+        from .teachers import build_teacher
+
+        torch.set_num_threads(threads)
+        self.teacher = build_teacher(**teacher_kwargs)
+        self.policy = ImagePolicy.from_dict(policy)
+        self.group = zarr.open_group(url, mode="r+")
+        self.dtype, self.batch_size, self.unit_images = dtype, batch_size, unit_images
+        self.commits = CommitLog(url, EMBED_COMMITS)
+
+    def run_unit(self, unit: int, sources: list[str]) -> dict:
+        t0 = time.perf_counter()
+        res = embed_sources(self.teacher, sources, self.policy, self.batch_size)
+        i0 = unit * self.unit_images
+        i1 = i0 + len(sources)
+        g = self.group
+        g[EMBEDDINGS][i0:i1] = res["embeddings"].astype(self.dtype)
+        g[f"{POOL}/ids"][i0:i1] = np.asarray(res["ids"], dtype=str)
+        g[f"{POOL}/source"][i0:i1] = np.asarray(sources, dtype=str)
+        g[f"{POOL}/ok"][i0:i1] = res["ok"]
+        failures = [[i0 + j, r] for j, r in enumerate(res["reasons"]) if not res["ok"][j]]
+        self.commits.commit(unit, {"images": [i0, i1], "failures": failures})
+        return {"unit": unit, "images": int(res["ok"].sum()), "seconds": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------------ the job
+def _digest(items: list[str]) -> str:
+    h = hashlib.sha256()
+    for item in items:
+        h.update(item.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _create_arrays(group, n: int, dim: int, dtype: str, unit: int) -> None:
+    group.create_array(EMBEDDINGS, shape=(n, dim), dtype=dtype, chunks=(unit, dim), fill_value=0,
+                       overwrite=True)
+    pool = group.require_group(POOL)
+    pool.create_array("ids", shape=(n,), dtype=str, chunks=(unit,), overwrite=True)
+    pool.create_array("source", shape=(n,), dtype=str, chunks=(unit,), overwrite=True)
+    pool.create_array("ok", shape=(n,), dtype=bool, chunks=(unit,), fill_value=False, overwrite=True)
+
+
+def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
+              on_progress: Callable[[str, int, int], None] | None = None) -> EmbedReport:
+    """Embed ``refs`` into ``out`` (a run folder, created when absent); resumes a killed run.
+
+    Starts an embedded Ray cluster unless one is running (or joins ``cfg.ray_address``)."""
+    import ray
+    import zarr
+
+    from .teachers import build_teacher
+
+    progress = on_progress or (lambda *a: None)
+    sources = [r.source for r in refs]
+    n, unit = len(sources), cfg.unit_images
+    policy = _policy(cfg)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    teacher = build_teacher(**_teacher_kwargs(cfg))  # the driver's copy: dimension and fingerprint
+    dim = int(teacher.summary_dim)
+    expected = {"num_images": n, "unit_images": unit, "sources_digest": _digest(sources),
+                "embedder": cfg.embedder, "embedder_fingerprint": digest(teacher.fingerprint()),
+                "dim": dim, "dtype": cfg.dtype, "image_policy": policy.to_dict()}
+    del teacher
+    seconds["build_embedder"] = time.perf_counter() - t
+
+    group = zarr.open_group(str(out), mode="a")
+    previous = group.attrs.get("embed")
+    commits = CommitLog(str(out), EMBED_COMMITS)
+    if previous is not None and previous != expected:
+        differ = sorted(k for k in expected if previous.get(k) != expected[k])
+        raise EmbedError(f"{out} already holds embeddings of another job (differs in: {', '.join(differ)}); "
+                         "rerun with the same IMAGES, embedder and settings, or use a new --out")
+    if previous is None:  # fresh folder (or a crash before the first marker): arrays first, then the attrs
+        commits.clear()
+        _create_arrays(group, n, dim, cfg.dtype, unit)
+        group.attrs.update({"kind": RUN_KIND, "embed": expected, "embed_complete": False})
+
+    num_units = -(-n // unit)
+    report = EmbedReport(str(out), num_images=n, dim=dim, units_total=num_units)
+    done = commits.committed()
+    report.units_skipped = len(done)
+    todo = [u for u in range(num_units) if u not in done]
+    report.skipped = not todo and bool(group.attrs.get("embed_complete"))
+    progress("embed", len(done), num_units)
+    t = time.perf_counter()
+    if todo:
+        cpus = cfg.num_cpus or len(os.sched_getaffinity(0))
+        workers = min(cfg.workers, len(todo))
+        threads = cfg.threads or max(1, cpus // workers)
+        with ray_cluster(cfg.ray_address, cfg.num_cpus):
+            actor_cls = ray.remote(num_cpus=threads)(EmbedWorker)
+            actors = [actor_cls.remote(str(out), _teacher_kwargs(cfg), policy.to_dict(), cfg.dtype, threads,
+                                       cfg.batch_size, unit) for _ in range(workers)]
+            pool = ray.util.ActorPool(actors)
+            finished = len(done)
+            jobs = pool.map_unordered(lambda a, u: a.run_unit.remote(u, sources[u * unit:(u + 1) * unit]), todo)
+            for result in jobs:
+                report.images_computed += result["images"]
+                finished += 1
+                progress("embed", finished, num_units)
+            for a in actors:
+                ray.kill(a)
+    seconds["embed"] = time.perf_counter() - t
+
+    # failure table from the unit markers (small), then the folder is complete
+    failures: list[tuple[int, str]] = []
+    for u in range(num_units):
+        failures += [(int(i), str(r)) for i, r in commits.info(u)["failures"]]
+    failures.sort()
+    fg = group.require_group(f"{POOL}/failures")
+    f = len(failures)
+    fg.create_array("index", shape=(f,), dtype="int64", chunks=(max(f, 1),), overwrite=True)
+    fg.create_array("reason", shape=(f,), dtype=str, chunks=(max(f, 1),), overwrite=True)
+    if f:
+        fg["index"][:] = np.array([i for i, _ in failures], np.int64)
+        fg["reason"][:] = np.array([r for _, r in failures], dtype=str)
+    group.attrs.update({"embed_complete": True, "num_failed": f})
+    report.num_failed = f
+    for _, r in failures:
+        key = r.split(":", 1)[0]
+        report.failure_reasons[key] = report.failure_reasons.get(key, 0) + 1
+    report.seconds = seconds
+    return report

@@ -1,0 +1,109 @@
+"""The curation manifest: the images `pipeline curate` selected, readable as IMAGES by every stage.
+
+A manifest is a Zarr v3 group (``DIR/manifest``) whose attrs say ``kind = "amoe-curation-manifest"``:
+
+```
+manifest/
+  zarr.json   attrs: kind, version, levels, target, selection, seed, embedder, num_pool, created_by
+  ids       [n] str     content hash of each selected image (stages.sources.image_id)
+  source    [n] str     where it came from (absolute path, or "<tar>::<member>")
+  index     [n] int64   its row in the pool (DIR/embeddings and DIR/pool/*)
+  clusters  [n, L] int32  its cluster at every level (column l-1 = level l, finest first)
+```
+
+Importing this module registers it with ``stages.sources.register_spec_reader`` (``stages/__init__``
+imports it, so every ``list_images`` caller sees it): ``list_images("DIR/manifest")`` and
+``list_images("DIR")`` (a curation run folder) return the selected images in pool order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .sources import TAR_SEP, ImageRef, register_spec_reader
+
+__all__ = ["MANIFEST", "MANIFEST_KIND", "is_manifest", "manifest_refs", "read_manifest", "write_manifest"]
+
+MANIFEST = "manifest"
+MANIFEST_KIND = "amoe-curation-manifest"
+MANIFEST_VERSION = 1
+
+
+def _attrs(path: Path) -> dict:
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        return {}
+    try:
+        return json.loads(meta.read_text()).get("attributes", {}) or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _manifest_dir(path: Path) -> Path | None:
+    """The manifest group named by ``path``: the group itself, or a curation run folder holding one."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if _attrs(path).get("kind") == MANIFEST_KIND:
+        return path
+    if _attrs(path / MANIFEST).get("kind") == MANIFEST_KIND:
+        return path / MANIFEST
+    return None
+
+
+def is_manifest(path: Path) -> bool:
+    return _manifest_dir(path) is not None
+
+
+def absolute_source(source: str) -> str:
+    """Sources are made absolute when written, so a manifest works from any working directory."""
+    if TAR_SEP in source:
+        tar, _, member = source.partition(TAR_SEP)
+        return f"{Path(tar).resolve()}{TAR_SEP}{member}"
+    return str(Path(source).resolve())
+
+
+def write_manifest(path: str | Path, *, ids: np.ndarray, sources: np.ndarray, index: np.ndarray,
+                   clusters: np.ndarray, attrs: dict[str, Any]) -> None:
+    """Write (or replace) the manifest group at ``path``; ``zarr.json`` with its kind comes last."""
+    import zarr
+
+    n = len(index)
+    clusters = np.asarray(clusters, dtype=np.int32).reshape(n, -1)
+    if not (len(ids) == len(sources) == n):
+        raise ValueError("ids, sources, index and clusters need one row per selected image")
+    group = zarr.open_group(str(path), mode="w")
+    chunk = max(1, min(n, 1 << 16))
+    for name, value, dtype in (("ids", ids, str), ("source", [absolute_source(str(s)) for s in sources], str),
+                               ("index", index, "int64")):
+        arr = group.create_array(name, shape=(n,), dtype=dtype, chunks=(chunk,))
+        if n:
+            arr[:] = np.array([str(v) for v in value], dtype=str) if dtype is str else np.asarray(value, dtype)
+    arr = group.create_array("clusters", shape=clusters.shape, dtype="int32", chunks=(chunk, clusters.shape[1]))
+    if n:
+        arr[:] = clusters
+    group.attrs.update({"kind": MANIFEST_KIND, "version": MANIFEST_VERSION, "num_selected": n, **attrs})
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """ids, source, index, clusters as numpy arrays, plus ``attrs``."""
+    import zarr
+
+    where = _manifest_dir(Path(path))
+    if where is None:
+        raise ValueError(f"{path} is not a curation manifest (nor a curate --out folder holding one)")
+    group = zarr.open_group(str(where), mode="r")
+    out: dict[str, Any] = {name: group[name][:] for name in ("ids", "source", "index", "clusters")}
+    out["attrs"] = dict(group.attrs)
+    return out
+
+
+def manifest_refs(path: Path) -> list[ImageRef]:
+    return [ImageRef(str(s)) for s in read_manifest(path)["source"]]
+
+
+register_spec_reader(is_manifest, manifest_refs)
