@@ -154,3 +154,29 @@ def test_moe_student_trains_from_the_same_store_and_upcycles_from_dense(train_st
     proc = _train(train_store, tmp_path / "moe2", "--steps", "1", *moe,
                   "--set", f"model.moe.upcycle_from={tmp_path / 'nowhere'}", check=False)
     assert proc.returncode == 1 and "no checkpoint found" in " ".join(proc.stdout.split())
+
+
+def test_eval_writes_knn_for_student_heads_and_teachers_and_report(train_store, tmp_path):
+    run = tmp_path / "run"
+    _train(train_store, run, "--steps", "3")
+    proc = subprocess.run([*PIPELINE, "eval", str(run), "--store", train_store, "--tasks", "knn", "--k", "5"],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ev = json.loads((run / "eval.json").read_text())
+    top1 = ev["knn"]["top1"]
+    assert set(top1) == {"student/cls", "student/dino", "student/siglip", "teacher/dino", "teacher/siglip"}
+    assert all(0.0 <= v <= 1.0 for v in top1.values())
+    assert ev["knn"]["query_images"] == ev["knn"]["bank_images"] == 40 and ev["knn"]["classes"] == 10
+    # a query evaluated against itself as the bank: the teacher's own features find the image itself first
+    assert top1["teacher/siglip"] > 0.3
+    assert {"dino/summary", "dino/patches", "dino/registers", "siglip/summary", "siglip/patches"} <= set(ev["cosine"])
+    proc = subprocess.run([*PIPELINE, "report", str(run)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0 and (run / "loss.png").stat().st_size > 1000
+    text = (run / "report.md").read_text()
+    assert "kNN top-1" in text and "student head siglip" in text and "![loss](loss.png)" in text
+    bad = subprocess.run([*PIPELINE, "eval", str(run), "--store", train_store, "--tasks", "zeroshot"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert bad.returncode != 0 and "zeroshot" in bad.stdout + bad.stderr
+    none = subprocess.run([*PIPELINE, "eval", str(tmp_path), "--store", train_store],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert none.returncode == 1 and "not a run directory" in " ".join(none.stdout.split())
