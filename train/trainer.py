@@ -208,12 +208,13 @@ def train(cfg: TrainConfig, store_url: str, run: Path, *, fingerprint_meta: dict
                 if batch["step"] != step:
                     raise RuntimeError(f"data plan out of sync: got step {batch['step']}, training step {step}")
                 real_tokens += batch["real_tokens"]
+                # targets in float32 PHI-S space, outside autocast (bf16 would round the whitening)
+                targets = {t: {"summary": model.spaces[t]["summary"].normalize(f["summary"]),
+                               "patches": model.spaces[t]["patches"].normalize(f["patches"]),
+                               **({"registers": f["registers"].float()} if "registers" in f else {})}
+                           for t, f in batch["targets"].items()}
                 with autocast:
                     preds, out = model(batch["pixels"], batch["layout"], cfg.run.attention)
-                    targets = {t: {"summary": model.spaces[t]["summary"].normalize(f["summary"]),
-                                   "patches": model.spaces[t]["patches"].normalize(f["patches"]),
-                                   **({"registers": f["registers"].float()} if "registers" in f else {})}
-                               for t, f in batch["targets"].items()}
                     terms = distillation_terms(preds, targets, batch["layout"].patch_image, batch["layout"].num_images,
                                                batch["global_images"], cfg.loss)
                     share = batch["layout"].num_images / batch["global_images"]

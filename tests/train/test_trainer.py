@@ -180,3 +180,17 @@ def test_eval_writes_knn_for_student_heads_and_teachers_and_report(train_store, 
     none = subprocess.run([*PIPELINE, "eval", str(tmp_path), "--store", train_store],
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert none.returncode == 1 and "not a run directory" in " ".join(none.stdout.split())
+
+
+def test_loss_curve_does_not_depend_on_the_number_of_loader_workers(train_store, tmp_path):
+    from train.trainer import train
+
+    curves = []
+    for workers in (0, 2):
+        cfg = TrainConfig.model_validate({
+            "model": {"preset": "tiny"}, "run": {"steps": 3, "log_every": 1, "threads": 1},
+            "data": {"seq_len": 160, "seqs_per_batch": 2, "workers": workers, "flip": True, "crop": True},
+        })
+        result = train(cfg, train_store, tmp_path / f"w{workers}")
+        curves.append([r["loss"] for r in result.history])
+    assert curves[0] == curves[1]
