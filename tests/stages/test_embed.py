@@ -51,7 +51,7 @@ def test_embed_rows_equal_direct_adapter_call_and_failures_are_recorded(dtype, i
         if names[i] in bad or names[i] == "corrupt.jpg":
             continue
         img = np.asarray(policy.resize(decode_rgb(Path(ref.source).read_bytes())))
-        x = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous()
+        x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].contiguous()
         with torch.inference_mode():
             s = teacher.forward(x, (img.shape[0] // 16, img.shape[1] // 16)).summary[0].numpy()
         expected = s / np.linalg.norm(s)
