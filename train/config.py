@@ -103,8 +103,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # AMoE: every block sparse, 28 gated experts of width 384, top-6, no shared expert
     "amoe": dict(dim=768, depth=18, num_heads=8, head_dim=128, norm="rmsnorm", qk_norm=True, registers=4,
                  activation="swiglu", moe=dict(layers="all", experts=28, top_k=6, hidden=384, bias=False)),
-    # M²oT-B: ViT-B/16, 8 experts top-2 on every other block
-    "m2ot-b": dict(dim=768, depth=12, num_heads=12, registers=4, moe=dict(layers="odd", experts=8, top_k=2)),
+    # M²oT-B: ViT-B/16, 8 experts top-2 on every other block, fine-grained (hidden 3072 / k) so the
+    # active parameters stay those of ViT-B (M²oT §5.1: 86M active, 170M total)
+    "m2ot-b": dict(dim=768, depth=12, num_heads=12, registers=4,
+                   moe=dict(layers="odd", experts=8, top_k=2, fine_grained=True)),
 }
 
 

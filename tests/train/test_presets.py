@@ -39,15 +39,18 @@ def test_m2ot_b_parameter_counts_by_hand():
     attn = d * 3 * d + 3 * d + d * d + d
     norms = 2 * 2 * d  # two LayerNorms with bias
     mlp = d * hidden + hidden + hidden * d + d
+    fine = hidden // k  # fine-grained experts: k active experts hold one dense MLP's weights
+    expert = d * fine + fine + fine * d + d
     stem = (3 * 16 * 16) * d + d + d + 4 * d + 2 * d
     dense_block = attn + norms + mlp
-    moe_block_total = attn + norms + d * E + E * mlp
-    moe_block_active = attn + norms + d * E + k * mlp
+    moe_block_total = attn + norms + d * E + E * expert
+    moe_block_active = attn + norms + d * E + k * expert
     sparse = depth // 2  # every other block (1, 3, ..., 11)
     total = stem + (depth - sparse) * dense_block + sparse * moe_block_total
     active = stem + (depth - sparse) * dense_block + sparse * moe_block_active
     assert _counts("m2ot-b") == (total, active)
     assert round(dense_block / 1e6, 2) == 7.09  # a ViT-B block
+    assert (round(total / 1e6), round(active / 1e6)) == (171, 86)  # M²oT Table 4: 170M / 86M
 
 
 def test_amoe_dense_equals_amoe_without_experts():
