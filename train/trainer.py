@@ -256,7 +256,10 @@ def train(cfg: TrainConfig, store_url: str, run: Path, *, fingerprint_meta: dict
             done = step + 1
             if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
                 if rank == 0:
-                    save_checkpoint(ckpt_root, done, model, opt, {"teachers": teachers, **(fingerprint_meta or {})},
+                    # the data position is the step: plans replay from metadata (train/data.py)
+                    position = {"step": done, "microbatches": done * cfg.optim.accumulation * world, "world": world}
+                    save_checkpoint(ckpt_root, done, model, opt,
+                                    {"teachers": teachers, "data_position": position, **(fingerprint_meta or {})},
                                     cfg.run.keep_checkpoints)
                 if world > 1:
                     dist.barrier()
