@@ -28,7 +28,7 @@ from storage.store import FeatureStore  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import PlanStream, StoreBatches  # noqa: E402
 from train.losses import distillation_terms  # noqa: E402
-from train.trainer import _to, build_model  # noqa: E402
+from train.trainer import batch_to_device, build_model  # noqa: E402
 
 
 def batches(cfg: TrainConfig, store: str, teachers: list[str], n: int) -> list[dict]:
@@ -68,7 +68,7 @@ def main() -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for i in range(args.warmup + args.steps):
         for mode, cfg in modes.items():
-            batch = _to(data[mode][i], device)
+            batch = batch_to_device(data[mode][i], device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

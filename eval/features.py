@@ -49,7 +49,7 @@ def extract_features(model, store_url: str, cfg: TrainConfig, teachers: list[str
                       seed=0, train=False)
     reader = ds.reader
     plans = list(ordered_plans(reader.ok, reader.grid, data_cfg, cfg.model.registers))
-    ds._reader = None
+    ds.drop_reader()
     feats: dict[str, list[np.ndarray]] = {}
     rows, labels = [], []
     cos_sum: dict[str, float] = {}

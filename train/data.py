@@ -123,6 +123,10 @@ class StoreBatches(torch.utils.data.Dataset):
             self._reader = StoreReader(self.store_url, self.teachers)
         return self._reader
 
+    def drop_reader(self) -> None:
+        """Forget the open store handles (before DataLoader workers start, so each opens its own)."""
+        self._reader = None
+
     def __len__(self) -> int:  # plans come from the sampler; the length is never used for indexing
         return len(self.reader)
 

@@ -33,7 +33,7 @@ from .losses import distillation_terms
 from .model.distill import DistillModel
 from .targets import load_teacher_targets
 
-__all__ = ["TrainingDiverged", "TrainResult", "build_model", "lr_at", "train"]
+__all__ = ["TrainingDiverged", "TrainResult", "batch_to_device", "build_model", "lr_at", "train"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,7 +95,7 @@ def _allreduce_grads(model: torch.nn.Module) -> None:
         offset += n
 
 
-def _to(batch: dict, device: torch.device) -> dict:
+def batch_to_device(batch: dict, device: torch.device) -> dict:
     out = dict(batch)
     out["pixels"] = batch["pixels"].to(device, non_blocking=True)
     out["layout"] = batch["layout"].to(device)
@@ -175,14 +175,14 @@ def train(cfg: TrainConfig, store_url: str, run: Path, *, fingerprint_meta: dict
         _upcycle(model, Path(cfg.model.moe.upcycle_from), cfg)
     log = _MetricsLog(run, start, enabled=rank == 0)
 
-    reader_meta = StoreBatches(store_url, teachers, cfg.data, patch=cfg.model.patch_size,
-                               registers=cfg.model.registers, seed=cfg.run.seed)
-    reader = reader_meta.reader
+    dataset = StoreBatches(store_url, teachers, cfg.data, patch=cfg.model.patch_size,
+                           registers=cfg.model.registers, seed=cfg.run.seed)
+    reader = dataset.reader
     plans = PlanStream(reader.ok, reader.grid, int(store.attrs["shard_images"]), cfg.data,
                        registers=cfg.model.registers, seed=cfg.run.seed, accumulation=cfg.optim.accumulation,
                        world=world, rank=rank)
-    reader_meta._reader = None  # workers open their own
-    loader = make_loader(reader_meta, plans.steps(start), cfg.data)
+    dataset.drop_reader()
+    loader = make_loader(dataset, plans.steps(start), cfg.data)
     batches = iter(loader)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
@@ -203,7 +203,7 @@ def train(cfg: TrainConfig, store_url: str, run: Path, *, fingerprint_meta: dict
             aux_last: list[dict] = []
             for _ in range(cfg.optim.accumulation):
                 tw = time.perf_counter()
-                batch = _to(next(batches), device)
+                batch = batch_to_device(next(batches), device)
                 wait += time.perf_counter() - tw
                 if batch["step"] != step:
                     raise RuntimeError(f"data plan out of sync: got step {batch['step']}, training step {step}")
