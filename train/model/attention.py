@@ -56,7 +56,9 @@ def document_mask(doc_ids: torch.Tensor, backend: str = "auto") -> DocumentMask:
             return ids[b, q] == ids[b, k]
 
         S, L = doc_ids.shape
-        return DocumentMask("flex", create_block_mask(same_image, S, None, L, L, device=doc_ids.device))
+        # compiled on CUDA: the eager path materializes the whole [S, L, L] mask before blocking it
+        return DocumentMask("flex", create_block_mask(same_image, S, None, L, L, device=doc_ids.device,
+                                                      _compile=doc_ids.is_cuda))
     raise ValueError(f"unknown attention backend {backend!r} (auto, dense, flex)")
 
 
