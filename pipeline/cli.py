@@ -15,7 +15,7 @@ from .commands import train as train_cmd
 
 app = typer.Typer(
     name="pipeline",
-    help="Agglomerative MoE vision models: cache teachers into a Zarr feature store, inspect it, run the demo.",
+    help="Agglomerative MoE vision models: curate a pool, cache teachers into a Zarr feature store, train and evaluate students from it, run the demo.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -58,7 +58,7 @@ def demo(
     workers: Annotated[int, typer.Option("--workers", help="teacher actors")] = 1,
     steps: Annotated[int, typer.Option("--steps", help="student training steps")] = DEMO_STEPS,
 ) -> None:
-    """Run the chain on bundled real images: cache-teachers (two real teachers) -> train -> eval -> report."""
+    """Run the chain on bundled real images: curate -> cache-teachers (two real teachers) -> train -> eval -> report."""
     from stages.cache import run_cache
     from stages.curate import run_curate
     from stages.datasets import write_demo_images
