@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -37,7 +36,7 @@ from storage.fingerprint import digest
 from storage.image_policy import ImagePolicy
 
 from .ray_cluster import ray_cluster
-from .sources import DecodeError, ImageRef, decode_rgb, image_id, iter_bytes
+from .sources import ImageRef, iter_decoded
 
 if TYPE_CHECKING:
     from pipeline.configs import CurateConfig
@@ -83,17 +82,10 @@ def decode_unit(sources: list[str], policy: ImagePolicy) -> tuple[list[np.ndarra
     n = len(sources)
     images: list[np.ndarray | None] = [None] * n
     ids, reasons = [""] * n, [""] * n
-    for i, (_, data) in enumerate(iter_bytes([ImageRef(s) for s in sources])):
-        if isinstance(data, Exception):
-            reasons[i] = f"unreadable: {data}"
-            continue
-        ids[i] = image_id(data)
-        try:
-            images[i] = np.asarray(policy.resize(decode_rgb(data)).convert("RGB"))
-        except DecodeError as exc:
-            reasons[i] = exc.reason
-        except Exception as exc:  # a decoder bug on one file must not stop a billion-image job
-            reasons[i] = f"corrupt: {type(exc).__name__}: {re.sub(r' at 0x[0-9a-f]+', '', str(exc))[:200]}"
+    for i, (content_id, image, reason) in enumerate(iter_decoded(sources, policy.resize)):
+        ids[i], reasons[i] = content_id, reason
+        if image is not None:
+            images[i] = np.asarray(image)
     return images, ids, reasons
 
 

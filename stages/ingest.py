@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,7 +28,7 @@ from storage.image_policy import ImagePolicy
 from storage.shards import ShardPlan
 from storage.store import FeatureStore, StoreError
 
-from .sources import DecodeError, ImageRef, decode_rgb, image_id, iter_bytes
+from .sources import ImageRef, iter_decoded
 
 __all__ = ["IngestReport", "ingest_images", "prepare_unit"]
 
@@ -58,18 +57,9 @@ def prepare_unit(sources: list[str], policy: ImagePolicy) -> dict[str, np.ndarra
     grid = np.zeros((n, 2), np.int32)
     ok = np.zeros(n, bool)
     ids, reasons, blobs = [""] * n, [""] * n, []
-    for i, (ref, data) in enumerate(iter_bytes([ImageRef(s) for s in sources])):
-        if isinstance(data, Exception):
-            reasons[i] = f"unreadable: {data}"
-            continue
-        ids[i] = image_id(data)
-        try:
-            image = policy.resize(decode_rgb(data))
-        except DecodeError as exc:
-            reasons[i] = exc.reason
-            continue
-        except Exception as exc:  # a decoder bug on one file must not stop a billion-image job
-            reasons[i] = f"corrupt: {type(exc).__name__}: {re.sub(r' at 0x[0-9a-f]+', '', str(exc))[:200]}"
+    for i, (content_id, image, reason) in enumerate(iter_decoded(sources, policy.resize)):
+        ids[i], reasons[i] = content_id, reason
+        if image is None:
             continue
         blob = policy.encode(image)
         blobs.append(np.frombuffer(blob, np.uint8))

@@ -31,6 +31,7 @@ __all__ = [
     "decode_rgb",
     "image_id",
     "iter_bytes",
+    "iter_decoded",
     "list_images",
     "read_bytes",
     "register_spec_reader",
@@ -373,3 +374,28 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
 def _clean(msg: str) -> str:
     """Drop object addresses so reasons are deterministic across runs; keep them short."""
     return re.sub(r" at 0x[0-9a-fA-F]+", "", msg)[:200]
+
+
+def iter_decoded(sources: Iterable[str], transform: Callable[[Image.Image], Image.Image] | None = None
+                 ) -> Iterator[tuple[str, Image.Image | None, str]]:
+    """``(content id, RGB image or None, failure reason)`` per source, in order; never raises for a bad file.
+
+    The one decode loop of every stage (ingest, embedding): unreadable files give ``"unreadable: ..."``
+    and an empty id, ``DecodeError`` gives its reason, and any other decoder exception is recorded as
+    ``"corrupt: ..."`` (a decoder bug on one file must not stop a billion-image job). ``transform``
+    (e.g. the store's resize policy) runs under the same protection.
+    """
+    for _, data in iter_bytes([ImageRef(s) for s in sources]):
+        if isinstance(data, Exception):
+            yield "", None, f"unreadable: {data}"
+            continue
+        try:
+            image = decode_rgb(data)
+            if transform is not None:
+                image = transform(image)
+        except DecodeError as exc:
+            yield image_id(data), None, exc.reason
+        except Exception as exc:
+            yield image_id(data), None, f"corrupt: {type(exc).__name__}: {_clean(str(exc))}"
+        else:
+            yield image_id(data), image, ""
