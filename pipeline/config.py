@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["ConfigError", "StrictConfig", "load_config", "parse_overrides"]
+__all__ = ["ConfigError", "StrictConfig", "load_cli_config", "load_config", "parse_overrides"]
 
 C = TypeVar("C", bound="StrictConfig")
 
@@ -101,6 +101,24 @@ def load_config(
     except ValidationError as exc:
         where = f" in {path}" if path is not None else ""
         raise ConfigError(f"invalid {model.__name__}{where}: {_describe(exc)}") from None
+
+
+def load_cli_config(model: type[C], path: str | Path | None, flags: Mapping[str, Any], sets: Sequence[str] | None
+                    ) -> C:
+    """A command's config: defaults < TOML file < the flags that were given < ``--set key=value`` items.
+
+    ``flags`` maps dotted field names to flag values; None means the flag was not given.
+    """
+    given: dict[str, Any] = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        node = given
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return load_config(model, path, _deep_merge(given, parse_overrides(list(sets or []))))
 
 
 def dump_toml(config: BaseModel) -> str:

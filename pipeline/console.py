@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 from rich.console import Console
 from rich.progress import (
@@ -32,3 +33,16 @@ def progress(disable: bool | None = None) -> Progress:
         disable=disable,
         transient=not sys.stdout.isatty(),
     )
+
+
+def phase_reporter(bar: Progress, prefix: str = "") -> Callable[[str, int, int], None]:
+    """The ``on_progress(phase, done, total)`` callback the stages take: one bar row per phase."""
+    rows: dict[str, int] = {}
+
+    def on_progress(phase: str, done: int, total: int) -> None:
+        key = f"{prefix}{phase}"
+        if key not in rows:
+            rows[key] = bar.add_task(key, total=total, info="")
+        bar.update(rows[key], completed=done, total=total)
+
+    return on_progress

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import ConfigError, load_config, parse_overrides
+from ..config import ConfigError, load_cli_config
 from ..configs import CacheConfig
-from ..console import console, progress
+from ..console import console, phase_reporter, progress
 
 
 def cache_teachers(
@@ -36,22 +36,13 @@ def cache_teachers(
         "dtype": dtype, "min_tokens": min_tokens, "max_tokens": max_tokens, "labels": str(labels) if labels else None,
         "ray_address": ray_address, "workers": workers,
     }
-    overrides = {k: v for k, v in given.items() if v is not None}
     try:
-        overrides.update(parse_overrides(set_ or []))
-        cfg = load_config(CacheConfig, config, overrides)
+        cfg = load_cli_config(CacheConfig, config, given, set_)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
     with progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def on_progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total, info="")
-            bar.update(tasks[phase], completed=done, total=total)
-
         try:
-            report = run_cache(images, store, cfg, on_progress=on_progress)
+            report = run_cache(images, store, cfg, on_progress=phase_reporter(bar))
         except (ValueError, RuntimeError, FileNotFoundError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from None

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import ConfigError, load_config, parse_overrides
+from ..config import ConfigError, load_cli_config
 from ..configs import CurateConfig
-from ..console import console, progress
+from ..console import console, phase_reporter, progress
 
 
 def curate(
@@ -48,22 +48,13 @@ def curate(
         "concepts": str(concepts) if concepts else None, "dtype": dtype, "ray_address": ray_address,
         "workers": workers,
     }
-    overrides = {k: v for k, v in given.items() if v is not None}
     try:
-        overrides.update(parse_overrides(set_ or []))
-        cfg = load_config(CurateConfig, config, overrides)
+        cfg = load_cli_config(CurateConfig, config, given, set_)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
     with progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def on_progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total, info="")
-            bar.update(tasks[phase], completed=done, total=total)
-
         try:
-            report = run_curate(images, str(out), cfg, on_progress=on_progress)
+            report = run_curate(images, str(out), cfg, on_progress=phase_reporter(bar))
         except (ValueError, RuntimeError, FileNotFoundError, EmbedError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from None

@@ -18,7 +18,7 @@ import typer
 
 from ..config import load_config
 from ..configs import CacheConfig, CurateConfig
-from ..console import console, progress
+from ..console import console, phase_reporter, progress
 
 DEMO_TEACHERS = {"lite0": "timm:efficientnet_lite0", "lite2": "timm:efficientnet_lite2"}
 DEMO_MIN_TOKENS = 16  # the 64 px digits stay 4x4 tokens instead of being upscaled to 8x8: 4x less teacher compute
@@ -73,25 +73,15 @@ def demo(
     curated = out / "curate"
     stores = {"train": (curated / "manifest", out / "store"), "heldout": (heldout_list, out / "eval_store")}
     with ray_cluster(), progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def on_progress(phase: str, done: int, total: int) -> None:
-            key = f"{current}: {phase}"
-            if key not in tasks:
-                tasks[key] = bar.add_task(key, total=total, info="")
-            bar.update(tasks[key], completed=done, total=total)
-
-        current = "curate"
         cur_cfg = load_config(CurateConfig, None, {"embedder": DEMO_TEACHERS["lite0"], "min_tokens": DEMO_MIN_TOKENS,
                                                    "concepts": str(labels), **DEMO_CURATE})
-        curation = run_curate(str(train_list), str(curated), cur_cfg, on_progress=on_progress)
+        curation = run_curate(str(train_list), str(curated), cur_cfg, on_progress=phase_reporter(bar, "curate: "))
 
         for split, (listing, store) in stores.items():
             for name, spec in DEMO_TEACHERS.items():
-                current = f"{split}/{name}"
                 cfg = load_config(CacheConfig, None, {"teacher": spec, "name": name, "labels": str(labels),
                                                       "workers": workers, "min_tokens": DEMO_MIN_TOKENS})
-                run_cache(str(listing), str(store), cfg, on_progress=on_progress)
+                run_cache(str(listing), str(store), cfg, on_progress=phase_reporter(bar, f"{split}/{name}: "))
     from rich.table import Table
 
     table = Table(title=f"demo ({time.perf_counter() - start:.0f} s) -> {out}")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import ConfigError, load_config, parse_overrides
+from ..config import ConfigError, load_cli_config
 from ..console import console, progress
 from ..runs import RunError, prepare_run
 
@@ -39,16 +39,8 @@ def train(
     from train.trainer import TrainingDiverged
     from train.trainer import train as run_training
 
-    overrides: dict = {}
-    if model:
-        overrides["model"] = {"preset": model}
-    if steps:
-        overrides["run"] = {"steps": steps}
     try:
-        given = parse_overrides(set_ or [])
-        for section, values in given.items():
-            overrides[section] = {**overrides.get(section, {}), **values} if isinstance(values, dict) else values
-        cfg = load_config(TrainConfig, config, overrides)
+        cfg = load_cli_config(TrainConfig, config, {"model.preset": model, "run.steps": steps}, set_)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
     rank, world = _init_distributed()
