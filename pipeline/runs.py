@@ -39,16 +39,6 @@ def run_fingerprint(store: FeatureStore, teachers: list[str]) -> dict:
     return {**fp, "teachers": {t: fp["teachers"][t] for t in teachers}}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def prepare_run(run: Path, cfg, store_url: str, *, write: bool = True) -> dict:
     """Create or check ``run``: refuse another store fingerprint, or a config that changes what is trained."""
     store = FeatureStore.open(store_url)
@@ -61,12 +51,15 @@ def prepare_run(run: Path, cfg, store_url: str, *, write: bool = True) -> dict:
         if changes:
             raise RunError(f"run {run} was trained on a store with another fingerprint ({recorded['url']}); "
                            f"{store_url} differs in: " + "; ".join(changes) + ". Use a new --out for this store.")
-        old = _flat(tomllib.loads((run / CONFIG).read_text()))
-        new = _flat(tomllib.loads(cfg_text))
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+        old, new = tomllib.loads((run / CONFIG).read_text()), tomllib.loads(cfg_text)
+        for key in RESUMABLE_CHANGES:
+            section, name = key.split(".")
+            old.get(section, {}).pop(name, None)
+            new.get(section, {}).pop(name, None)
+        changed = diff(old, new)
         if changed:
-            raise RunError(f"run {run} exists with another config: " + "; ".join(
-                f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed) + ". Use a new --out to train another config.")
+            raise RunError(f"run {run} exists with another config: " + "; ".join(changed)
+                           + ". Use a new --out to train another config.")
     if write:
         run.mkdir(parents=True, exist_ok=True)
         (run / CONFIG).write_text(cfg_text)
