@@ -49,29 +49,10 @@ class FrozenSummaryPool(nn.Module):
         slot = torch.arange(len(image), device=image.device) - starts[image]
         padded = patches.new_zeros(num_images, longest, patches.shape[-1])
         padded[image, slot] = patches
-        keep = torch.zeros(num_images, longest, dtype=torch.bool, device=image.device)
-        keep[image, slot] = True
-        return self.head(self.fc_norm(self._pool(padded, keep)))
-
-    def _pool(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """timm AttentionPoolLatent's forward with a key-padding mask (images of different sizes)."""
-        p = self.pool
-        B, N, C = x.shape
-        if getattr(p, "pos_embed", None) is not None:
-            raise ValueError("attention pools with a positional embedding cannot take native-resolution grids")
-        q_latent = p.latent.expand(B, -1, -1)
-        q = p.q(q_latent).reshape(B, p.latent_len, p.num_heads, p.head_dim).transpose(1, 2)
-        kv = p.kv(x).reshape(B, N, 2, p.num_heads, p.head_dim).permute(2, 0, 3, 1, 4)
-        k, v = kv.unbind(0)
-        q, k = p.q_norm(q), p.k_norm(k)
-        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
-        out = p.proj(out.transpose(1, 2).reshape(B, p.latent_len, C))
-        out = out + p.mlp(p.norm(out))
-        if p.pool == "token":
-            return out[:, 0]
-        if p.pool == "avg":
-            return out.mean(1)
-        raise ValueError(f"unsupported pool type {p.pool!r}")
+        # additive key-padding mask: exact for timm's fused and unfused attention paths alike
+        mask = patches.new_full((num_images, longest), float("-inf"))
+        mask[image, slot] = 0.0
+        return self.head(self.fc_norm(self.pool(padded, attn_mask=mask[:, None, None, :])))
 
 
 _ACT = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "quick_gelu": None}
@@ -87,6 +68,8 @@ def build_frozen_pool(tensors: dict[str, torch.Tensor], config: dict) -> FrozenS
     act = pc.get("act_layer") or "gelu"
     if act not in _ACT or _ACT[act] is None:
         raise ValueError(f"unsupported attention-pool activation {act!r}")
+    if pc["pos_embed"]:
+        raise ValueError("attention pools with a positional embedding cannot take native-resolution grids")
     pool = AttentionPoolLatent(
         pc["in_features"], pc["out_features"] or None, embed_dim=pc["embed_dim"], num_heads=pc["num_heads"],
         mlp_ratio=pc["mlp_ratio"], latent_len=pc["latent_len"], latent_dim=pc["latent_dim"], pos_embed=pc["pos_embed"],
