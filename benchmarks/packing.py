@@ -27,8 +27,7 @@ from benchmarks.common import md_table, write_results  # noqa: E402
 from storage.store import FeatureStore  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import PlanStream, StoreBatches  # noqa: E402
-from train.losses import distillation_terms  # noqa: E402
-from train.trainer import batch_to_device, build_model  # noqa: E402
+from train.trainer import batch_to_device, build_model, compute_terms  # noqa: E402
 
 
 def batches(cfg: TrainConfig, store: str, teachers: list[str], n: int) -> list[dict]:
@@ -65,19 +64,14 @@ def main() -> None:
     data = {m: batches(cfg, args.store, teachers, args.warmup + args.steps)
             for m, cfg in modes.items()}
     stats = {m: {"seconds": 0.0, "real": 0, "slots": 0, "images": 0} for m in modes}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for i in range(args.warmup + args.steps):
         for mode, cfg in modes.items():
             batch = batch_to_device(data[mode][i], device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with autocast:
-                preds, _ = model(batch["pixels"], batch["layout"])
-                targets = {t: {k: (model.spaces[t][k].normalize(v) if k != "registers" else v.float())
-                               for k, v in f.items()} for t, f in batch["targets"].items()}
-                loss = sum(distillation_terms(preds, targets, batch["layout"].patch_image, batch["layout"].num_images,
-                                              batch["layout"].num_images, cfg.loss).values())
+            terms, _ = compute_terms(model, batch, cfg)
+            loss = torch.stack(list(terms.values())).sum()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

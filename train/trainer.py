@@ -33,7 +33,7 @@ from .losses import distillation_terms
 from .model.distill import DistillModel
 from .targets import load_teacher_targets
 
-__all__ = ["TrainingDiverged", "TrainResult", "batch_to_device", "build_model", "lr_at", "train"]
+__all__ = ["TrainingDiverged", "TrainResult", "batch_to_device", "build_model", "compute_terms", "lr_at", "train"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -111,12 +111,40 @@ def _router_term(aux: list[dict], share: float) -> torch.Tensor | None:
 
 
 def _routing_metrics(aux: list[dict]) -> dict[str, float]:
-    out = {}
+    """Per-layer routing losses and entropies, read back in one transfer."""
+    names, values = [], []
     for i, a in enumerate(aux):
         for key in ("load_balance_loss", "z_loss", "expert_usage_entropy", "token_routing_entropy"):
             if key in a:
-                out[f"moe/{i}/{key}"] = float(a[key].detach())
-    return out
+                names.append(f"moe/{i}/{key}")
+                values.append(a[key].detach().float().reshape(()))
+    return dict(zip(names, torch.stack(values).tolist())) if values else {}
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA; float32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def compute_terms(model: DistillModel, batch: dict, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], object]:
+    """Weighted loss terms of one microbatch already on the device (its share of AMoE Eq. 5), and the
+    student output (for routing metrics)."""
+    # targets in float32 PHI-S space, outside autocast (bf16 would round the whitening)
+    targets = {t: {"summary": model.spaces[t]["summary"].normalize(f["summary"]),
+                   "patches": model.spaces[t]["patches"].normalize(f["patches"]),
+                   **({"registers": f["registers"].float()} if "registers" in f else {})}
+               for t, f in batch["targets"].items()}
+    layout = batch["layout"]
+    with _autocast(batch["pixels"].device):
+        preds, out = model(batch["pixels"], layout, cfg.run.attention)
+        terms = distillation_terms(preds, targets, layout.patch_image, layout.num_images, batch["global_images"],
+                                   cfg.loss)
+        router = _router_term(out.aux, layout.num_images / batch["global_images"])
+        if router is not None:
+            terms["router"] = cfg.loss.router * router
+    return terms, out
 
 
 class _MetricsLog:
@@ -184,7 +212,6 @@ def train(cfg: TrainConfig, store_url: str, run: Path, *, fingerprint_meta: dict
     dataset.drop_reader()
     loader = make_loader(dataset, plans.steps(start), cfg.data)
     batches = iter(loader)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     history, last_loss = [], float("nan")
     wait_total = step_total = 0.0
@@ -197,7 +224,7 @@ def train(cfg: TrainConfig, store_url: str, run: Path, *, fingerprint_meta: dict
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}
             wait = 0.0
             real_tokens = 0
             aux_last: list[dict] = []
@@ -208,32 +235,22 @@ def train(cfg: TrainConfig, store_url: str, run: Path, *, fingerprint_meta: dict
                 if batch["step"] != step:
                     raise RuntimeError(f"data plan out of sync: got step {batch['step']}, training step {step}")
                 real_tokens += batch["real_tokens"]
-                # targets in float32 PHI-S space, outside autocast (bf16 would round the whitening)
-                targets = {t: {"summary": model.spaces[t]["summary"].normalize(f["summary"]),
-                               "patches": model.spaces[t]["patches"].normalize(f["patches"]),
-                               **({"registers": f["registers"].float()} if "registers" in f else {})}
-                           for t, f in batch["targets"].items()}
-                with autocast:
-                    preds, out = model(batch["pixels"], batch["layout"], cfg.run.attention)
-                    terms = distillation_terms(preds, targets, batch["layout"].patch_image, batch["layout"].num_images,
-                                               batch["global_images"], cfg.loss)
-                    share = batch["layout"].num_images / batch["global_images"]
-                    router = _router_term(out.aux, share)
-                    if router is not None:
-                        terms["router"] = cfg.loss.router * router
-                loss = torch.stack(list(terms.values())).sum()
-                _check_finite(terms, step, world)
-                loss.backward()
+                terms, out = compute_terms(model, batch, cfg)
+                torch.stack(list(terms.values())).sum().backward()
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
                 aux_last = out.aux
+            names = list(sums)
+            values = torch.stack([sums[k] for k in names])
+            tokens = torch.tensor(float(real_tokens), dtype=torch.float64, device=device)
+            if world > 1:  # a NaN on any rank makes the sum NaN on every rank: all stop together
+                dist.all_reduce(values)
+                dist.all_reduce(tokens)
+            sums = dict(zip(names, values.tolist()))  # the step's one host sync for the losses
+            _check_finite(sums, step)  # before the optimizer: the weights never see a bad gradient
+            real_tokens = int(tokens.item())
             if world > 1:
                 _allreduce_grads(model)
-                reduced = torch.tensor([sums[k] for k in sorted(sums)] + [float(real_tokens), wait], dtype=torch.float64)
-                dist.all_reduce(reduced)
-                for i, k in enumerate(sorted(sums)):
-                    sums[k] = float(reduced[i])
-                real_tokens = int(reduced[-2])
             grad_norm = float("nan")
             if cfg.optim.clip_grad:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad))
@@ -290,15 +307,9 @@ def _upcycle(model: DistillModel, source: Path, cfg: TrainConfig) -> None:
         raise ValueError(f"upcycling from {ckpt}: heads do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def _check_finite(terms: dict[str, torch.Tensor], step: int, world: int) -> None:
-    """Stop before a non-finite loss reaches the weights; every rank stops together."""
-    values = torch.stack([v.detach().float() for v in terms.values()])
-    bad = (~torch.isfinite(values)).to(torch.float32)
-    if world > 1:
-        dist.all_reduce(bad)
-    if bad.any():
-        names = [k for k, b in zip(terms, bad.tolist()) if b]
-        shown = {k: float(terms[k].detach()) for k in names}
-        raise TrainingDiverged(f"step {step}: non-finite loss in term(s) {', '.join(names)} "
-                               f"({', '.join(f'{k}={v}' for k, v in shown.items())}); the run stopped, the last "
-                               "checkpoint is left as it was")
+def _check_finite(terms: dict[str, float], step: int) -> None:
+    bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
+    if bad:
+        raise TrainingDiverged(f"step {step}: non-finite loss in term(s) {', '.join(bad)} "
+                               f"({', '.join(f'{k}={v}' for k, v in bad.items())}); the run stopped before the "
+                               "optimizer step, the last checkpoint is left as it was")
