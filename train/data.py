@@ -155,9 +155,7 @@ class StoreBatches(torch.utils.data.Dataset):
         for seq in mb.sequences:
             sequences.append(grids[k:k + len(seq)])
             k += len(seq)
-        seq_len = mb.seq_len if self.cfg.mode == "packed" or not self.train else max(
-            1 + self.registers + g[0] * g[1] for g in grids)
-        layout = build_layout(sequences, seq_len, self.registers)
+        layout = build_layout(sequences, mb.seq_len, self.registers)  # crops only shrink images: it still fits
         targets = {}
         for t, f in feats.items():
             targets[t] = {"summary": torch.from_numpy(np.stack(f["summary"])),
