@@ -1,4 +1,7 @@
-"""The typed configs of each command (one model per command; TOML sections mirror the fields)."""
+"""The typed configs of each command (one model per command; TOML sections mirror the fields).
+
+`pipeline train`'s TrainConfig lives with the trainer, in train/config.py, which it parameterizes.
+"""
 
 from __future__ import annotations
 
