@@ -23,7 +23,6 @@ function of its images, so the result equals an uninterrupted run. Bad images ne
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from storage.commits import CommitLog
-from storage.fingerprint import digest
+from storage.fingerprint import digest, digest_strings
 from storage.image_policy import ImagePolicy
 
 from .ray_cluster import ray_cluster
@@ -162,14 +161,6 @@ class EmbedWorker:
 
 
 # ------------------------------------------------------------------------------------ the job
-def _digest(items: list[str]) -> str:
-    h = hashlib.sha256()
-    for item in items:
-        h.update(item.encode())
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 def _create_arrays(group, n: int, dim: int, dtype: str, unit: int) -> None:
     group.create_array(EMBEDDINGS, shape=(n, dim), dtype=dtype, chunks=(unit, dim), fill_value=0,
                        overwrite=True)
@@ -197,7 +188,7 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
     t = time.perf_counter()
     teacher = build_teacher(**_teacher_kwargs(cfg))  # the driver's copy: dimension and fingerprint
     dim = int(teacher.summary_dim)
-    expected = {"num_images": n, "unit_images": unit, "sources_digest": _digest(sources),
+    expected = {"num_images": n, "unit_images": unit, "sources_digest": digest_strings(sources),
                 "embedder": cfg.embedder, "embedder_fingerprint": digest(teacher.fingerprint()),
                 "dim": dim, "dtype": cfg.dtype, "image_policy": policy.to_dict()}
     del teacher

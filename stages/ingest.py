@@ -13,7 +13,6 @@ Failures (unreadable, corrupt, truncated, not an image) are recorded, never drop
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from storage import layout as L
 from storage.commits import CommitLog
+from storage.fingerprint import digest_strings
 from storage.fsutil import atomic_write, join
 from storage.image_policy import ImagePolicy
 from storage.shards import ShardPlan
@@ -173,7 +173,7 @@ def ingest_images(
         report.num_failed = int((~ok).sum())
         return report
 
-    expected = {"num_images": len(sources), "shard_images": shard_images, "sources_digest": _digest(sources)}
+    expected = {"num_images": len(sources), "shard_images": shard_images, "sources_digest": digest_strings(sources)}
     previous = store.attrs.get("ingest")
     if previous is not None and previous != expected:
         raise StoreError(
@@ -237,7 +237,7 @@ def ingest_images(
     store.update_attrs(
         images_complete=True,
         num_images=len(sources),
-        images_digest=_digest([str(i) for i in ids_a]),
+        images_digest=digest_strings([str(i) for i in ids_a]),
     )
     if store.fs.exists(store.path(L.STAGING)):
         store.fs.rm(store.path(L.STAGING), recursive=True)
@@ -249,9 +249,3 @@ def ingest_images(
     return report
 
 
-def _digest(items: list[str]) -> str:
-    h = hashlib.sha256()
-    for item in items:
-        h.update(item.encode())
-        h.update(b"\0")
-    return h.hexdigest()

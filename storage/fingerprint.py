@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any, Mapping
 
-__all__ = ["canonical_json", "digest", "diff"]
+__all__ = ["canonical_json", "digest", "digest_strings", "diff"]
 
 
 def canonical_json(data: Any) -> str:
@@ -15,6 +15,15 @@ def canonical_json(data: Any) -> str:
 
 def digest(data: Any) -> str:
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()
+
+
+def digest_strings(items: list[str]) -> str:
+    """sha256 of a list of strings in order (NUL-separated): the identity of an image list."""
+    h = hashlib.sha256()
+    for item in items:
+        h.update(item.encode())
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
