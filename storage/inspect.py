@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 
 from . import layout as L
 from .commits import CommitLog
+from .failures import count_reasons
 from .fsutil import du
 from .store import FeatureStore
 
@@ -55,7 +54,7 @@ def describe_store(url: str) -> dict:
     out["images"] = {
         "count": int(len(ok)),
         "failed": int((~ok).sum()),
-        "failure_reasons": dict(Counter(r.split(":", 1)[0] for r in reasons)),
+        "failure_reasons": count_reasons(reasons),
         "tokens_per_image": {"min": int(tokens.min(initial=0)), "mean": float(tokens.mean()) if len(tokens) else 0.0,
                              "max": int(tokens.max(initial=0)), "total": int(tokens.sum())},
         "pixel_bytes_on_disk": pixel_bytes,

@@ -1,4 +1,4 @@
-"""Names of the feature-store contract (DESIGN.md "The feature store"). Other tools read these: never rename."""
+"""Names of the feature-store contract (docs/store-format.md). Other tools read these: never rename."""
 
 FORMAT_VERSION = 1
 

@@ -1,4 +1,4 @@
-"""The feature store: one Zarr v3 group holding images, labels and teacher targets (DESIGN.md).
+"""The feature store: one Zarr v3 group holding images, labels and teacher targets (docs/store-format.md).
 
 This module creates and opens stores and the arrays inside them with the contract's names, shapes,
 dtypes and sharding; it never runs a model. Writers (``stages/cache.py``) fill whole shards through
@@ -15,12 +15,13 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from . import layout as L
+from .failures import read_failure_table, write_failure_table
 from .fingerprint import diff, digest
 from .fsutil import atomic_write, filesystem, join
 from .image_policy import ImagePolicy
 from .shards import ShardPlan
 
-__all__ = ["FeatureStore", "StoreError", "TeacherSpec", "feature_compressor"]
+__all__ = ["FeatureStore", "StoreError", "TeacherGroupSpec", "feature_compressor"]
 
 
 class StoreError(RuntimeError):
@@ -34,8 +35,8 @@ def feature_compressor(dtype: str) -> BloscCodec:
 
 
 @dataclass(frozen=True)
-class TeacherSpec:
-    """Shape facts of one teacher group, fixed when it is created."""
+class TeacherGroupSpec:
+    """Shape facts and fingerprint of one ``teachers/<name>`` group, fixed when it is created."""
 
     name: str
     summary_dim: int
@@ -177,22 +178,11 @@ class FeatureStore:
         )
 
     def write_failures(self, index: np.ndarray, reasons: list[str]) -> None:
-        g = self.group.require_group(f"{L.IMAGES}/{L.FAILURES}")
-        count = len(index)
-        g.create_array(L.FAILURE_INDEX, shape=(count,), dtype="int64", chunks=(max(count, 1),), overwrite=True)
-        g.create_array(L.FAILURE_REASON, shape=(count,), dtype=str, chunks=(max(count, 1),), overwrite=True)
-        if count:
-            g[L.FAILURE_INDEX][:] = np.asarray(index, dtype=np.int64)
-            g[L.FAILURE_REASON][:] = np.asarray(reasons, dtype=str)
+        write_failure_table(self.group.require_group(f"{L.IMAGES}/{L.FAILURES}"), index, reasons)
 
     def failures(self) -> tuple[np.ndarray, list[str]]:
         path = f"{L.IMAGES}/{L.FAILURES}"
-        if path not in self.group:
-            return np.zeros(0, np.int64), []
-        g = self.group[path]
-        if g[L.FAILURE_INDEX].shape[0] == 0:
-            return np.zeros(0, np.int64), []
-        return g[L.FAILURE_INDEX][:], [str(r) for r in g[L.FAILURE_REASON][:]]
+        return read_failure_table(self.group[path] if path in self.group else None)
 
     def write_labels(self, labels: np.ndarray, shard_images: int) -> None:
         arr = self.group.create_array(
@@ -217,7 +207,7 @@ class FeatureStore:
     def has_teacher(self, name: str) -> bool:
         return f"{L.TEACHERS}/{name}" in self.group
 
-    def check_teacher(self, spec: TeacherSpec) -> bool:
+    def check_teacher(self, spec: TeacherGroupSpec) -> bool:
         """True when a group with this exact fingerprint exists (resume); raises on a conflict."""
         if not self.has_teacher(spec.name):
             return False
@@ -232,7 +222,7 @@ class FeatureStore:
 
     def create_teacher(
         self,
-        spec: TeacherSpec,
+        spec: TeacherGroupSpec,
         offsets: np.ndarray,
         *,
         shard_images: int,
@@ -319,5 +309,10 @@ class FeatureStore:
     def teacher_attrs(self, name: str) -> dict:
         return dict(self.teacher_group(name).attrs)
 
+    @property
+    def shard_images(self) -> int:
+        """Images per write unit (and per shard of every per-image array), fixed by the first ingest."""
+        return int(self.group.attrs["shard_images"])
+
     def plan(self) -> ShardPlan:
-        return ShardPlan(self.num_images, int(self.group.attrs["shard_images"]))
+        return ShardPlan(self.num_images, self.shard_images)

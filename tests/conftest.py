@@ -1,4 +1,5 @@
-"""A small real store for the trainer tests: photos at mixed resolutions plus labelled digits, cached
+"""Session fixtures shared by every test folder. ``train_store``: a small real store for the trainer, eval and
+store-format tests: photos at mixed resolutions plus labelled digits, cached
 with a tiny DINOv3-architecture ViT (CLS + 4 registers) and a tiny SigLIP2 (attention-pool summary)."""
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def write_train_images(root: Path, digits_per_class: int = 4) -> Path:
 
 
 def cache_config(teacher: str, name: str, labels: Path):
-    from pipeline.configs import CacheConfig
+    from stages.config import CacheConfig
 
     return CacheConfig(teacher=teacher, name=name, random_init=True, seed=0, min_tokens=4, max_tokens=48,
                        labels=str(labels), shard_images=16, shard_rows=256, chunk_rows=64, batch_size=16,

@@ -1,0 +1,44 @@
+"""The failure side table: which images could not be used and why (``index [F] int64``, ``reason [F] str``).
+
+Both the feature store (``images/failures``) and a curation run folder (``pool/failures``) keep one;
+bad images are recorded here, never silently dropped. A reason is short and deterministic; its kind
+is the part before the first ``:`` ("corrupt: ..." -> "corrupt"), which is what summaries count.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable
+
+import numpy as np
+import zarr
+
+from . import layout as L
+
+__all__ = ["count_reasons", "read_failure_table", "write_failure_table"]
+
+
+def write_failure_table(group: zarr.Group, index: Iterable[int], reasons: Iterable[str]) -> None:
+    """(Re)write ``group``'s ``index`` and ``reason`` arrays, one row per failed image, sorted as given."""
+    index = np.asarray(list(index), dtype=np.int64)
+    reasons = [str(r) for r in reasons]
+    if len(index) != len(reasons):
+        raise ValueError(f"{len(index)} failure indices but {len(reasons)} reasons")
+    count = len(index)
+    idx = group.create_array(L.FAILURE_INDEX, shape=(count,), dtype="int64", chunks=(max(count, 1),), overwrite=True)
+    why = group.create_array(L.FAILURE_REASON, shape=(count,), dtype=str, chunks=(max(count, 1),), overwrite=True)
+    if count:
+        idx[:] = index
+        why[:] = np.asarray(reasons, dtype=str)
+
+
+def read_failure_table(group: zarr.Group | None) -> tuple[np.ndarray, list[str]]:
+    """(indices, reasons) of a failure table; empty when the group is absent or empty."""
+    if group is None or L.FAILURE_INDEX not in group or group[L.FAILURE_INDEX].shape[0] == 0:
+        return np.zeros(0, np.int64), []
+    return group[L.FAILURE_INDEX][:], [str(r) for r in group[L.FAILURE_REASON][:]]
+
+
+def count_reasons(reasons: Iterable[str]) -> dict[str, int]:
+    """How many failures of each kind, sorted by kind."""
+    return dict(sorted(Counter(str(r).split(":", 1)[0] for r in reasons).items()))
