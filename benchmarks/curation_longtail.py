@@ -34,8 +34,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     args = ap.parse_args()
 
-    from pipeline.config import load_config
-    from pipeline.configs import CurateConfig
+    from config import load_config
+    from stages.config import CurateConfig
     from stages.curate import run_curate
     from stages.datasets import write_longtail_pool
     from stages.ray_cluster import ray_cluster

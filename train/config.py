@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import StrictConfig
+from config import StrictConfig
 
 __all__ = ["DataConfig", "HeadConfig", "LossConfig", "ModelConfig", "MoEConfig", "OptimConfig", "PRESETS",
            "RunConfig", "TrainConfig"]

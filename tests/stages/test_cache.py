@@ -15,8 +15,8 @@ import pytest
 import torch
 import zarr
 
-from pipeline.config import load_config
-from pipeline.configs import CacheConfig
+from config import load_config
+from stages.config import CacheConfig
 from stages.cache import FeatureOverflowError, check_range, run_cache
 from stages.teachers import build_teacher
 from storage import layout as L

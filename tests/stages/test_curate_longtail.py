@@ -18,8 +18,8 @@ import zarr
 
 from curation.metrics import compare_to_random
 from curation.sampling import curate_embeddings
-from pipeline.config import load_config
-from pipeline.configs import CurateConfig
+from config import load_config
+from stages.config import CurateConfig
 from stages.curate import read_concepts, run_curate
 from stages.datasets import write_longtail_pool
 from stages.teachers.weights import packaged_lite_weights

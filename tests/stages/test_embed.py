@@ -14,8 +14,8 @@ import pytest
 import torch
 import zarr
 
-from pipeline.config import load_config
-from pipeline.configs import CurateConfig
+from config import load_config
+from stages.config import CurateConfig
 from stages.embed import EmbedError, run_embed
 from stages.sources import decode_rgb, list_images
 from stages.teachers import build_teacher

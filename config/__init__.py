@@ -1,7 +1,9 @@
-"""Typed run configurations: a TOML file, then CLI overrides, validated by pydantic.
+"""The config base every layer's typed config builds on: a strict pydantic model, TOML + overrides, dumping.
 
-Every config is a pydantic model that forbids unknown keys, so a typo in a TOML file or a
-``--set`` override fails loudly with the dotted key path instead of being silently ignored.
+Each layer keeps its own config next to the code it parameterizes (``stages/config.py``,
+``train/config.py``); this small module below them all holds only what is generic. Every config
+forbids unknown keys, so a typo in a TOML file or a ``--set`` override fails loudly with the dotted
+key path instead of being silently ignored.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-__all__ = ["ConfigError", "StrictConfig", "load_cli_config", "load_config", "parse_overrides"]
+__all__ = ["ConfigError", "StrictConfig", "dump_toml", "load_cli_config", "load_config", "parse_overrides"]
 
 C = TypeVar("C", bound="StrictConfig")
 

@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError, dump_toml, load_config, parse_overrides
-from pipeline.configs import CacheConfig
+from config import ConfigError, dump_toml, load_config, parse_overrides
+from stages.config import CacheConfig
 
 
 def test_toml_then_overrides(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import ConfigError, load_config
-from pipeline.configs import CurateConfig
+from config import ConfigError, load_config
+from stages.config import CurateConfig
 
 TINY = "timm:vit_small_patch16_dinov3,depth=2,embed_dim=48,num_heads=2"
 

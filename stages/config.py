@@ -1,6 +1,7 @@
-"""The typed configs of each command (one model per command; TOML sections mirror the fields).
+"""Typed configs of the stage jobs: `cache-teachers` (CacheConfig) and `curate` (CurateConfig).
 
-`pipeline train`'s TrainConfig lives with the trainer, in train/config.py, which it parameterizes.
+They live with the jobs they parameterize (``stages.cache``, ``stages.curate``); the CLI only fills
+them from flags. The trainer's config is ``train/config.py``; the strict base is ``config``.
 """
 
 from __future__ import annotations
@@ -9,12 +10,24 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .config import StrictConfig
+from config import StrictConfig
 
 __all__ = ["CacheConfig", "CurateConfig"]
 
 
-class CacheConfig(StrictConfig):
+class _ModelSource:
+    """Where a job's model comes from; both jobs build their teacher/embedder with these arguments."""
+
+    def model_spec(self) -> str:
+        raise NotImplementedError
+
+    def teacher_kwargs(self) -> dict:
+        """Keyword arguments of ``stages.teachers.build_teacher``."""
+        return dict(spec=self.model_spec(), weights=self.weights, random_init=self.random_init, seed=self.seed,
+                    patch_size=self.patch_size)
+
+
+class CacheConfig(_ModelSource, StrictConfig):
     """`pipeline cache-teachers`: which teacher, the image policy, and how the job is split."""
 
     teacher: str = Field(description="teacher SPEC, e.g. timm:efficientnet_lite0 or open_clip:ViT-B-16-SigLIP2-256")
@@ -46,6 +59,9 @@ class CacheConfig(StrictConfig):
     phis: bool = Field(True, description="estimate PHI-S statistics after caching")
     phis_max_rows: int | None = Field(3_000_000, gt=0, description="rows sampled per feature for PHI-S (AMoE: 3M)")
 
+    def model_spec(self) -> str:
+        return self.teacher
+
     @model_validator(mode="after")
     def _check(self) -> "CacheConfig":
         if self.min_tokens > self.max_tokens:
@@ -59,7 +75,7 @@ class CacheConfig(StrictConfig):
         return self
 
 
-class CurateConfig(StrictConfig):
+class CurateConfig(_ModelSource, StrictConfig):
     """`pipeline curate`: embedder, image policy, hierarchy levels, sampling target, job layout."""
 
     embedder: str = Field(description="teacher SPEC whose summary embedding clusters the pool, e.g. timm:efficientnet_lite0")
@@ -103,6 +119,9 @@ class CurateConfig(StrictConfig):
             except ValueError:
                 raise ValueError(f"levels must be comma-separated integers, got {value!r}") from None
         return value
+
+    def model_spec(self) -> str:
+        return self.embedder
 
     @model_validator(mode="after")
     def _check(self) -> "CurateConfig":
