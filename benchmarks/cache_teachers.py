@@ -51,6 +51,7 @@ def forward_alone(store_url: str, spec: str, random_init: bool, threads: int, ba
     import torch
 
     from stages.teachers import build_teacher
+    from stages.teachers.base import size_batches
     from storage import layout as L
     from storage.image_policy import ImagePolicy
     from storage.store import FeatureStore
@@ -64,17 +65,12 @@ def forward_alone(store_url: str, spec: str, random_init: bool, threads: int, ba
     teacher = build_teacher(spec, random_init=random_init, seed=0, patch_size=16)
     plan = store.plan()
     batches = []
-    for u in range(plan.num_units):  # the same per-unit size grouping and batch size as the actor
+    for u in range(plan.num_units):  # the actor's batches: per unit, by size (stacked here, outside the timing)
         i0, i1 = plan.image_range(u)
-        by_size: dict = {}
-        for i in range(i0, i1):
-            if i in images:
-                by_size.setdefault(images[i].shape, []).append(i)
-        for shape, idx in sorted(by_size.items()):
-            for s in range(0, len(idx), batch_size):
-                chunk = idx[s: s + batch_size]
-                x = torch.from_numpy(np.stack([images[i] for i in chunk])).permute(0, 3, 1, 2).contiguous()
-                batches.append((x, (shape[0] // 16, shape[1] // 16)))
+        unit = {i: images[i] for i in range(i0, i1) if i in images}
+        for keys in size_batches({i: im.shape for i, im in unit.items()}, batch_size):
+            x = torch.from_numpy(np.stack([unit[i] for i in keys])).permute(0, 3, 1, 2).contiguous()
+            batches.append((x, (x.shape[-2] // 16, x.shape[-1] // 16)))
     with torch.inference_mode():
         teacher.forward(*batches[0])  # warm-up, as the actor's first batch also pays it
         t = time.perf_counter()
@@ -109,9 +105,9 @@ def main() -> None:
 
     import os
 
-    from pipeline.config import load_config
-    from pipeline.configs import CacheConfig
+    from config import load_config
     from stages.cache import run_cache
+    from stages.config import CacheConfig
     from stages.ray_cluster import ray_cluster
     from storage.inspect import describe_store
 

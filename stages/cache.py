@@ -1,9 +1,9 @@
 """`pipeline cache-teachers`: run one teacher once over a store's images and write its targets.
 
 Orchestration (driver) and the teacher actor. The images phase lives in ``stages.ingest``; PHI-S
-statistics in ``storage.phis``. Teacher inference runs in a Ray actor pool: each actor owns whole
-write units (``storage.shards``), reads the stored pixels, runs the teacher on them (the exact
-pixels the student will see), writes its shards in a background thread and commits the unit.
+statistics in ``storage.phis``. Teacher inference runs on an actor pool (``stages.runner``): each
+actor owns whole write units (``storage.shards``), reads the stored pixels, runs the teacher on them
+(the exact pixels the student will see), writes its shards in a background thread and commits the unit.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.configs import CacheConfig
 from storage import layout as L
 from storage.commits import CommitLog
 from storage.image_policy import ImagePolicy
 from storage.shards import ShardPlan
-from storage.store import FeatureStore, TeacherSpec
+from storage.store import FeatureStore, TeacherGroupSpec
 
+from .config import CacheConfig
 from .ingest import IngestReport, ingest_images
 from .ray_cluster import ray_cluster
+from .runner import UnitJob
 from .sources import list_images
 
 __all__ = ["CacheReport", "TeacherWorker", "run_cache", "check_range"]
@@ -65,16 +66,6 @@ class CacheReport:
     resumed: bool = False
 
 
-def _teacher_kwargs(cfg: CacheConfig) -> dict:
-    return dict(
-        spec=cfg.teacher,
-        weights=cfg.weights,
-        random_init=cfg.random_init,
-        seed=cfg.seed,
-        patch_size=cfg.patch_size,
-    )
-
-
 class TeacherWorker:
     """One teacher replica; ``run_unit`` computes a unit and hands its writes to a background thread."""
 
@@ -94,7 +85,6 @@ class TeacherWorker:
         self.pixel_offsets = np.asarray(pixel_offsets)
         self.shard_rows = int(self.group[L.PATCHES].shards[0])
         self.ok = self.store.image_array(L.OK)[:]
-        self.grid = self.store.image_array(L.GRID)[:]
         self.commits = CommitLog(store_url, f"{L.TEACHERS}/{name}/{L.COMMITS}")
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self.pending: Future | None = None
@@ -110,25 +100,14 @@ class TeacherWorker:
         return out
 
     def _forward(self, images: dict[int, np.ndarray]) -> dict[int, tuple]:
-        """Batched teacher forward, grouping images of equal size (deterministic order)."""
-        import torch
-
-        by_size: dict[tuple, list[int]] = {}
-        for i in sorted(images):
-            by_size.setdefault(images[i].shape, []).append(i)
+        """Per image: (summary [D], patches [gh*gw, D], registers [R, D] or None), float32."""
         results = {}
-        with torch.inference_mode():
-            for shape, idx in sorted(by_size.items()):
-                for s in range(0, len(idx), self.batch_size):
-                    chunk = idx[s : s + self.batch_size]
-                    pixels = torch.from_numpy(np.stack([images[i] for i in chunk])).permute(0, 3, 1, 2).contiguous()
-                    grid = (int(self.grid[chunk[0], 0]), int(self.grid[chunk[0], 1]))
-                    out = self.teacher.forward(pixels, grid)
-                    summary = out.summary.float().numpy()
-                    patches = out.patches.float().reshape(len(chunk), grid[0] * grid[1], -1).numpy()
-                    registers = None if out.registers is None else out.registers.float().numpy()
-                    for j, i in enumerate(chunk):
-                        results[i] = (summary[j], patches[j], None if registers is None else registers[j])
+        for keys, out in self.teacher.forward_images(images, self.batch_size):
+            summary = out.summary.float().numpy()
+            patches = out.patches.float().reshape(len(keys), -1, out.patches.shape[-1]).numpy()
+            registers = None if out.registers is None else out.registers.float().numpy()
+            for j, i in enumerate(keys):
+                results[i] = (summary[j], patches[j], None if registers is None else registers[j])
         return results
 
     def run_unit(self, unit: int) -> dict:
@@ -140,7 +119,7 @@ class TeacherWorker:
         t1 = time.perf_counter()
         results = self._forward(images)
         t2 = time.perf_counter()
-        self.flush()  # at most one unit in flight: bounded memory
+        self._wait_for_write()  # at most one unit in flight: bounded memory
         self.pending = self.writer.submit(self._write, unit, i0, i1, r0, r1, results)
         return {"unit": unit, "images": len(results), "tokens": r1 - r0,
                 "decode_s": t1 - t0, "forward_s": t2 - t1}
@@ -172,11 +151,14 @@ class TeacherWorker:
             g[L.PATCHES][r0:r1] = check_range(np.concatenate(rows), self.dtype, self.name, L.PATCHES)
         self.commits.commit(unit, {"images": [i0, i1], "rows": [r0, r1], "host": platform.node()})
 
-    def flush(self) -> bool:
+    def _wait_for_write(self) -> None:
         if self.pending is not None:
             self.pending.result()  # re-raises a write error in the caller
             self.pending = None
-        return True
+
+    def finish(self) -> None:
+        """After the last unit: wait for its write (the runner calls this on every actor)."""
+        self._wait_for_write()
 
 
 def run_cache(
@@ -190,8 +172,9 @@ def run_cache(
     import ray
     import torch
 
-    from .teachers import build_teacher
     from storage.phis import estimate_phis
+
+    from .teachers import build_teacher
 
     progress = on_progress or (lambda *a: None)
     policy = ImagePolicy(cfg.patch_size, cfg.min_tokens, cfg.max_tokens, cfg.image_format, cfg.image_quality)
@@ -201,7 +184,7 @@ def run_cache(
 
     # the driver builds the teacher once: fingerprint, dims, frozen heads, text embeddings
     t = time.perf_counter()
-    teacher = build_teacher(**_teacher_kwargs(cfg))
+    teacher = build_teacher(**cfg.teacher_kwargs())
     name = cfg.name or teacher.name
     fingerprint = {
         **teacher.fingerprint(),
@@ -209,7 +192,7 @@ def run_cache(
         "student_patch_size": cfg.patch_size,
         "dtype": cfg.dtype,
     }
-    spec = TeacherSpec(name, teacher.summary_dim, teacher.embed_dim, teacher.num_registers, cfg.dtype, fingerprint)
+    spec = TeacherGroupSpec(name, teacher.summary_dim, teacher.embed_dim, teacher.num_registers, cfg.dtype, fingerprint)
     resumed = store.check_teacher(spec)  # raises on a conflicting fingerprint, before any work
     seconds["build_teacher"] = time.perf_counter() - t
 
@@ -235,7 +218,7 @@ def run_cache(
             store.create_teacher(
                 spec,
                 tokens,
-                shard_images=int(store.attrs["shard_images"]),
+                shard_images=store.shard_images,
                 shard_rows=cfg.shard_rows,
                 chunk_rows=cfg.chunk_rows,
                 extra_attrs={"resampled": bool(teacher.resampled), "spec": cfg.teacher},
@@ -252,29 +235,15 @@ def run_cache(
 
         plan: ShardPlan = store.plan()
         commits = CommitLog(store.url, f"{L.TEACHERS}/{name}/{L.COMMITS}")
-        done = commits.committed()
-        todo = [u for u in range(plan.num_units) if u not in done]
-        report = CacheReport(store.url, name, ingest, plan.num_units, len(done), resumed=resumed)
-        progress(f"teacher {name}", len(done), plan.num_units)
-        if todo:
-            actor_cls = ray.remote(num_cpus=threads)(TeacherWorker)
-            tok_ref, pix_ref = ray.put(tokens), ray.put(pixel_offsets)
-            actors = [
-                actor_cls.remote(store.url, name, _teacher_kwargs(cfg), cfg.dtype, threads, cfg.batch_size, tok_ref, pix_ref)
-                for _ in range(min(cfg.workers, len(todo)))
-            ]
-            pool = ray.util.ActorPool(actors)
-            finished = len(done)
-            for result in pool.map_unordered(lambda a, u: a.run_unit.remote(u), todo):
-                report.images_computed += result["images"]
-                report.tokens += result["tokens"]
-                for key in ("decode_s", "forward_s"):
-                    seconds[key] = seconds.get(key, 0.0) + result[key]
-                finished += 1
-                progress(f"teacher {name}", finished, plan.num_units)
-            ray.get([a.flush.remote() for a in actors])
-            for a in actors:
-                ray.kill(a)
+        job = UnitJob(f"teacher {name}", plan.num_units, commits.committed(), progress)
+        report = CacheReport(store.url, name, ingest, plan.num_units, plan.num_units - len(job.todo), resumed=resumed)
+        init = (store.url, name, cfg.teacher_kwargs(), cfg.dtype, threads, cfg.batch_size, ray.put(tokens),
+                ray.put(pixel_offsets))
+        for result in job.run_actors(TeacherWorker, init, workers=cfg.workers, num_cpus=threads):
+            report.images_computed += result["images"]
+            report.tokens += result["tokens"]
+            for key in ("decode_s", "forward_s"):
+                seconds[key] = seconds.get(key, 0.0) + result[key]
         seconds["teacher"] = time.perf_counter() - t
 
     if cfg.phis:

@@ -9,7 +9,6 @@ clustering (they are listed in ``DIR/pool/failures``); the embedding matrix is n
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,11 +18,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from .embed import EMBEDDINGS, POOL, EmbedReport, run_embed
-from .manifest import MANIFEST, absolute_source, write_manifest
-from .sources import list_images
+from .manifest import MANIFEST, write_manifest
+from .sources import list_images, read_source_table
 
 if TYPE_CHECKING:
-    from pipeline.configs import CurateConfig
+    from .config import CurateConfig
 
 __all__ = ["CurateReport", "OkRows", "read_concepts", "run_curate"]
 
@@ -54,17 +53,10 @@ class OkRows:
 def read_concepts(path: str | Path, sources: list[str]) -> tuple[np.ndarray, list[str]]:
     """A CSV with ``path`` and ``concept`` (or ``label``) columns -> (code per source, -1 where the
     CSV does not list it; concept names). Paths are relative to the CSV's folder."""
-    base = Path(path).resolve().parent
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = set(reader.fieldnames or [])
-        key = "concept" if "concept" in cols else "label" if "label" in cols else None
-        if "path" not in cols or key is None:
-            raise ValueError(f"concepts file {path} needs the columns 'path' and 'concept' (or 'label')")
-        table = {absolute_source(str(base / row["path"])): str(row[key]) for row in reader}
-    names = sorted(set(table.values()))
+    values = read_source_table(path, sources, ("concept", "label"), "concepts")
+    names = sorted({v for v in values if v is not None})
     code = {c: i for i, c in enumerate(names)}
-    return np.array([code.get(table.get(absolute_source(s), ""), -1) for s in sources], np.int64), names
+    return np.array([code.get(v, -1) if v is not None else -1 for v in values], np.int64), names
 
 
 @dataclass

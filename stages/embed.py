@@ -15,7 +15,7 @@ DIR/
 
 Images are read with ``stages.sources`` and resized with the store's ``ImagePolicy`` (the pixels
 cache-teachers would store and the teacher would see), then batched by size through the teacher
-adapter in a Ray actor pool. Work is split in units of ``unit_images`` consecutive images; every
+adapter on an actor pool (``stages.runner``). Work is split in units of ``unit_images`` consecutive images; every
 array is chunked by unit, so a unit's writes touch only its own chunk objects, and the unit's commit
 marker is written after them. A rerun (after ``kill -9``) skips committed units; a unit is a pure
 function of its images, so the result equals an uninterrupted run. Bad images never stop the job.
@@ -31,15 +31,16 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from storage.commits import CommitLog
+from storage.failures import count_reasons, write_failure_table
 from storage.fingerprint import digest, digest_strings
 from storage.image_policy import ImagePolicy
 
 from .ray_cluster import ray_cluster
+from .runner import UnitJob
 from .sources import ImageRef, iter_decoded
 
 if TYPE_CHECKING:
-    from pipeline.configs import CurateConfig
-
+    from .config import CurateConfig
     from .teachers import Teacher
 
 __all__ = ["EMBEDDINGS", "EmbedError", "EmbedReport", "EmbedWorker", "decode_unit", "embed_images",
@@ -91,23 +92,12 @@ def decode_unit(sources: list[str], policy: ImagePolicy) -> tuple[list[np.ndarra
 def embed_images(teacher: Teacher, images: list[np.ndarray | None], batch_size: int) -> np.ndarray:
     """Normalized summary embeddings [n, D] float32 of policy-sized images (zero rows for None).
 
-    Images of equal size are batched together, in a fixed order, so a unit's result does not depend
-    on which worker computes it or when."""
-    import torch
-
+    Images go through ``Teacher.forward_images`` (batched by size in a fixed order), so a unit's
+    result does not depend on which worker computes it or when."""
     out = np.zeros((len(images), teacher.summary_dim), np.float32)
-    by_size: dict[tuple, list[int]] = {}
-    for i, img in enumerate(images):
-        if img is not None:
-            by_size.setdefault(img.shape, []).append(i)
-    patch = teacher.patch_size
-    with torch.inference_mode():
-        for shape, idx in sorted(by_size.items()):
-            grid = (shape[0] // patch, shape[1] // patch)
-            for s in range(0, len(idx), batch_size):
-                chunk = idx[s: s + batch_size]
-                pixels = torch.from_numpy(np.stack([images[i] for i in chunk])).permute(0, 3, 1, 2).contiguous()
-                out[chunk] = normalize_rows(teacher.forward(pixels, grid).summary.float().numpy())
+    present = {i: img for i, img in enumerate(images) if img is not None}
+    for keys, result in teacher.forward_images(present, batch_size):
+        out[keys] = normalize_rows(result.summary.float().numpy())
     return out
 
 
@@ -119,11 +109,6 @@ def embed_sources(teacher: Teacher, sources: list[str], policy: ImagePolicy, bat
 
 
 # ------------------------------------------------------------------------------------ the actor
-def _teacher_kwargs(cfg: CurateConfig) -> dict:
-    return dict(spec=cfg.embedder, weights=cfg.weights, random_init=cfg.random_init, seed=cfg.seed,
-                patch_size=cfg.patch_size)
-
-
 def _policy(cfg: CurateConfig) -> ImagePolicy:
     return ImagePolicy(cfg.patch_size, cfg.min_tokens, cfg.max_tokens)
 
@@ -175,7 +160,6 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
     """Embed ``refs`` into ``out`` (a run folder, created when absent); resumes a killed run.
 
     Starts an embedded Ray cluster unless one is running (or joins ``cfg.ray_address``)."""
-    import ray
     import zarr
 
     from .teachers import build_teacher
@@ -186,7 +170,7 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
     policy = _policy(cfg)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    teacher = build_teacher(**_teacher_kwargs(cfg))  # the driver's copy: dimension and fingerprint
+    teacher = build_teacher(**cfg.teacher_kwargs())  # the driver's copy: dimension and fingerprint
     dim = int(teacher.summary_dim)
     expected = {"num_images": n, "unit_images": unit, "sources_digest": digest_strings(sources),
                 "embedder": cfg.embedder, "embedder_fingerprint": digest(teacher.fingerprint()),
@@ -208,29 +192,22 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
 
     num_units = -(-n // unit)
     report = EmbedReport(str(out), num_images=n, dim=dim, units_total=num_units)
-    done = commits.committed()
-    report.units_skipped = len(done)
-    todo = [u for u in range(num_units) if u not in done]
+    job = UnitJob("embed", num_units, commits.committed(), progress)
+    todo = job.todo
+    report.units_skipped = num_units - len(todo)
     report.skipped = not todo and bool(group.attrs.get("embed_complete"))
-    progress("embed", len(done), num_units)
     t = time.perf_counter()
     if todo:
         cpus = cfg.num_cpus or len(os.sched_getaffinity(0))
         workers = min(cfg.workers, len(todo))
         threads = cfg.threads or max(1, cpus // workers)
         with ray_cluster(cfg.ray_address, cfg.num_cpus):
-            actor_cls = ray.remote(num_cpus=threads)(EmbedWorker)
-            actors = [actor_cls.remote(str(out), _teacher_kwargs(cfg), policy.to_dict(), cfg.dtype, threads,
-                                       cfg.batch_size, unit) for _ in range(workers)]
-            pool = ray.util.ActorPool(actors)
-            finished = len(done)
-            jobs = pool.map_unordered(lambda a, u: a.run_unit.remote(u, sources[u * unit:(u + 1) * unit]), todo)
-            for result in jobs:
+            init = (str(out), cfg.teacher_kwargs(), policy.to_dict(), cfg.dtype, threads, cfg.batch_size, unit)
+            for result in job.run_actors(EmbedWorker, init, lambda u: (u, sources[u * unit:(u + 1) * unit]),
+                                         workers=workers, num_cpus=threads):
                 report.images_computed += result["images"]
-                finished += 1
-                progress("embed", finished, num_units)
-            for a in actors:
-                ray.kill(a)
+    else:
+        progress("embed", num_units, num_units)
     seconds["embed"] = time.perf_counter() - t
 
     # failure table from the unit markers (small), then the folder is complete
@@ -238,17 +215,9 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
     for u in range(num_units):
         failures += [(int(i), str(r)) for i, r in commits.info(u)["failures"]]
     failures.sort()
-    fg = group.require_group(f"{POOL}/failures")
-    f = len(failures)
-    fg.create_array("index", shape=(f,), dtype="int64", chunks=(max(f, 1),), overwrite=True)
-    fg.create_array("reason", shape=(f,), dtype=str, chunks=(max(f, 1),), overwrite=True)
-    if f:
-        fg["index"][:] = np.array([i for i, _ in failures], np.int64)
-        fg["reason"][:] = np.array([r for _, r in failures], dtype=str)
-    group.attrs.update({"embed_complete": True, "num_failed": f})
-    report.num_failed = f
-    for _, r in failures:
-        key = r.split(":", 1)[0]
-        report.failure_reasons[key] = report.failure_reasons.get(key, 0) + 1
+    write_failure_table(group.require_group(f"{POOL}/failures"), [i for i, _ in failures], [r for _, r in failures])
+    group.attrs.update({"embed_complete": True, "num_failed": len(failures)})
+    report.num_failed = len(failures)
+    report.failure_reasons = count_reasons(r for _, r in failures)
     report.seconds = seconds
     return report

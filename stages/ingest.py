@@ -1,8 +1,8 @@
 """Images phase of `cache-teachers`: decode, resize and encode every image into the store's images/.
 
 Three steps, each resumable:
-  A. Ray tasks, one per unit: read + decode + resize + encode; the unit's bytes and metadata are
-     staged in ``_staging/images/unit-*.npz`` (atomic write = the step's commit).
+  A. Ray tasks (``stages.runner``), one per unit: read + decode + resize + encode; the unit's bytes
+     and metadata are staged in ``_staging/images/unit-*.npz`` (atomic write = the step's commit).
   B. The driver reads the staged metadata (small), computes pixel and token offsets and the
      failure table, and creates the arrays.
   C. Ray tasks, one per unit: write the unit's per-image shards and its owned pixel shards
@@ -12,23 +12,23 @@ Failures (unreadable, corrupt, truncated, not an image) are recorded, never drop
 
 from __future__ import annotations
 
-import csv
 import io
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from storage import layout as L
 from storage.commits import CommitLog
+from storage.failures import count_reasons
 from storage.fingerprint import digest_strings
-from storage.fsutil import atomic_write, join
+from storage.fsutil import atomic_write
 from storage.image_policy import ImagePolicy
 from storage.shards import ShardPlan
 from storage.store import FeatureStore, StoreError
 
-from .sources import ImageRef, iter_decoded
+from .runner import UnitJob
+from .sources import ImageRef, iter_decoded, read_source_table
 
 __all__ = ["IngestReport", "ingest_images", "prepare_unit"]
 
@@ -133,15 +133,8 @@ def _write_task(store_url: str, unit: int, offsets_ref: np.ndarray) -> int:
 
 def _read_labels(path: str, sources: list[str]) -> np.ndarray:
     """labels CSV (columns path,label; paths relative to the CSV's folder) -> [N] int32, -1 if unknown."""
-    base = Path(path).resolve().parent
-    table: dict[str, int] = {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"labels file {path} needs the columns 'path' and 'label'")
-        for row in reader:
-            table[str((base / row["path"]).resolve())] = int(row["label"])
-    return np.asarray([table.get(str(Path(s).resolve()), -1) for s in sources], np.int32)
+    values = read_source_table(path, sources, ("label",), "labels")
+    return np.asarray([-1 if v is None else int(v) for v in values], np.int32)
 
 
 def ingest_images(
@@ -188,16 +181,9 @@ def ingest_images(
     staged = {u for u in range(plan.num_units) if store.fs.exists(_staged_path(store, u))}
     committed = CommitLog(store.url, IMAGES_COMMITS).committed()
     report.units_done_before = len(committed)
-    todo = [u for u in range(plan.num_units) if u not in staged and u not in committed]
-    progress("decode + resize", plan.num_units - len(todo), plan.num_units)
-    stage = ray.remote(num_cpus=1, max_retries=2)(_stage_task)
-    pending = [stage.remote(store.url, u, sources[slice(*plan.image_range(u))], store.policy.to_dict()) for u in todo]
-    done = plan.num_units - len(todo)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)
-        done += 1
-        progress("decode + resize", done, plan.num_units)
+    stage = UnitJob("decode + resize", plan.num_units, staged | committed, progress)
+    policy = store.policy.to_dict()
+    list(stage.run_tasks(_stage_task, lambda u: (store.url, u, sources[slice(*plan.image_range(u))], policy)))
 
     # step B: offsets and arrays from the staged metadata
     sizes, ok, grid, reasons, ids = [], [], [], [], []
@@ -222,17 +208,9 @@ def ingest_images(
             store.write_labels(_read_labels(labels_csv, sources), shard_images)
 
     # step C: write shards, unit by unit
-    writer = ray.remote(num_cpus=1, max_retries=2)(_write_task)
     offsets_ref = ray.put(pixel_offsets)
-    todo = [u for u in range(plan.num_units) if u not in committed]
-    done = plan.num_units - len(todo)
-    progress("write images", done, plan.num_units)
-    pending = [writer.remote(store.url, u, offsets_ref) for u in todo]
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)
-        done += 1
-        progress("write images", done, plan.num_units)
+    write = UnitJob("write images", plan.num_units, committed, progress)
+    list(write.run_tasks(_write_task, lambda u: (store.url, u, offsets_ref)))
 
     store.update_attrs(
         images_complete=True,
@@ -243,9 +221,7 @@ def ingest_images(
         store.fs.rm(store.path(L.STAGING), recursive=True)
     report.num_images = len(sources)
     report.num_failed = int((~ok_a).sum())
-    for r in reasons_a[~ok_a]:
-        key = str(r).split(":", 1)[0]
-        report.failure_reasons[key] = report.failure_reasons.get(key, 0) + 1
+    report.failure_reasons = count_reasons(reasons_a[~ok_a])
     return report
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .sources import TAR_SEP, ImageRef, register_spec_reader
+from .sources import ImageRef, absolute_source, register_spec_reader
 
 __all__ = ["MANIFEST", "MANIFEST_KIND", "is_manifest", "manifest_refs", "read_manifest", "write_manifest"]
 
@@ -57,14 +57,6 @@ def _manifest_dir(path: Path) -> Path | None:
 
 def is_manifest(path: Path) -> bool:
     return _manifest_dir(path) is not None
-
-
-def absolute_source(source: str) -> str:
-    """Sources are made absolute when written, so a manifest works from any working directory."""
-    if TAR_SEP in source:
-        tar, _, member = source.partition(TAR_SEP)
-        return f"{Path(tar).resolve()}{TAR_SEP}{member}"
-    return str(Path(source).resolve())
 
 
 def write_manifest(path: str | Path, *, ids: np.ndarray, sources: np.ndarray, index: np.ndarray,

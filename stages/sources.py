@@ -7,6 +7,7 @@ with a short, deterministic, machine-readable reason ("empty", "not-an-image", "
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
 import io
@@ -25,6 +26,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "BACKGROUND",
+    "absolute_source",
+    "read_source_table",
     "DEFAULT_MAX_PIXELS",
     "DecodeError",
     "ImageRef",
@@ -78,6 +81,33 @@ class ImageRef:
         """(tar path, member name); only meaningful when ``in_tar``."""
         tar, _, member = self.source.partition(TAR_SEP)
         return tar, member
+
+
+def absolute_source(source: str) -> str:
+    """A source with an absolute path (tar members keep their member name), so it means the same from any folder."""
+    if TAR_SEP in source:
+        tar, _, member = source.partition(TAR_SEP)
+        return f"{Path(tar).resolve()}{TAR_SEP}{member}"
+    return str(Path(source).resolve())
+
+
+def read_source_table(path: str | Path, sources: list[str], columns: tuple[str, ...], what: str
+                      ) -> list[str | None]:
+    """The value a ``path,<column>`` CSV gives each source (None where it lists none).
+
+    ``columns`` are tried in order; the first the CSV has is read. Paths in the CSV are relative to
+    its folder. The one reader of the labels CSV (cache-teachers) and the concepts CSV (curate).
+    """
+    base = Path(path).resolve().parent
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        present = set(reader.fieldnames or [])
+        key = next((c for c in columns if c in present), None)
+        if "path" not in present or key is None:
+            wanted = " (or ".join(f"'{c}'" for c in columns) + ")" * (len(columns) - 1)
+            raise ValueError(f"{what} file {path} needs the columns 'path' and {wanted}")
+        table = {absolute_source(str(base / row["path"])): str(row[key]) for row in reader}
+    return [table.get(absolute_source(s)) for s in sources]
 
 
 # ----------------------------------------------------------------------------- listing

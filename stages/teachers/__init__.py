@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import Teacher, TeacherOutput
-from .spec import TeacherSpec, parse_spec
+from .spec import ModelSpec, parse_spec
 
-__all__ = ["Teacher", "TeacherOutput", "TeacherSpec", "build_teacher", "parse_spec"]
+__all__ = ["Teacher", "TeacherOutput", "ModelSpec", "build_teacher", "parse_spec"]
 
 
 def build_teacher(

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +22,7 @@ __all__ = [
     "library_versions",
     "resize_pixels",
     "seeded",
+    "size_batches",
     "to_student_grid",
 ]
 
@@ -71,10 +73,35 @@ class Teacher(ABC):
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         raise ValueError(f"teacher {self.spec} has no text tower")
 
+    def forward_images(self, images: Mapping[int, np.ndarray], batch_size: int
+                       ) -> Iterator[tuple[list[int], TeacherOutput]]:
+        """The teacher over policy-sized uint8 ``[H, W, 3]`` images, batched by size (``size_batches``).
+
+        Yields ``(keys, output)`` per batch: the one batching loop of cache-teachers and embedding (the
+        cache benchmark times the same ``size_batches`` batches).
+        """
+        for keys in size_batches({k: v.shape for k, v in images.items()}, batch_size):
+            pixels = torch.from_numpy(np.stack([images[k] for k in keys])).permute(0, 3, 1, 2).contiguous()
+            h, w = pixels.shape[-2:]
+            yield keys, self.forward(pixels, (h // self.patch_size, w // self.patch_size))
+
     @staticmethod
     def _output(summary, patches, registers) -> TeacherOutput:
         cpu = lambda t: None if t is None else t.detach().to("cpu", torch.float32).contiguous()  # noqa: E731
         return TeacherOutput(cpu(summary), cpu(patches), cpu(registers))
+
+
+def size_batches(shapes: Mapping[int, tuple], batch_size: int) -> list[list[int]]:
+    """Keys of equal shape together, at most ``batch_size`` per batch, shapes and keys in sorted order.
+
+    A deterministic order, so that a unit's targets do not depend on which worker computes it or when.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    by_shape: dict[tuple, list[int]] = {}
+    for key in sorted(shapes):
+        by_shape.setdefault(tuple(shapes[key]), []).append(key)
+    return [keys[s: s + batch_size] for _, keys in sorted(by_shape.items()) for s in range(0, len(keys), batch_size)]
 
 
 def check_pixels(pixels: torch.Tensor, grid: tuple[int, int], patch_size: int) -> None:

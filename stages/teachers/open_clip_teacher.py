@@ -26,7 +26,7 @@ import torch
 
 from .base import (RESAMPLE_RULE, RESIZE_RULE, Teacher, TeacherOutput, attention_pool_config, check_pixels, freeze,
                    library_versions, resize_pixels, seeded, to_student_grid)
-from .spec import TeacherSpec
+from .spec import ModelSpec
 from .weights import file_sha256, load_state_dict, load_strict
 
 __all__ = ["OpenClipTeacher"]
@@ -73,7 +73,7 @@ def _derived_trunk(base: str, overrides: dict) -> str:
 
 
 class OpenClipTeacher(Teacher):
-    def __init__(self, spec: TeacherSpec, *, weights: str | Path | None = None, random_init: bool = False,
+    def __init__(self, spec: ModelSpec, *, weights: str | Path | None = None, random_init: bool = False,
                  seed: int = 0, patch_size: int = 16, device: str = "cpu"):
         import open_clip
 
@@ -145,7 +145,7 @@ class OpenClipTeacher(Teacher):
             )
 
     @staticmethod
-    def _create(open_clip, spec: TeacherSpec, pretrained: str | None, overrides: dict):
+    def _create(open_clip, spec: ModelSpec, pretrained: str | None, overrides: dict):
         try:
             return open_clip.create_model(spec.model, pretrained=pretrained, **overrides)
         except Exception as exc:

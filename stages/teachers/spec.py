@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-__all__ = ["LIBRARIES", "TeacherSpec", "parse_spec"]
+__all__ = ["LIBRARIES", "ModelSpec", "parse_spec"]
 
 LIBRARIES = ("timm", "open_clip")
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -18,7 +18,9 @@ _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]*$")
 
 
 @dataclass(frozen=True)
-class TeacherSpec:
+class ModelSpec:
+    """A parsed SPEC: which library builds which model, with which constructor overrides."""
+
     library: str
     model: str
     kwargs: dict = field(default_factory=dict)
@@ -44,7 +46,7 @@ def _value(text: str):
     return text
 
 
-def parse_spec(spec: str) -> TeacherSpec:
+def parse_spec(spec: str) -> ModelSpec:
     library, sep, rest = spec.strip().partition(":")
     if not sep:
         raise ValueError(f"teacher SPEC {spec!r} must look like timm:MODEL or open_clip:MODEL")
@@ -65,4 +67,4 @@ def parse_spec(spec: str) -> TeacherSpec:
         if key in kwargs:
             raise ValueError(f"model override {key!r} given twice in {spec!r}")
         kwargs[key] = _value(value.strip())
-    return TeacherSpec(library, model, kwargs)
+    return ModelSpec(library, model, kwargs)

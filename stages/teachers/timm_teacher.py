@@ -14,7 +14,7 @@ import torch
 
 from .base import (RESAMPLE_RULE, RESIZE_RULE, Teacher, TeacherOutput, check_pixels, freeze, library_versions,
                    resize_pixels, seeded, to_student_grid)
-from .spec import TeacherSpec
+from .spec import ModelSpec
 from .weights import file_sha256, load_state_dict, load_strict, map_by_order, packaged_lite_weights
 
 __all__ = ["TimmTeacher"]
@@ -27,7 +27,7 @@ _IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 class TimmTeacher(Teacher):
-    def __init__(self, spec: TeacherSpec, *, weights: str | Path | None = None, random_init: bool = False,
+    def __init__(self, spec: ModelSpec, *, weights: str | Path | None = None, random_init: bool = False,
                  seed: int = 0, patch_size: int = 16, device: str = "cpu"):
         import timm
 
@@ -74,7 +74,7 @@ class TimmTeacher(Teacher):
         self.resampled = self.fixed_size is not None
 
     @staticmethod
-    def _create(timm, spec: TeacherSpec, kwargs: dict, pretrained: bool):
+    def _create(timm, spec: ModelSpec, kwargs: dict, pretrained: bool):
         """ViTs are asked for a dynamic input size; models that do not take that argument are built without it."""
         attempts = [{"dynamic_img_size": True, **kwargs}, kwargs] if "dynamic_img_size" not in kwargs else [kwargs]
         for i, attempt in enumerate(attempts):

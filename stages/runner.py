@@ -1,0 +1,95 @@
+"""One runner for every Ray job over images: units of work on a pool, each run once, with progress.
+
+A job is split into numbered *units* (``storage.shards``); a unit that is already done (its commit
+marker exists, or its staged output) is skipped, so rerunning a killed job finishes it. The work of
+a unit is either a stateless Ray task (ingest) or a method of a stateful actor that holds a model
+(teacher caching, embedding), placed by the resources it asks for. Results come back in completion
+order; ``on_progress(phase, done, total)`` counts skipped units as done.
+
+Actors follow one protocol: ``run_unit(*args) -> result`` per unit and, optionally, ``finish()``,
+called once on every actor after the last unit (an actor that writes in the background waits for
+its writes there, so an error in them reaches the driver).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+__all__ = ["UnitJob"]
+
+Progress = Callable[[str, int, int], None]
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    return None
+
+
+@dataclass
+class UnitJob:
+    """Units ``0 .. num_units-1`` of one phase; ``done`` are skipped."""
+
+    phase: str
+    num_units: int
+    done: Iterable[int] = ()
+    on_progress: Progress | None = None
+    _done: set[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._done = {u for u in self.done if 0 <= u < self.num_units}
+        self.on_progress = self.on_progress or _no_progress
+
+    @property
+    def todo(self) -> list[int]:
+        """Units still to run, in order."""
+        return [u for u in range(self.num_units) if u not in self._done]
+
+    def _report(self, finished: int) -> None:
+        self.on_progress(self.phase, finished, self.num_units)
+
+    def _collect(self, results: Iterator[Any]) -> Iterator[Any]:
+        finished = len(self._done)
+        self._report(finished)
+        for result in results:
+            finished += 1
+            self._report(finished)
+            yield result
+
+    def run_tasks(self, fn: Callable, args: Callable[[int], tuple] = lambda u: (u,), *, num_cpus: float = 1,
+                  num_gpus: float = 0, max_retries: int = 2) -> Iterator[Any]:
+        """``fn(*args(u))`` as one Ray task per unit still to do; yields results as tasks finish."""
+        import ray
+
+        remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(fn)
+        pending = [remote.remote(*args(u)) for u in self.todo]
+
+        def results() -> Iterator[Any]:
+            nonlocal pending
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                yield ray.get(ready[0])
+
+        return self._collect(results())
+
+    def run_actors(self, actor_cls: type, init_args: tuple, args: Callable[[int], tuple] = lambda u: (u,), *,
+                   workers: int = 1, num_cpus: float = 1, num_gpus: float = 0) -> Iterator[Any]:
+        """``actor.run_unit(*args(u))`` on a pool of ``workers`` actors (no more than units to do)."""
+        import ray
+
+        todo = self.todo
+        if not todo:
+            return self._collect(iter(()))
+        remote_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(actor_cls)
+        actors = [remote_cls.remote(*init_args) for _ in range(min(workers, len(todo)))]
+
+        def results() -> Iterator[Any]:
+            try:
+                pool = ray.util.ActorPool(actors)
+                yield from pool.map_unordered(lambda a, u: a.run_unit.remote(*args(u)), todo)
+                if hasattr(actor_cls, "finish"):
+                    ray.get([a.finish.remote() for a in actors])
+            finally:
+                for a in actors:
+                    ray.kill(a)
+
+        return self._collect(results())

@@ -1,0 +1,75 @@
+"""The one runner of Ray units: done units are skipped, each unit runs once, progress counts, actors finish."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import ray.cloudpickle
+
+
+from stages.runner import UnitJob
+from stages.teachers.base import size_batches
+
+# the tasks and actors below live in this test module, which Ray workers cannot import: ship them by value
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _square(unit: int, seen_dir: str) -> int:
+    open(os.path.join(seen_dir, f"unit-{unit}"), "w").close()
+    return unit * unit
+
+
+class _Counter:
+    """An actor that records which units it ran and whether ``finish`` was called."""
+
+    def __init__(self, seen_dir: str, offset: int):
+        self.seen_dir, self.offset = seen_dir, offset
+
+    def run_unit(self, unit: int, extra: str) -> tuple[int, str]:
+        open(os.path.join(self.seen_dir, f"unit-{unit}"), "w").close()
+        return unit + self.offset, extra
+
+    def finish(self) -> None:
+        open(os.path.join(self.seen_dir, f"finished-{os.getpid()}"), "w").close()
+
+
+def test_tasks_run_each_pending_unit_once_and_report_progress(ray_local, tmp_path):
+    calls = []
+    job = UnitJob("square", 6, done={1, 4, 99}, on_progress=lambda *a: calls.append(a))
+    assert job.todo == [0, 2, 3, 5]
+    results = sorted(job.run_tasks(_square, lambda u: (u, str(tmp_path))))
+    assert results == [0, 4, 9, 25]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unit-0", "unit-2", "unit-3", "unit-5"]
+    assert calls == [("square", n, 6) for n in range(2, 7)]  # the 2 done units count from the start
+
+
+def test_actor_pool_runs_pending_units_and_calls_finish_on_every_actor(ray_local, tmp_path):
+    job = UnitJob("count", 5, done={2})
+    results = sorted(job.run_actors(_Counter, (str(tmp_path), 100), lambda u: (u, f"u{u}"), workers=2, num_cpus=0.5))
+    assert results == [(100, "u0"), (101, "u1"), (103, "u3"), (104, "u4")]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [n for n in names if n.startswith("unit-")] == ["unit-0", "unit-1", "unit-3", "unit-4"]
+    assert sum(n.startswith("finished-") for n in names) == 2
+
+
+def test_nothing_to_do_starts_no_actor_and_reports_complete(ray_local, tmp_path):
+    calls = []
+    job = UnitJob("none", 3, done={0, 1, 2}, on_progress=lambda *a: calls.append(a))
+    assert list(job.run_actors(_Counter, (str(tmp_path), 0))) == []
+    assert calls == [("none", 3, 3)] and not list(tmp_path.iterdir())
+
+
+def test_a_failing_unit_raises_in_the_driver(ray_local, tmp_path):
+    job = UnitJob("square", 2)
+    with pytest.raises(Exception, match="No such file"):
+        list(job.run_tasks(_square, lambda u: (u, str(tmp_path / "missing")), max_retries=0))
+
+
+def test_size_batches_groups_equal_shapes_in_a_fixed_order():
+    shapes = {7: (32, 48, 3), 2: (16, 16, 3), 5: (32, 48, 3), 1: (32, 48, 3), 9: (16, 16, 3)}
+    assert size_batches(shapes, 2) == [[2, 9], [1, 5], [7]]
+    assert size_batches(dict(reversed(list(shapes.items()))), 2) == [[2, 9], [1, 5], [7]]
+    with pytest.raises(ValueError):
+        size_batches(shapes, 0)
