@@ -26,16 +26,8 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import md_table, write_results  # noqa: E402
+from train.model import DenseMLP  # noqa: E402
 from train.moe import MoEMLP, fine_grained_hidden  # noqa: E402
-
-
-class DenseMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        return self.fc2(self.act(self.fc1(x))), {}
 
 
 def _sync(device: torch.device) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "load_weights"]
 
 MODEL = "model.safetensors"
 STATE = "optim.pt"
@@ -68,3 +68,12 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
     return json.loads((path / META).read_text())
+
+
+def load_weights(source: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a run directory (its latest checkpoint), a ``checkpoints/`` folder or one checkpoint."""
+    source = Path(source)
+    ckpt = latest_checkpoint(source / "checkpoints") or latest_checkpoint(source) or source
+    if not (ckpt / MODEL).is_file():
+        raise ValueError(f"no checkpoint found in {source} (a run directory or checkpoint dir)")
+    return load_file(str(ckpt / MODEL))

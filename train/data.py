@@ -20,8 +20,7 @@ from storage.reader import StoreReader, read_batch
 from storage.streaming import epoch_stream
 
 from .config import DataConfig
-from .model.vit import patchify
-from .packing import Microbatch, build_layout, pack_stream, padded_stream
+from .packing import Microbatch, build_layout, pack_stream, padded_stream, patchify
 
 __all__ = ["StepPlan", "PlanStream", "StoreBatches", "make_loader", "augment", "ordered_plans"]
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-__all__ = ["Microbatch", "PackedLayout", "pack_stream", "padded_stream", "build_layout", "grid_coords"]
+__all__ = ["Microbatch", "PackedLayout", "pack_stream", "padded_stream", "build_layout", "grid_coords", "patchify"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,16 @@ def padded_stream(stream: Iterable[tuple[int, int]], tokens_of: Callable[[int], 
             index, batch, longest, epoch0 = index + 1, [], 0, None
     if batch:
         yield Microbatch(index, epoch0, tuple((r,) for r in batch), longest)
+
+
+def patchify(image: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[3, H, W] -> [gh*gw, 3*patch*patch]`` in row-major patch order (the layout's patch order),
+    channels outermost per patch."""
+    c, h, w = image.shape
+    if h % patch or w % patch:
+        raise ValueError(f"image {h}x{w} is not a multiple of the patch size {patch}")
+    x = image.reshape(c, h // patch, patch, w // patch, patch)
+    return x.permute(1, 3, 0, 2, 4).reshape((h // patch) * (w // patch), c * patch * patch)
 
 
 def grid_coords(gh: int, gw: int) -> np.ndarray:

@@ -1,39 +1,39 @@
 """The training loop: store -> packed microbatches -> student + heads -> per-image normalized losses.
 
-nanoGPT-style and deliberately flat: one function owns the loop; data order, model init and
-augmentation are pure functions of the config and seed, so a run killed at any point and resumed from
-its last checkpoint continues with bit-identical losses on CPU.
+nanoGPT-style: ``train`` sets up and runs the loop, whose body fits on a screen; the pieces of a step
+(accumulate the microbatches, reduce over ranks, step the optimizer, record, checkpoint) are the named
+functions beside it. Data order, model init and augmentation are pure functions of the config and
+seed, so a run killed at any point and resumed from its last checkpoint continues with bit-identical
+losses on CPU.
 
 Data parallel: every rank replays the same plan stream and takes every ``world``-th microbatch;
-gradients are summed with all-reduce (each rank's loss is already its share of the global mean,
-AMoE Eq. 5). Explicit all-reduce instead of DDP's hooks because experts that receive no token in a
-step have no gradient, which DDP only tolerates with ``find_unused_parameters``.
+gradients are summed with an explicit all-reduce (``train.distributed``), each rank's loss already
+being its share of the global mean (AMoE Eq. 5).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from storage.store import FeatureStore
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from .config import OptimConfig, TrainConfig
 from .data import PlanStream, StoreBatches, make_loader
+from .distributed import allreduce_grads, rank_and_world, resolve_device
 from .losses import distillation_terms
-from .model.distill import DistillModel
-from .targets import load_teacher_targets
+from .metrics import MetricsLog
+from .model.distill import DistillModel, build_model
+from .moe import upcycle_model
 
-__all__ = ["TrainingDiverged", "TrainResult", "batch_to_device", "build_model", "compute_terms", "lr_at", "train"]
+__all__ = ["TrainingDiverged", "TrainResult", "batch_to_device", "compute_terms", "lr_at", "train"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -51,6 +51,60 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class StepTotals:
+    """What one optimizer step summed over its microbatches (and, once reduced, over the ranks)."""
+
+    losses: dict[str, torch.Tensor | float]
+    real_tokens: int
+    data_wait: float
+    aux: list[dict]
+
+
+def train(cfg: TrainConfig, store_url: str, run: Path, *, fingerprint_meta: dict | None = None,
+          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train (or resume) the run in ``run`` on ``store_url``; the caller has checked the fingerprint."""
+    rank, world = rank_and_world()
+    device = resolve_device(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    store = FeatureStore.open(store_url)
+    teachers = cfg.data.teachers or store.teacher_names
+    if not teachers:
+        raise ValueError(f"{store_url} has no teacher: run cache-teachers first")
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg, store, teachers).to(device)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                            eps=cfg.optim.eps, fused=device.type == "cuda")
+    start = _resume(model, opt, run, cfg)
+    batches = _batches(cfg, store_url, store, teachers, start, rank, world)
+    log = MetricsLog(run, start, enabled=rank == 0)
+    history: list[dict] = []
+    t_begin = time.perf_counter()
+    try:
+        for step in range(start, cfg.run.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.optim, cfg.run.steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            totals = _reduce(_accumulate(model, batches, cfg, device, step), world, device)
+            _check_finite(totals.losses, step)  # before the optimizer: the weights never see a bad gradient
+            grad_norm = _optimizer_step(model, opt, cfg.optim, world, device)
+            record = _record(step, lr, grad_norm, totals, time.perf_counter() - t0)
+            history.append(record)
+            if step % cfg.run.log_every == 0 or step == cfg.run.steps - 1:
+                log.write(record)
+            if on_step is not None:
+                on_step(record)
+            _maybe_checkpoint(step + 1, run, model, opt, cfg, teachers, rank, world, fingerprint_meta)
+    finally:
+        log.close()
+        del batches  # stops the loader's workers now, also when the loop raised
+    return _result(cfg, start, history, time.perf_counter() - t_begin)
+
+
+# ------------------------------------------------------------------------------- set-up
 def lr_at(step: int, cfg: OptimConfig, total: int) -> float:
     """Linear warmup to ``lr``, then cosine or linear decay to ``lr·min_lr_ratio`` at ``total``."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -63,11 +117,6 @@ def lr_at(step: int, cfg: OptimConfig, total: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def build_model(cfg: TrainConfig, store: FeatureStore, teachers: list[str]) -> DistillModel:
-    targets = [load_teacher_targets(store, t, phis=cfg.loss.phis) for t in teachers]
-    return DistillModel(cfg.model, cfg.heads, targets)
-
-
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases, norms and learned tokens (1-D parameters), as timm and nanoGPT."""
     decay, no_decay = [], []
@@ -77,24 +126,33 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def _resume(model: DistillModel, opt: torch.optim.Optimizer, run: Path, cfg: TrainConfig) -> int:
+    """The step to start from: the last checkpoint's, else 0 (upcycled from a dense run when asked)."""
+    latest = latest_checkpoint(run / "checkpoints")
+    if latest is not None:
+        return int(load_checkpoint(latest, model, opt)["step"])
+    if cfg.model.moe.upcycle_from:
+        try:
+            dense = load_weights(Path(cfg.model.moe.upcycle_from))
+        except ValueError as exc:
+            raise ValueError(f"model.moe.upcycle_from: {exc}") from None
+        upcycle_model(model, dense, cfg.model.moe.upcycle_noise, cfg.run.seed)
+    return 0
 
 
-def _allreduce_grads(model: torch.nn.Module) -> None:
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-        offset += n
+def _batches(cfg: TrainConfig, store_url: str, store: FeatureStore, teachers: list[str], start: int, rank: int,
+             world: int) -> Iterator[dict]:
+    """This rank's microbatches from ``start`` on: plans made here, loaded by DataLoader workers."""
+    dataset = StoreBatches(store_url, teachers, cfg.data, patch=cfg.model.patch_size,
+                           registers=cfg.model.registers, seed=cfg.run.seed)
+    plans = PlanStream(dataset.reader.ok, dataset.reader.grid, store.shard_images, cfg.data,
+                       registers=cfg.model.registers, seed=cfg.run.seed, accumulation=cfg.optim.accumulation,
+                       world=world, rank=rank)
+    dataset.drop_reader()
+    return iter(make_loader(dataset, plans.steps(start), cfg.data))
 
 
+# ------------------------------------------------------------------------------- one step
 def batch_to_device(batch: dict, device: torch.device) -> dict:
     out = dict(batch)
     out["pixels"] = batch["pixels"].to(device, non_blocking=True)
@@ -103,29 +161,18 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
-def _router_term(aux: list[dict], share: float) -> torch.Tensor | None:
-    losses = [a["router_loss"] for a in aux if "router_loss" in a]
-    if not losses:
-        return None
-    return torch.stack(losses).mean() * share
-
-
-def _routing_metrics(aux: list[dict]) -> dict[str, float]:
-    """Per-layer routing losses and entropies, read back in one transfer."""
-    names, values = [], []
-    for i, a in enumerate(aux):
-        for key in ("load_balance_loss", "z_loss", "expert_usage_entropy", "token_routing_entropy"):
-            if key in a:
-                names.append(f"moe/{i}/{key}")
-                values.append(a[key].detach().float().reshape(()))
-    return dict(zip(names, torch.stack(values).tolist())) if values else {}
-
-
 def _autocast(device: torch.device):
     """bf16 autocast on CUDA; float32 elsewhere."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
+
+
+def _router_term(aux: list[dict], share: float) -> torch.Tensor | None:
+    losses = [a["router_loss"] for a in aux if "router_loss" in a]
+    if not losses:
+        return None
+    return torch.stack(losses).mean() * share
 
 
 def compute_terms(model: DistillModel, batch: dict, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], object]:
@@ -147,164 +194,53 @@ def compute_terms(model: DistillModel, batch: dict, cfg: TrainConfig) -> tuple[d
     return terms, out
 
 
-class _MetricsLog:
-    """metrics.jsonl + TensorBoard; on resume, lines after the checkpoint's step are dropped first."""
-
-    def __init__(self, run: Path, resume_step: int, enabled: bool):
-        self.enabled = enabled
-        if not enabled:
-            return
-        self.path = run / "metrics.jsonl"
-        if self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(run / "tensorboard"), purge_step=resume_step)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.tb.close()
+def _accumulate(model: DistillModel, batches: Iterator[dict], cfg: TrainConfig, device: torch.device,
+                step: int) -> StepTotals:
+    """Forward and backward of this rank's ``optim.accumulation`` microbatches; loss terms summed on the device."""
+    totals = StepTotals({}, 0, 0.0, [])
+    for _ in range(cfg.optim.accumulation):
+        t = time.perf_counter()
+        batch = batch_to_device(next(batches), device)
+        totals.data_wait += time.perf_counter() - t
+        if batch["step"] != step:
+            raise RuntimeError(f"data plan out of sync: got step {batch['step']}, training step {step}")
+        totals.real_tokens += batch["real_tokens"]
+        terms, out = compute_terms(model, batch, cfg)
+        torch.stack(list(terms.values())).sum().backward()
+        for k, v in terms.items():
+            totals.losses[k] = totals.losses.get(k, 0.0) + v.detach().float()
+        totals.aux = out.aux
+    return totals
 
 
-def train(cfg: TrainConfig, store_url: str, run: Path, *, fingerprint_meta: dict | None = None,
-          on_step: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train (or resume) the run in ``run`` on ``store_url``; the caller has checked the fingerprint."""
-    rank, world = _dist()
-    device = torch.device(cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    store = FeatureStore.open(store_url)
-    teachers = cfg.data.teachers or store.teacher_names
-    if not teachers:
-        raise ValueError(f"{store_url} has no teacher: run cache-teachers first")
+def _reduce(totals: StepTotals, world: int, device: torch.device) -> StepTotals:
+    """Loss terms and token count over all ranks, read back in the step's one host sync.
 
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg, store, teachers).to(device)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                            eps=cfg.optim.eps, fused=device.type == "cuda")
-    ckpt_root = run / "checkpoints"
-    start = 0
-    latest = latest_checkpoint(ckpt_root)
-    if latest is not None:
-        start = int(load_checkpoint(latest, model, opt)["step"])
-    elif cfg.model.moe.upcycle_from:
-        _upcycle(model, Path(cfg.model.moe.upcycle_from), cfg)
-    log = _MetricsLog(run, start, enabled=rank == 0)
-
-    dataset = StoreBatches(store_url, teachers, cfg.data, patch=cfg.model.patch_size,
-                           registers=cfg.model.registers, seed=cfg.run.seed)
-    reader = dataset.reader
-    plans = PlanStream(reader.ok, reader.grid, int(store.attrs["shard_images"]), cfg.data,
-                       registers=cfg.model.registers, seed=cfg.run.seed, accumulation=cfg.optim.accumulation,
-                       world=world, rank=rank)
-    dataset.drop_reader()
-    loader = make_loader(dataset, plans.steps(start), cfg.data)
-    batches = iter(loader)
-
-    history, last_loss = [], float("nan")
-    wait_total = step_total = 0.0
-    tokens_total = 0
-    t_begin = time.perf_counter()
-    try:
-        for step in range(start, cfg.run.steps):
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg.optim, cfg.run.steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            sums: dict[str, torch.Tensor] = {}
-            wait = 0.0
-            real_tokens = 0
-            aux_last: list[dict] = []
-            for _ in range(cfg.optim.accumulation):
-                tw = time.perf_counter()
-                batch = batch_to_device(next(batches), device)
-                wait += time.perf_counter() - tw
-                if batch["step"] != step:
-                    raise RuntimeError(f"data plan out of sync: got step {batch['step']}, training step {step}")
-                real_tokens += batch["real_tokens"]
-                terms, out = compute_terms(model, batch, cfg)
-                torch.stack(list(terms.values())).sum().backward()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().float()
-                aux_last = out.aux
-            names = list(sums)
-            values = torch.stack([sums[k] for k in names])
-            tokens = torch.tensor(float(real_tokens), dtype=torch.float64, device=device)
-            if world > 1:  # a NaN on any rank makes the sum NaN on every rank: all stop together
-                dist.all_reduce(values)
-                dist.all_reduce(tokens)
-            sums = dict(zip(names, values.tolist()))  # the step's one host sync for the losses
-            _check_finite(sums, step)  # before the optimizer: the weights never see a bad gradient
-            real_tokens = int(tokens.item())
-            if world > 1:
-                _allreduce_grads(model)
-            grad_norm = float("nan")
-            if cfg.optim.clip_grad:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad))
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            last_loss = sum(sums.values())
-            wait_total += wait
-            step_total += dt
-            tokens_total += real_tokens
-            record = {"step": step, "loss": last_loss, **{f"loss/{k}": v for k, v in sums.items()}, "lr": lr,
-                      "grad_norm": grad_norm, "tokens_per_s": real_tokens / dt, "data_wait": wait / dt,
-                      "step_time": dt, **_routing_metrics(aux_last)}
-            history.append(record)
-            if step % cfg.run.log_every == 0 or step == cfg.run.steps - 1:
-                log.write(record)
-            if on_step is not None:
-                on_step(record)
-            done = step + 1
-            if done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps:
-                if rank == 0:
-                    # the data position is the step: plans replay from metadata (train/data.py)
-                    position = {"step": done, "microbatches": done * cfg.optim.accumulation * world, "world": world}
-                    save_checkpoint(ckpt_root, done, model, opt,
-                                    {"teachers": teachers, "data_position": position, **(fingerprint_meta or {})},
-                                    cfg.run.keep_checkpoints)
-                if world > 1:
-                    dist.barrier()
-    finally:
-        log.close()
-        del batches
-    return TrainResult(
-        steps=cfg.run.steps, resumed_from=start, last_loss=last_loss, seconds=time.perf_counter() - t_begin,
-        tokens_per_s=tokens_total / step_total if step_total else 0.0,
-        data_wait=wait_total / step_total if step_total else 0.0, history=history,
-    )
+    A NaN on any rank makes the sum NaN on every rank, so all stop together.
+    """
+    names = list(totals.losses)
+    values = torch.stack([totals.losses[k] for k in names])
+    tokens = torch.tensor(float(totals.real_tokens), dtype=torch.float64, device=device)
+    if world > 1:  # the token count as a device tensor: NCCL cannot reduce CPU tensors
+        dist.all_reduce(values)
+        dist.all_reduce(tokens)
+    totals.losses = dict(zip(names, values.tolist()))
+    totals.real_tokens = int(tokens.item())
+    return totals
 
 
-def _upcycle(model: DistillModel, source: Path, cfg: TrainConfig) -> None:
-    """Start an MoE run from a dense run: experts are copies of its MLPs, heads and the rest are loaded."""
-    from safetensors.torch import load_file
-
-    ckpt = latest_checkpoint(source / "checkpoints") or latest_checkpoint(source) or source
-    if not (ckpt / "model.safetensors").exists():
-        raise ValueError(f"model.moe.upcycle_from={source}: no checkpoint found (a run directory or checkpoint dir)")
-    state = load_file(str(ckpt / "model.safetensors"))
-    model.student.upcycle_from({k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")},
-                               cfg.model.moe.upcycle_noise, cfg.run.seed)
-    rest = {k: v for k, v in state.items() if not k.startswith("student.")}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if not k.startswith("student.")]
-    if missing or unexpected:
-        raise ValueError(f"upcycling from {ckpt}: heads do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+def _optimizer_step(model: DistillModel, opt: torch.optim.Optimizer, cfg: OptimConfig, world: int,
+                    device: torch.device) -> float:
+    """Gradients summed over ranks, clipped, applied; returns the gradient norm before clipping (NaN: no clipping)."""
+    if world > 1:
+        allreduce_grads(model)
+    grad_norm = float("nan")
+    if cfg.clip_grad:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad))
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return grad_norm
 
 
 def _check_finite(terms: dict[str, float], step: int) -> None:
@@ -313,3 +249,49 @@ def _check_finite(terms: dict[str, float], step: int) -> None:
         raise TrainingDiverged(f"step {step}: non-finite loss in term(s) {', '.join(bad)} "
                                f"({', '.join(f'{k}={v}' for k, v in bad.items())}); the run stopped before the "
                                "optimizer step, the last checkpoint is left as it was")
+
+
+# ------------------------------------------------------------------------------- records and checkpoints
+def _routing_metrics(aux: list[dict]) -> dict[str, float]:
+    """Per-layer routing losses and entropies, read back in one transfer."""
+    names, values = [], []
+    for i, a in enumerate(aux):
+        for key in ("load_balance_loss", "z_loss", "expert_usage_entropy", "token_routing_entropy"):
+            if key in a:
+                names.append(f"moe/{i}/{key}")
+                values.append(a[key].detach().float().reshape(()))
+    return dict(zip(names, torch.stack(values).tolist())) if values else {}
+
+
+def _record(step: int, lr: float, grad_norm: float, totals: StepTotals, seconds: float) -> dict:
+    """One metrics.jsonl line: total and per-term losses, lr, throughput, data wait, routing metrics."""
+    return {"step": step, "loss": sum(totals.losses.values()), **{f"loss/{k}": v for k, v in totals.losses.items()},
+            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": totals.real_tokens / seconds,
+            "data_wait": totals.data_wait / seconds, "step_time": seconds, "real_tokens": totals.real_tokens,
+            **_routing_metrics(totals.aux)}
+
+
+def _maybe_checkpoint(done: int, run: Path, model: DistillModel, opt: torch.optim.Optimizer, cfg: TrainConfig,
+                      teachers: list[str], rank: int, world: int, fingerprint_meta: dict | None) -> None:
+    """Every ``run.checkpoint_every`` steps and at the end, rank 0 writes; every rank waits for it."""
+    if done % cfg.run.checkpoint_every and done != cfg.run.steps:
+        return
+    if rank == 0:
+        # the data position is the step: plans replay from metadata (train/data.py)
+        position = {"step": done, "microbatches": done * cfg.optim.accumulation * world, "world": world}
+        save_checkpoint(run / "checkpoints", done, model, opt,
+                        {"teachers": teachers, "data_position": position, **(fingerprint_meta or {})},
+                        cfg.run.keep_checkpoints)
+    if world > 1:
+        dist.barrier()
+
+
+def _result(cfg: TrainConfig, start: int, history: list[dict], seconds: float) -> TrainResult:
+    step_total = sum(r["step_time"] for r in history)
+    return TrainResult(
+        steps=cfg.run.steps, resumed_from=start, last_loss=history[-1]["loss"] if history else float("nan"),
+        seconds=seconds,
+        tokens_per_s=sum(r["real_tokens"] for r in history) / step_total if step_total else 0.0,
+        data_wait=sum(r["data_wait"] * r["step_time"] for r in history) / step_total if step_total else 0.0,
+        history=history,
+    )

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from storage.store import FeatureStore
-from train.targets import load_teacher_targets
+from train.model.targets import load_teacher_targets
 
 
 def test_frozen_pool_from_store_pools_each_image_like_timm(train_store):

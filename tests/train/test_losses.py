@@ -12,7 +12,7 @@ from train.config import DataConfig, LossConfig
 from train.data import augment
 from train.losses import distillation_terms
 from train.model.rope import GoldenRope, apply_rope
-from train.targets import FeatureSpace
+from train.model.targets import FeatureSpace
 
 
 def _naive_eq_1_to_6(images, cfg: LossConfig) -> float:

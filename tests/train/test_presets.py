@@ -6,7 +6,7 @@ import torch
 
 from train.config import ModelConfig
 from train.model import Student
-from train.moe import MoEMLP
+from train.moe import MoEMLP, upcycle_model
 
 
 def _counts(preset: str) -> tuple[int, int]:
@@ -66,7 +66,7 @@ def test_upcycled_student_equals_dense_before_any_step():
     kw = dict(patch_size=4, dim=32, depth=4, num_heads=2, registers=2)
     dense = Student(ModelConfig(**kw)).eval()
     sparse = Student(ModelConfig(**kw, moe={"layers": "odd", "experts": 4, "top_k": 2, "backend": "loop"})).eval()
-    sparse.upcycle_from(dense.state_dict())
+    upcycle_model(sparse, dense.state_dict())
     grids = [(2, 3), (3, 3)]
     layout = build_layout([grids], 32, 2)
     pixels = torch.rand(15, 48)
@@ -77,7 +77,7 @@ def test_upcycled_student_equals_dense_before_any_step():
     assert len(b.aux) == 2 and not np.isnan(float(b.aux[0]["router_loss"]))
     import pytest
     with pytest.raises(ValueError, match="dense checkpoint"):
-        sparse.upcycle_from({k: v for k, v in dense.state_dict().items() if "blocks.1.mlp.fc1" not in k})
+        upcycle_model(sparse, {k: v for k, v in dense.state_dict().items() if "blocks.1.mlp.fc1" not in k})
 
 
 def test_baseline_kinds_run_on_packed_sequences():

@@ -1,7 +1,10 @@
-"""The student network: ViT backbone over packed sequences, attention, RoPE, teacher heads."""
+"""The student network: ViT backbone over packed sequences, attention, RoPE, its MLPs, teacher heads,
+and the distillation model (student + heads) built from a store."""
 
-from .heads import AdaptorHead, FrozenSummaryPool, TeacherHeads, TeacherSpec, build_frozen_pool
-from .vit import DenseMLP, Student, StudentOutput, patchify
+from .distill import DistillModel, build_model
+from .heads import AdaptorHead, FrozenSummaryPool, TeacherDims, TeacherHeads, build_frozen_pool
+from .mlp import DenseMLP, build_mlp
+from .vit import Student, StudentOutput
 
-__all__ = ["AdaptorHead", "DenseMLP", "FrozenSummaryPool", "Student", "StudentOutput", "TeacherHeads", "TeacherSpec",
-           "build_frozen_pool", "patchify"]
+__all__ = ["AdaptorHead", "DenseMLP", "DistillModel", "FrozenSummaryPool", "Student", "StudentOutput", "TeacherDims",
+           "TeacherHeads", "build_frozen_pool", "build_mlp", "build_model"]

@@ -1,17 +1,23 @@
-"""Student + per-teacher heads: everything that is trained, and the fixed target spaces it predicts in."""
+"""Student + per-teacher heads: everything that is trained, and the fixed target spaces it predicts in.
+
+``build_model`` makes one from a store (dims, PHI-S spaces, frozen pools) for the trainer, the
+evaluation and the benchmarks alike; nothing here loads a teacher.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..config import HeadConfig, ModelConfig
+from storage.store import FeatureStore
+
+from ..config import HeadConfig, ModelConfig, TrainConfig
 from ..packing import PackedLayout
-from ..targets import TeacherTargets
 from .heads import TeacherHeads
+from .targets import TeacherTargets, load_teacher_targets
 from .vit import Student, StudentOutput
 
-__all__ = ["DistillModel"]
+__all__ = ["DistillModel", "build_model"]
 
 
 class DistillModel(nn.Module):
@@ -55,3 +61,9 @@ class DistillModel(nn.Module):
     def raw_summaries(self, preds: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Head summaries mapped back into each teacher's own space (PHI-S inverted), for evaluation."""
         return {name: self.spaces[name]["summary"].denormalize(p["summary"]) for name, p in preds.items()}
+
+
+def build_model(cfg: TrainConfig, store: FeatureStore, teachers: list[str]) -> DistillModel:
+    """The student and heads for ``teachers`` of ``store``, freshly initialized from the current torch seed."""
+    targets = [load_teacher_targets(store, t, phis=cfg.loss.phis) for t in teachers]
+    return DistillModel(cfg.model, cfg.heads, targets)

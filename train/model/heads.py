@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["AdaptorHead", "TeacherHeads", "TeacherSpec", "FrozenSummaryPool", "build_frozen_pool"]
+__all__ = ["AdaptorHead", "TeacherHeads", "TeacherDims", "FrozenSummaryPool", "build_frozen_pool"]
 
 
 class AdaptorHead(nn.Sequential):
@@ -23,8 +23,8 @@ class AdaptorHead(nn.Sequential):
 
 
 @dataclass(frozen=True)
-class TeacherSpec:
-    """What the trainer knows of a teacher, all read from the store."""
+class TeacherDims:
+    """The widths of a teacher's features and its register count, as the store records them."""
 
     name: str
     summary_dim: int
@@ -97,7 +97,7 @@ def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
 class TeacherHeads(nn.Module):
     """All heads of one teacher: ``summary`` (from CLS, unless a frozen pool), ``patches``, ``registers``."""
 
-    def __init__(self, spec: TeacherSpec, dim: int, hidden: int, share: bool, pool: FrozenSummaryPool | None = None):
+    def __init__(self, spec: TeacherDims, dim: int, hidden: int, share: bool, pool: FrozenSummaryPool | None = None):
         super().__init__()
         self.spec = spec
         if share and len({spec.summary_dim, spec.patch_dim, spec.register_dim or spec.patch_dim}) > 1:

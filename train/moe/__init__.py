@@ -1,11 +1,14 @@
-"""Sparse Mixture-of-Experts MLP for the student: router, dropless dispatch, grouped GEMM backends.
+"""Sparse Mixture-of-Experts MLPs for the student: router, experts, token choice, baselines, upcycling.
 
 ``ops`` holds the compute (dispatch, grouped GEMM in triton / torch / loop); the modules here hold
-parameters (MegaBlocks-style split).
+parameters (MegaBlocks-style split): ``experts`` (the stacked expert weights and their two compute
+paths), ``router``, ``token_choice`` (the main top-k layer), ``soft_moe`` and ``expert_choice``
+(baselines), ``groups`` (which tokens a layer sees), ``upcycle`` (dense -> sparse).
 """
 
 from .expert_choice import ExpertChoiceMLP, expert_capacity
-from .experts import ExpertBank, MoEMLP, batched_experts, expert_activation, fine_grained_hidden
+from .experts import ExpertBank, batched_experts, expert_activation, fine_grained_hidden
+from .groups import TokenGroups, per_group
 from .router import (
     Router,
     RouterOutput,
@@ -17,7 +20,8 @@ from .router import (
     token_routing_entropy,
 )
 from .soft_moe import SoftMoEMLP, slots_for_topk
-from .upcycle import upcycle_into, upcycle_mlp_into_experts
+from .token_choice import MoEMLP
+from .upcycle import upcycle_into, upcycle_mlp_into_experts, upcycle_model
 
 __all__ = [
     "ExpertBank",
@@ -26,6 +30,7 @@ __all__ = [
     "Router",
     "RouterOutput",
     "SoftMoEMLP",
+    "TokenGroups",
     "batched_experts",
     "expert_activation",
     "expert_capacity",
@@ -33,10 +38,12 @@ __all__ = [
     "expert_usage_entropy",
     "fine_grained_hidden",
     "load_balance_loss",
+    "per_group",
     "router_z_loss",
     "routing_aux",
     "slots_for_topk",
     "token_routing_entropy",
     "upcycle_into",
     "upcycle_mlp_into_experts",
+    "upcycle_model",
 ]

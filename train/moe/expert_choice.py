@@ -9,7 +9,8 @@ Experts pick tokens instead of tokens picking experts. For one sequence ``X [N, 
 Every expert processes exactly ``c`` tokens (perfect balance, static shapes, plain bmm); a token may
 be taken by several experts or by none (it then passes through as zero, the residual carries it).
 TGR-MoE sets the capacity to match top-K compute: ``c = capacity_factor * K * N / E``.
-Selection happens inside the sequence axis (dim -2), so tokens of other sequences never compete.
+Selection happens inside a group: each image named by ``tokens`` (``groups.TokenGroups``) of a
+packed batch, or each sequence of dim -2 when ``tokens`` is None, so other images never compete.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .experts import Activation, ExpertBank
+from .groups import TokenGroups, per_group
 from .router import router_z_loss, token_routing_entropy
 
 
@@ -41,7 +43,11 @@ class ExpertChoiceMLP(nn.Module):
         nn.init.trunc_normal_(self.proj.weight, std=init_std)
         self.experts = ExpertBank(dim, hidden_dim, num_experts, activation, bias, init_std)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, tokens: TokenGroups | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``x [..., N, d]`` (each row of dim -2 one sequence), or any ``[..., d]`` with ``tokens``
+        naming the real rows and their images."""
+        if tokens is not None:
+            return per_group(self.forward, x, tokens)
         shape = x.shape
         xs = x.reshape(-1, shape[-2], shape[-1])  # [B, N, d]
         b, n, d = xs.shape

@@ -8,9 +8,9 @@ Each expert owns ``p`` slots. For one sequence ``X [N, d]`` and slot parameters 
     Y~ = expert_{s // p}(X~_s)
 
 No token is dropped and nothing is discrete, so there is no balancing loss. Mixing happens only
-inside the sequence axis (dim -2): with packed sequences call it per image, or accept that slots
-mix the images of a pack. ``token_mask`` removes padding from the dispatch softmax (padding then
-influences no slot) and zeros its output. Following the paper, ``normalize=True`` L2-normalizes
+inside a group: the images named by ``tokens`` (``groups.TokenGroups``) of a packed batch, one at a
+time, or each sequence of dim -2 when ``tokens`` is None. For padded sequences, ``token_mask``
+removes padding from the dispatch softmax (padding then influences no slot) and zeros its output. Following the paper, ``normalize=True`` L2-normalizes
 tokens and the slot parameters with a learned scale, which keeps logits tame at large ``d``.
 
 TGR-MoE matches its compute to top-K token choice by ``p = K * N / E`` slots per expert
@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .experts import Activation, ExpertBank
+from .groups import TokenGroups, per_group
 from .router import token_routing_entropy
 
 
@@ -51,7 +52,12 @@ class SoftMoEMLP(nn.Module):
             return x @ self.phi
         return self.scale * (F.normalize(x, dim=-1) @ F.normalize(self.phi, dim=0))
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, tokens: TokenGroups | None = None, *, token_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``x [..., N, d]`` (each row of dim -2 one sequence), or any ``[..., d]`` with ``tokens`` naming
+        the real rows and their images; ``token_mask [..., N]`` (True = real) for padded sequences."""
+        if tokens is not None:
+            return per_group(self.forward, x, tokens)
         shape = x.shape
         xs = x.reshape(-1, shape[-2], shape[-1])  # [B, N, d]
         b, n, d = xs.shape

@@ -1,5 +1,8 @@
 """Sparse upcycling (Komatsuzaki et al. 2022; M2oT Sec. 4.1): experts start as copies of a dense MLP.
 
+The one home of upcycling: one MLP into an MoE layer (``upcycle_into``) and a whole dense model's
+state into its sparse twin (``upcycle_model``); the trainer only hands over the dense checkpoint.
+
 With renormalized top-k gates (they sum to 1) an upcycled MoE computes exactly the dense MLP before
 its first update, ``sum_j g_tj * MLP(x_t) = MLP(x_t)``, whatever the router picks. Optional noise
 breaks the symmetry between the copies: each expert gets ``W + noise_std * std(W) * N(0, 1)``, i.e.
@@ -11,7 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .experts import MoEMLP
+from .expert_choice import ExpertChoiceMLP
+from .soft_moe import SoftMoEMLP
+from .token_choice import MoEMLP
+
+__all__ = ["upcycle_into", "upcycle_mlp_into_experts", "upcycle_model"]
 
 
 def upcycle_mlp_into_experts(
@@ -67,3 +74,43 @@ def upcycle_into(moe: MoEMLP, dense_fc1: nn.Linear, dense_fc2: nn.Linear, noise_
             raise ValueError(f"{name}: MoE shape {tuple(param.shape)} != upcycled {tuple(value.shape)}")
         param.copy_(value)
     return moe
+
+
+def _dense_linear(state: dict[str, torch.Tensor], key: str) -> nn.Linear:
+    if f"{key}.weight" not in state:
+        raise ValueError(f"dense checkpoint has no {key}: is it a dense student of the same depth?")
+    weight = state[f"{key}.weight"]
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=f"{key}.bias" in state)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if layer.bias is not None:
+            layer.bias.copy_(state[f"{key}.bias"])
+    return layer
+
+
+@torch.no_grad()
+def upcycle_model(model: nn.Module, dense_state: dict[str, torch.Tensor], noise_std: float = 0.0, seed: int = 0) -> None:
+    """Load a dense model's state into its sparse twin, copying each dense MLP into every expert.
+
+    The two models differ only in the MLPs of the sparse blocks: where ``model`` has a token-choice
+    MoE layer at path ``P``, the dense state has ``P.fc1`` and ``P.fc2``. Everything else is loaded as
+    it is; routers keep their fresh init. With renormalized top-k gates and no noise the upcycled
+    model computes exactly what the dense one did. A key missing on either side is an error.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    sparse: list[str] = []
+    for path, module in model.named_modules():
+        if isinstance(module, (SoftMoEMLP, ExpertChoiceMLP)):
+            raise ValueError("upcycling needs token-choice top-k MoE blocks (model.moe.kind = topk)")
+        if isinstance(module, MoEMLP):
+            upcycle_into(module, _dense_linear(dense_state, f"{path}.fc1"), _dense_linear(dense_state, f"{path}.fc2"),
+                         noise_std, generator)
+            sparse.append(f"{path}.")
+    inside = tuple(sparse)
+    rest = {k: v for k, v in dense_state.items() if not k.startswith(inside)}
+    own = {k for k in model.state_dict() if not k.startswith(inside)}
+    missing, unexpected = sorted(own - set(rest)), sorted(set(rest) - own)
+    if missing or unexpected:
+        raise ValueError(f"dense checkpoint does not match the sparse model outside its MoE layers: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(rest, strict=False)

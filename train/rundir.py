@@ -1,5 +1,8 @@
 """Run directories: the resolved config and the store fingerprint a run trained on, checked on every start.
 
+Written and, on resume, checked by ``pipeline train`` before the trainer starts; read by the
+evaluation (``eval``), which is why it lives in ``train/`` and not in the CLI.
+
 A run directory is the unit researchers compare: ``config.toml`` (resolved, with the preset expanded),
 ``store.json`` (the store it read and that store's fingerprint restricted to the run's teachers, so
 adding another teacher to a shared store does not invalidate older runs), ``metrics.jsonl``,
@@ -12,10 +15,11 @@ import json
 import tomllib
 from pathlib import Path
 
+from config import dump_toml
 from storage.fingerprint import diff
 from storage.store import FeatureStore
 
-from .config import dump_toml
+from .config import TrainConfig
 
 __all__ = ["RunError", "prepare_run", "run_fingerprint", "read_run"]
 
@@ -39,7 +43,7 @@ def run_fingerprint(store: FeatureStore, teachers: list[str]) -> dict:
     return {**fp, "teachers": {t: fp["teachers"][t] for t in teachers}}
 
 
-def prepare_run(run: Path, cfg, store_url: str, *, write: bool = True) -> dict:
+def prepare_run(run: Path, cfg: TrainConfig, store_url: str, *, write: bool = True) -> dict:
     """Create or check ``run``: refuse another store fingerprint, or a config that changes what is trained."""
     store = FeatureStore.open(store_url)
     teachers = cfg.data.teachers or store.teacher_names
@@ -67,8 +71,8 @@ def prepare_run(run: Path, cfg, store_url: str, *, write: bool = True) -> dict:
     return {"teachers": teachers, "fingerprint": fingerprint}
 
 
-def read_run(run: Path) -> tuple[dict, dict]:
-    """(config as a dict, store record) of an existing run directory."""
+def read_run(run: Path) -> tuple[TrainConfig, dict]:
+    """(resolved config, store record) of an existing run directory."""
     if not (run / CONFIG).exists() or not (run / STORE).exists():
         raise RunError(f"{run} is not a run directory (no {CONFIG} / {STORE}); train one with `pipeline train`")
-    return tomllib.loads((run / CONFIG).read_text()), json.loads((run / STORE).read_text())
+    return TrainConfig.model_validate(tomllib.loads((run / CONFIG).read_text())), json.loads((run / STORE).read_text())

@@ -1,7 +1,7 @@
 """What the trainer learns from the store about each teacher: dims, PHI-S spaces, frozen summary pool.
 
 Only ``storage`` is read here (never a teacher library): the store is the one channel through which
-teacher knowledge reaches training (DESIGN.md).
+teacher knowledge reaches training (docs/store-format.md).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from storage import layout as L
 from storage.phis import PhisTransform
 from storage.store import FeatureStore
 
-from .model.heads import FrozenSummaryPool, TeacherSpec, build_frozen_pool
+from .heads import FrozenSummaryPool, TeacherDims, build_frozen_pool
 
 __all__ = ["FeatureSpace", "TeacherTargets", "load_teacher_targets"]
 
@@ -48,7 +48,7 @@ class FeatureSpace(nn.Module):
 
 @dataclass
 class TeacherTargets:
-    spec: TeacherSpec
+    spec: TeacherDims
     spaces: dict[str, FeatureSpace]  # "summary", "patches"; registers always stay raw (AMoE suppl. §6)
     pool: FrozenSummaryPool | None
     fingerprint_digest: str
@@ -62,7 +62,7 @@ def load_teacher_targets(store: FeatureStore, name: str, *, phis: bool = True) -
         raise ValueError(f"teacher {name!r} is incomplete in the store: finish its cache-teachers run first")
     dims = attrs["dims"]
     regs = int(attrs.get("num_registers", 0))
-    spec = TeacherSpec(name, int(dims["summary"]), int(dims["patches"]), regs, int(dims["patches"]) if regs else 0)
+    spec = TeacherDims(name, int(dims["summary"]), int(dims["patches"]), regs, int(dims["patches"]) if regs else 0)
     spaces = {}
     for feature in L.PHIS_FEATURES:
         transform = None

@@ -1,0 +1,53 @@
+"""Where a process computes: its device and its place in a ``torchrun`` group (one rule for train and eval).
+
+``torchrun`` sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``: the group uses NCCL on GPUs and gloo on
+CPUs, and each rank takes the GPU of its local rank. Gradients are all-reduced explicitly (not by
+DDP's hooks) because experts that receive no token in a step have no gradient, which DDP only
+tolerates with ``find_unused_parameters``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["allreduce_grads", "init_distributed", "rank_and_world", "resolve_device"]
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; under torchrun a bare
+    CUDA device is the local rank's GPU."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun group when ``WORLD_SIZE`` > 1 (once); returns (rank, world)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank_and_world()
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def allreduce_grads(model: torch.nn.Module) -> None:
+    """Sum every trainable parameter's gradient over the ranks in one flat all-reduce (missing = zero)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+        offset += n

@@ -1,0 +1,80 @@
+"""Token-choice top-k MoE MLP: router -> dropless dispatch -> the experts' grouped GEMM -> weighted combine.
+
+A drop-in replacement for a block's dense MLP (the call every MLP of a block takes, see ``groups``),
+plus an aux dict with the router's losses and metrics. Output (M2oT Eq. 4):
+``y_t = sum_{j in topk(t)} g_tj * e_j(x_t)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .experts import Activation, ExpertBank
+from .groups import TokenGroups
+from .ops.dispatch import gather_rows, make_plan, scatter_combine
+from .ops.grouped_gemm import Backend
+from .router import Router, ScoreFunc, routing_aux
+
+__all__ = ["MoEMLP"]
+
+
+class MoEMLP(nn.Module):
+    """Token-choice top-k MoE MLP with dropless dispatch; ``backend`` picks the grouped GEMM."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        activation: Activation = "gelu",
+        bias: bool = True,
+        backend: Backend = "auto",
+        score_func: ScoreFunc = "softmax",
+        renormalize: bool = True,
+        noise_std: float = 0.0,
+        load_balance_weight: float = 0.01,
+        z_loss_weight: float = 1e-3,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
+        self.activation, self.backend = activation, backend
+        self.load_balance_weight, self.z_loss_weight = load_balance_weight, z_loss_weight
+        self.router = Router(
+            dim, num_experts, top_k, score_func=score_func, renormalize=renormalize, noise_std=noise_std, init_std=init_std
+        )
+        self.experts = ExpertBank(dim, hidden_dim, num_experts, activation, bias, init_std)
+
+    def forward(self, x: torch.Tensor, tokens: TokenGroups | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``x [..., d] -> (y [..., d], aux)``; only the real rows named by ``tokens`` are routed (all when None).
+
+        Groups do not matter to token choice: every token picks its experts alone.
+        aux: ``router_loss`` (= lb_weight * load_balance_loss + z_weight * z_loss), the two raw losses,
+        ``router_logits`` [T, E] (with grad, for routing distillation), and detached metrics
+        ``expert_usage_entropy``, ``token_routing_entropy``, ``expert_fraction`` [E], ``expert_idx`` [T, k].
+        """
+        if tokens is not None:
+            y, aux = self.forward(tokens.gather(x))
+            return tokens.scatter(y, like=x), aux
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        route = self.router(flat)
+        plan = make_plan(route.topk_idx, self.num_experts)
+        y_sorted = self.experts.grouped(gather_rows(flat, plan), plan.expert_idx, plan.offsets, self.backend)
+        gates_sorted = route.topk_weights.reshape(-1).index_select(0, plan.order)
+        out = scatter_combine(y_sorted, gates_sorted, plan, flat.shape[0])
+
+        aux = routing_aux(route)
+        aux["router_loss"] = self.load_balance_weight * aux["load_balance_loss"] + self.z_loss_weight * aux["z_loss"]
+        aux["router_logits"] = route.logits
+        aux["expert_idx"] = route.topk_idx.detach()
+        return out.reshape(shape), aux
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, hidden={self.hidden_dim}, experts={self.num_experts}, top_k={self.top_k}, "
+            f"act={self.activation}, backend={self.backend}"
+        )
