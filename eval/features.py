@@ -19,7 +19,7 @@ from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.config import TrainConfig
 from train.data import StoreBatches, make_loader, ordered_plans
 from train.losses import per_image_mean
-from train.trainer import build_model
+from train.model import build_model
 
 __all__ = ["StoreFeatures", "extract_features", "load_trained"]
 

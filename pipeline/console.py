@@ -46,3 +46,8 @@ def phase_reporter(bar: Progress, prefix: str = "") -> Callable[[str, int, int],
         bar.update(rows[key], completed=done, total=total)
 
     return on_progress
+
+
+def failures_text(count: int, reasons: dict[str, int]) -> str:
+    """``"3  (corrupt: 1, empty: 2)"``: a failure count with its kinds, as every summary prints it."""
+    return f"{count}" + (f"  ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})" if reasons else "")

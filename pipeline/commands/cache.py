@@ -7,9 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import ConfigError, load_cli_config
-from ..configs import CacheConfig
-from ..console import console, phase_reporter, progress
+from config import ConfigError, load_cli_config
+from stages.config import CacheConfig
+
+from ..console import console, failures_text, phase_reporter, progress
 
 
 def cache_teachers(
@@ -56,10 +57,7 @@ def _print_summary(report) -> None:
     table = Table(title=f"cache-teachers -> {report.store}", show_header=False)
     table.add_row("teacher", report.teacher + ("  (resumed)" if report.resumed else ""))
     table.add_row("images", f"{ing.num_images}" + ("  (already in store)" if ing.skipped else ""))
-    failed = f"{ing.num_failed}"
-    if ing.failure_reasons:
-        failed += "  (" + ", ".join(f"{k}: {v}" for k, v in sorted(ing.failure_reasons.items())) + ")"
-    table.add_row("failed images", failed)
+    table.add_row("failed images", failures_text(ing.num_failed, ing.failure_reasons))
     table.add_row("units", f"{report.units_total} ({report.units_skipped} already committed)")
     table.add_row("images computed / tokens written", f"{report.images_computed} / {report.tokens}")
     for feature, info in report.phis.items():

@@ -7,9 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import ConfigError, load_cli_config
-from ..configs import CurateConfig
-from ..console import console, phase_reporter, progress
+from config import ConfigError, load_cli_config
+from stages.config import CurateConfig
+
+from ..console import console, failures_text, phase_reporter, progress
 
 
 def curate(
@@ -66,9 +67,7 @@ def _print_summary(report) -> None:
 
     m, e = report.metrics, report.embed
     table = Table(title=f"curate -> {report.out}", show_header=False)
-    failed = f"{e.num_failed}"
-    if e.failure_reasons:
-        failed += "  (" + ", ".join(f"{k}: {v}" for k, v in sorted(e.failure_reasons.items())) + ")"
+    failed = failures_text(e.num_failed, e.failure_reasons)
     table.add_row("pool", f"{e.num_images} images, {report.num_ok} embedded (dim {e.dim}), failed {failed}")
     table.add_row("embedding units", f"{e.units_total} ({e.units_skipped} already committed)")
     table.add_row("selected", f"{report.num_selected} of {report.num_ok}")

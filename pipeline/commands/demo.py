@@ -16,8 +16,9 @@ from typing import Annotated
 
 import typer
 
-from ..config import load_config
-from ..configs import CacheConfig, CurateConfig
+from config import load_config
+from stages.config import CacheConfig, CurateConfig
+
 from ..console import console, phase_reporter, progress
 
 DEMO_TEACHERS = {"lite0": "timm:efficientnet_lite0", "lite2": "timm:efficientnet_lite2"}
@@ -103,10 +104,10 @@ def demo(
 
 def _train_and_evaluate(out: Path, train_store: Path, eval_store: Path, steps: int) -> None:
     """Student training and kNN evaluation through the same commands a user runs."""
+    from config import dump_toml
     from eval.report import write_report
     from train.config import TrainConfig
 
-    from ..config import dump_toml
     from .eval import evaluate
     from .train import train
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..console import console
-from ..runs import RunError, read_run
-
-TASKS = ("knn",)
 
 
 def evaluate(
@@ -24,51 +20,21 @@ def evaluate(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
 ) -> None:
     """Evaluate the run's latest checkpoint; results are merged into RUN/eval.json."""
-    import numpy as np
-    import torch
-
-    from eval.features import extract_features, load_trained
-    from eval.knn import knn_accuracy
-    from train.config import TrainConfig
+    from eval.evaluate import TASKS, EvalError, evaluate_run
 
     wanted = [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [t for t in wanted if t not in TASKS]
     if unknown or not wanted:
         raise typer.BadParameter(f"unknown task(s) {unknown or tasks!r}; available: {', '.join(TASKS)}")
     try:
-        cfg_dict, record = read_run(run)
-    except RunError as exc:
+        result = evaluate_run(run, store, wanted, bank=bank, device=device,
+                              options={"knn": {"k": k, "temperature": temperature}})
+    except (EvalError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
-    cfg = TrainConfig.model_validate(cfg_dict)
-    teachers = record["teachers"]
-    bank = bank or record["url"]
-    dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        model, meta = load_trained(run, store, cfg, teachers, dev)
-        queries = extract_features(model, store, cfg, teachers, dev)
-        neighbours = extract_features(model, bank, cfg, teachers, dev)
-    except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
-    qm, bm = queries.labels >= 0, neighbours.labels >= 0
-    if not qm.any() or not bm.any():
-        console.print(f"[red]error:[/red] kNN needs labels in both stores ({int(qm.sum())} labelled queries in {store}, "
-                      f"{int(bm.sum())} labelled neighbours in {bank}); cache them with --labels")
-        raise typer.Exit(1)
-    top1 = {name: knn_accuracy(neighbours.features[name][bm], neighbours.labels[bm], feats[qm], queries.labels[qm],
-                               k=k, temperature=temperature)
-            for name, feats in queries.features.items()}
-    result = {
-        "checkpoint_step": meta["step"],
-        "knn": {"k": k, "temperature": temperature, "bank": bank, "queries": store, "bank_images": int(bm.sum()),
-                "query_images": int(qm.sum()), "classes": int(len(np.unique(queries.labels[qm]))), "top1": top1},
-        "cosine": queries.cosine,
-    }
-    path = run / "eval.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps({**previous, **result}, indent=1))
-    _print(result, teachers)
+    if "knn" in result:
+        teachers = [name.split("/", 1)[1] for name in result["knn"]["top1"] if name.startswith("teacher/")]
+        _print(result, teachers)
 
 
 def _print(result: dict, teachers: list[str]) -> None:

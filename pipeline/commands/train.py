@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..config import ConfigError, load_cli_config
+from config import ConfigError, load_cli_config
+
 from ..console import console, progress
-from ..runs import RunError, prepare_run
-
-
-def _init_distributed() -> tuple[int, int]:
-    """torchrun sets WORLD_SIZE/RANK: gloo on CPU, NCCL on GPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
 
 
 def train(
@@ -36,6 +22,8 @@ def train(
 ) -> None:
     """Distil the store's teachers into a student; resumes from the run's last checkpoint if there is one."""
     from train.config import TrainConfig
+    from train.distributed import init_distributed
+    from train.rundir import RunError, prepare_run
     from train.trainer import TrainingDiverged
     from train.trainer import train as run_training
 
@@ -43,7 +31,7 @@ def train(
         cfg = load_cli_config(TrainConfig, config, {"model.preset": model, "run.steps": steps}, set_)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
-    rank, world = _init_distributed()
+    rank, world = init_distributed()
     try:
         meta = prepare_run(out, cfg, store, write=rank == 0)
     except (RunError, ValueError, FileNotFoundError) as exc:

@@ -1,0 +1,93 @@
+"""Evaluate a trained run on a store: one entry point, one function per task, results merged into RUN/eval.json.
+
+``evaluate_run`` loads the run's latest checkpoint through ``train.model`` (never the training loop),
+extracts features from each store a task reads (once per store), runs the tasks and merges their
+entries into ``RUN/eval.json``: every task owns one top-level key (``knn`` today), next to
+``checkpoint_step`` and the student-teacher ``cosine`` on the evaluated store. Further tasks
+(zero-shot, retrieval, dense probes, ensembling, CKA) are one function each in ``TASKS``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from train.config import TrainConfig
+from train.distributed import resolve_device
+from train.rundir import read_run
+
+from .features import StoreFeatures, extract_features, load_trained
+from .knn import knn_accuracy
+
+__all__ = ["EvalContext", "EvalError", "TASKS", "evaluate_run"]
+
+EVAL_FILE = "eval.json"
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as asked (unknown task, missing labels, ...); the message says why."""
+
+
+@dataclass
+class EvalContext:
+    """What a task reads: the run, its model, the evaluated store (queries) and the neighbour bank."""
+
+    run: Path
+    cfg: TrainConfig
+    teachers: list[str]
+    model: torch.nn.Module
+    device: torch.device
+    store: str
+    bank: str
+    _features: dict[str, StoreFeatures] = field(default_factory=dict)
+
+    def features(self, url: str) -> StoreFeatures:
+        """Student, head and cached teacher features of every usable image of ``url`` (computed once)."""
+        if url not in self._features:
+            self._features[url] = extract_features(self.model, url, self.cfg, self.teachers, self.device)
+        return self._features[url]
+
+
+def knn_task(ctx: EvalContext, k: int = 20, temperature: float = 0.07) -> dict:
+    """Weighted kNN top-1 of each feature: labelled queries of the store against the labelled bank."""
+    queries, neighbours = ctx.features(ctx.store), ctx.features(ctx.bank)
+    qm, bm = queries.labels >= 0, neighbours.labels >= 0
+    if not qm.any() or not bm.any():
+        raise EvalError(f"kNN needs labels in both stores ({int(qm.sum())} labelled queries in {ctx.store}, "
+                        f"{int(bm.sum())} labelled neighbours in {ctx.bank}); cache them with --labels")
+    top1 = {name: knn_accuracy(neighbours.features[name][bm], neighbours.labels[bm], feats[qm], queries.labels[qm],
+                               k=k, temperature=temperature)
+            for name, feats in queries.features.items()}
+    return {"k": k, "temperature": temperature, "bank": ctx.bank, "queries": ctx.store, "bank_images": int(bm.sum()),
+            "query_images": int(qm.sum()), "classes": int(len(np.unique(queries.labels[qm]))), "top1": top1}
+
+
+TASKS: dict[str, Callable[..., dict]] = {"knn": knn_task}
+
+
+def evaluate_run(run: Path, store: str, tasks: list[str] | tuple[str, ...] = ("knn",), *, bank: str | None = None,
+                 device: str = "auto", options: dict[str, dict] | None = None) -> dict:
+    """Evaluate ``run``'s latest checkpoint on ``store``; returns this evaluation's entries, also merged
+    into ``RUN/eval.json``. ``bank`` (kNN neighbours) defaults to the run's training store;
+    ``options[task]`` are that task's keyword arguments (e.g. ``{"knn": {"k": 20}}``)."""
+    tasks = list(tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise EvalError(f"unknown task(s) {unknown or tasks!r}; available: {', '.join(TASKS)}")
+    cfg, record = read_run(run)
+    dev = resolve_device(device)
+    model, meta = load_trained(run, store, cfg, record["teachers"], dev)
+    ctx = EvalContext(run, cfg, record["teachers"], model, dev, store, bank or record["url"])
+    result = {"checkpoint_step": meta["step"]}
+    for task in tasks:
+        result[task] = TASKS[task](ctx, **(options or {}).get(task, {}))
+    result["cosine"] = ctx.features(store).cosine
+    path = run / EVAL_FILE
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**previous, **result}, indent=1))
+    return result
