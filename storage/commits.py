@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 
+from .faults import fault_point
 from .fsutil import atomic_write, filesystem, join
 
 __all__ = ["CommitLog"]
@@ -23,8 +24,11 @@ class CommitLog:
         return join(self.dir, f"unit-{unit:08d}.json")
 
     def commit(self, unit: int, info: dict | None = None) -> None:
+        """Mark ``unit`` written; call only after every write of the unit has returned."""
         payload = {"unit": unit, "time": time.time(), **(info or {})}
+        fault_point("commit.before")
         atomic_write(self.fs, self._path(unit), json.dumps(payload).encode())
+        fault_point("commit.after")
 
     def committed(self) -> set[int]:
         if not self.fs.exists(self.dir):
@@ -35,6 +39,11 @@ class CommitLog:
             if base.startswith("unit-") and base.endswith(".json"):
                 done.add(int(base[5:-5]))
         return done
+
+    def uncommit(self, unit: int) -> None:
+        """Forget that ``unit`` was written (damage found): the next run writes it again."""
+        if self.fs.exists(self._path(unit)):
+            self.fs.rm(self._path(unit))
 
     def info(self, unit: int) -> dict:
         return json.loads(self.fs.cat_file(self._path(unit)))

@@ -14,6 +14,7 @@ import numpy as np
 import zarr
 
 from . import layout as L
+from .arrays import create_array
 
 __all__ = ["count_reasons", "read_failure_table", "write_failure_table"]
 
@@ -25,8 +26,8 @@ def write_failure_table(group: zarr.Group, index: Iterable[int], reasons: Iterab
     if len(index) != len(reasons):
         raise ValueError(f"{len(index)} failure indices but {len(reasons)} reasons")
     count = len(index)
-    idx = group.create_array(L.FAILURE_INDEX, shape=(count,), dtype="int64", chunks=(max(count, 1),), overwrite=True)
-    why = group.create_array(L.FAILURE_REASON, shape=(count,), dtype=str, chunks=(max(count, 1),), overwrite=True)
+    idx = create_array(group, L.FAILURE_INDEX, shape=(count,), dtype="int64", chunks=(max(count, 1),))
+    why = create_array(group, L.FAILURE_REASON, shape=(count,), dtype=str, chunks=(max(count, 1),))
     if count:
         idx[:] = index
         why[:] = np.asarray(reasons, dtype=str)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import layout as L
-from .commits import CommitLog
 from .failures import count_reasons
 from .fsutil import du
 from .store import FeatureStore
@@ -59,7 +58,7 @@ def describe_store(url: str) -> dict:
                              "max": int(tokens.max(initial=0)), "total": int(tokens.sum())},
         "pixel_bytes_on_disk": pixel_bytes,
         "pixel_bytes_per_image": pixel_bytes / max(1, int(ok.sum())),
-        "labels": L.LABELS in store.group,
+        "labels": int((store.labels() >= 0).sum()) if L.LABELS in store.group else None,  # labelled images
     }
     teachers = {}
     n_ok, n_tok = max(1, int(ok.sum())), max(1, int(tokens.sum()))
@@ -73,7 +72,7 @@ def describe_store(url: str) -> dict:
         teachers[name] = {
             "spec": ta.get("spec"),
             "complete": bool(ta.get("complete")),
-            "units_committed": len(CommitLog(store.url, f"{L.TEACHERS}/{name}/{L.COMMITS}").committed()),
+            "units_committed": len(store.teacher_commits(name).committed()),
             "units_total": plan.num_units,
             "dims": ta.get("dims"),
             "num_registers": ta.get("num_registers"),

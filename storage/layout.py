@@ -32,3 +32,4 @@ PHIS_FEATURES = (SUMMARY, PATCHES)  # PHI-S is never estimated for registers (AM
 # bookkeeping that is not part of the data contract
 COMMITS = "_commits"
 STAGING = "_staging"
+LOCKS = "_locks"

@@ -11,10 +11,13 @@ smooth-L1 loss. The inverse is x = φ · U Hᵀ y + μ (H and U orthogonal). In 
 stored: y = (x − mean) @ whitenᵀ with whiten = H Uᵀ / φ, and x = y @ unwhitenᵀ + mean with
 unwhiten = φ U Hᵀ.
 
-Dimensions with no Hadamard construction (storage/hadamard.py) fall back to PCA whitening,
-y = Λ^{-1/2} Uᵀ (x − μ), which also gives unit per-channel variance but scales each principal
-direction separately; eigenvalues are floored at 1e-6·max(λ) there so rank-deficient covariance
-stays finite. The ``method`` field records which transform a file holds.
+All that PHI-S asks of H is that H Λ Hᵀ has an equal diagonal. Widths with no Hadamard construction
+(storage/hadamard.py: D ≢ 0 mod 4 above 2, and 668, ...) use an orthogonal R with that same property
+instead (storage/isotropic.py, Chan & Li 1983), so every width gets PHI-S itself: one isotropic scale
+φ, a rotation, unit variance on every channel. (RADIO falls back to a random orthogonal matrix, which
+leaves channel variances spread around 1; PCA whitening, this module's earlier fallback, rescales
+each principal direction separately.) ``method`` records the rotation: "phi-s" (Hadamard),
+"phi-s-equal-diagonal"; files written by the earlier fallback ("pca-whiten") still load.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from .fsutil import atomic_write, filesystem
-from .hadamard import has_hadamard, hadamard
+from .isotropic import isotropic_rotation
 
 __all__ = ["MomentAccumulator", "PhisTransform", "estimate_phis"]
 
@@ -81,10 +84,10 @@ class MomentAccumulator:
 @dataclass
 class PhisTransform:
     mean: np.ndarray  # [D]
-    rotation: np.ndarray  # [D, D]: H Uᵀ for PHI-S, Uᵀ for the PCA fallback
+    rotation: np.ndarray  # [D, D]: R Uᵀ (R = H, or the equal-diagonal rotation); Uᵀ for "pca-whiten" files
     scale: float  # φ
     eigenvalues: np.ndarray  # [D], descending
-    method: str  # "phi-s" or "pca-whiten"
+    method: str  # "phi-s", "phi-s-equal-diagonal" (or "pca-whiten", read from older files)
     count: int
 
     @property
@@ -92,15 +95,20 @@ class PhisTransform:
         return int(self.mean.shape[0])
 
     @property
+    def isotropic(self) -> bool:
+        """One scale and a rotation (PHI-S); False only for "pca-whiten" files of the earlier fallback."""
+        return self.method.startswith("phi-s")
+
+    @property
     def whiten(self) -> np.ndarray:
-        if self.method == "phi-s":
+        if self.isotropic:
             return self.rotation / self.scale
         floor = np.maximum(self.eigenvalues, EIGEN_FLOOR * max(self.eigenvalues.max(), 1e-300))
         return self.rotation / np.sqrt(floor)[:, None]
 
     @property
     def unwhiten(self) -> np.ndarray:
-        if self.method == "phi-s":
+        if self.isotropic:
             return self.rotation.T * self.scale
         floor = np.maximum(self.eigenvalues, EIGEN_FLOOR * max(self.eigenvalues.max(), 1e-300))
         return self.rotation.T * np.sqrt(floor)[None, :]
@@ -123,9 +131,9 @@ class PhisTransform:
         phi = float(np.sqrt(evals.mean()))
         if not phi > 0:
             raise ValueError("features have zero variance: PHI-S is undefined")
-        if has_hadamard(dim):
-            return cls(mean, hadamard(dim) @ evecs.T, phi, evals, "phi-s", int(count))
-        return cls(mean, evecs.T.copy(), phi, evals, "pca-whiten", int(count))
+        rotation, kind = isotropic_rotation(evals)
+        return cls(mean, rotation @ evecs.T, phi, evals, "phi-s" if kind == "hadamard" else "phi-s-equal-diagonal",
+                   int(count))
 
     def save(self, url: str) -> None:
         buf = io.BytesIO()
@@ -142,7 +150,7 @@ class PhisTransform:
         fs, path = filesystem(url)
         with np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False) as z:
             method, scale, evals = str(z["method"]), float(z["scale"]), z["eigenvalues"]
-            if method == "phi-s":
+            if method.startswith("phi-s"):
                 rotation = z["whiten"] * scale
             else:
                 floor = np.maximum(evals, EIGEN_FLOOR * max(evals.max(), 1e-300))

@@ -2,6 +2,10 @@
 
 Small per-image index arrays (offsets, ok, grid) are loaded once; feature rows are read on demand,
 so memory stays bounded by what the caller asks for. Safe to use from several threads.
+
+Damage is never read as data: a chunk object that should be there and is not (it would read as zeros)
+and a chunk that fails its checksum both raise ``StoreError`` naming the store, the array and the
+rows, and pointing at ``pipeline inspect --verify``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import layout as L
-from .store import FeatureStore, StoreError
+from .store import FeatureStore, StoreError, token_offsets
+from .verify import ShardCheck
 
 __all__ = ["ImageTargets", "StoreReader", "dask_view", "read_batch"]
 
@@ -42,16 +47,38 @@ class StoreReader:
             if not self.store.has_teacher(name) or not self.store.teacher_attrs(name).get("complete"):
                 raise StoreError(f"{url}: teacher '{name}' is missing or incomplete")
         self.teachers = list(names)
-        self.ok = self.store.image_array(L.OK)[:]
-        self.grid = self.store.image_array(L.GRID)[:]
-        self.pixel_offsets = self.store.image_array(L.PIXEL_OFFSETS)[:]
-        self.token_offsets = self.store.token_offsets()
+        self.url = url
+        self._checks: dict[str, ShardCheck] = {}
+        self.ok = self._whole(f"{L.IMAGES}/{L.OK}", self.store.image_array(L.OK))
+        self.grid = self._whole(f"{L.IMAGES}/{L.GRID}", self.store.image_array(L.GRID))
+        self.pixel_offsets = self._whole(f"{L.IMAGES}/{L.PIXEL_OFFSETS}", self.store.image_array(L.PIXEL_OFFSETS))
+        self.token_offsets = token_offsets(self.ok, self.grid)
         self.pixels = self.store.image_array(L.PIXELS)
-        self.labels = self.store.group[L.LABELS][:] if L.LABELS in self.store.group else None
+        self.labels = self._whole(L.LABELS, self.store.group[L.LABELS]) if L.LABELS in self.store.group else None
         self.arrays = {}
         for name in self.teachers:
             g = self.store.teacher_group(name)
             self.arrays[name] = {k: g[k] for k in (L.SUMMARY, L.PATCHES, L.REGISTERS) if k in g}
+
+    def _whole(self, name: str, array) -> np.ndarray:
+        return self.select(name, array, slice(None), np.arange(array.shape[0]) if array.shape[0] else np.zeros(0, int))
+
+    def select(self, name: str, array, selection, rows: np.ndarray) -> np.ndarray:
+        """``array.get_orthogonal_selection(selection)``; ``rows`` are the axis-0 rows it touches.
+
+        Refuses to return a block whose chunk object is missing, and names the store, array and rows
+        when a chunk is damaged (checksum mismatch, truncated shard)."""
+        check = self._checks.setdefault(name, ShardCheck(self.store, array))
+        gone = check.missing_rows(rows) if len(rows) else []
+        if gone:
+            raise StoreError(f"{self.url}: {name} is damaged: chunk object(s) {gone[:3]} holding rows of "
+                             f"committed images are missing; run `pipeline inspect --verify {self.url}`")
+        try:
+            return array.get_orthogonal_selection(selection)
+        except Exception as exc:
+            lo, hi = (int(np.min(rows)), int(np.max(rows)) + 1) if len(rows) else (0, 0)
+            raise StoreError(f"{self.url}: {name} rows {lo}:{hi} are damaged ({type(exc).__name__}: "
+                             f"{str(exc)[:160]}); run `pipeline inspect --verify {self.url}`") from None
 
     def __len__(self) -> int:
         return len(self.ok)
@@ -65,15 +92,19 @@ class StoreReader:
         if not self.ok[i]:
             raise ValueError(f"image {i} failed to decode at cache time (see images/failures)")
         t0, t1 = int(self.token_offsets[i]), int(self.token_offsets[i + 1])
+        p0, p1 = int(self.pixel_offsets[i]), int(self.pixel_offsets[i + 1])
+        one = np.array([i])
         summary, patches, registers = {}, {}, {}
         for name, arrays in self.arrays.items():
-            summary[name] = arrays[L.SUMMARY][i]
-            patches[name] = arrays[L.PATCHES][t0:t1]
+            summary[name] = self.select(f"{name}/{L.SUMMARY}", arrays[L.SUMMARY], (i, slice(None)), one)
+            patches[name] = self.select(f"{name}/{L.PATCHES}", arrays[L.PATCHES], (slice(t0, t1), slice(None)),
+                                        np.arange(t0, t1))
             if L.REGISTERS in arrays:
-                registers[name] = arrays[L.REGISTERS][i]
+                registers[name] = self.select(f"{name}/{L.REGISTERS}", arrays[L.REGISTERS],
+                                              (i, slice(None), slice(None)), one)
         return ImageTargets(
             index=i,
-            pixels=self.pixels[int(self.pixel_offsets[i]) : int(self.pixel_offsets[i + 1])],
+            pixels=self.select(f"{L.IMAGES}/{L.PIXELS}", self.pixels, slice(p0, p1), np.arange(p0, p1)),
             grid=(int(self.grid[i, 0]), int(self.grid[i, 1])),
             summary=summary,
             patches=patches,
@@ -106,16 +137,17 @@ def read_batch(reader: StoreReader, indices) -> list[ImageTargets]:
     sidx = idx[order]
     t0, t1 = reader.token_offsets[sidx], reader.token_offsets[sidx + 1]
     p0, p1 = reader.pixel_offsets[sidx], reader.pixel_offsets[sidx + 1]
-    rows = _ranges(t0, t1)
-    pix = reader.pixels.get_orthogonal_selection(_ranges(p0, p1))
+    rows, pixel_rows = _ranges(t0, t1), _ranges(p0, p1)
+    pix = reader.select(f"{L.IMAGES}/{L.PIXELS}", reader.pixels, pixel_rows, pixel_rows)
     tok_split = np.cumsum(t1 - t0)[:-1]
     pix_split = np.cumsum(p1 - p0)[:-1]
     pixels = np.split(pix, pix_split)
     per_teacher = {}
     for name, arrays in reader.arrays.items():
-        summary = arrays[L.SUMMARY].get_orthogonal_selection((sidx, slice(None)))
-        patches = np.split(arrays[L.PATCHES].get_orthogonal_selection((rows, slice(None))), tok_split)
-        regs = arrays[L.REGISTERS].get_orthogonal_selection((sidx, slice(None), slice(None))) if L.REGISTERS in arrays else None
+        summary = reader.select(f"{name}/{L.SUMMARY}", arrays[L.SUMMARY], (sidx, slice(None)), sidx)
+        patches = np.split(reader.select(f"{name}/{L.PATCHES}", arrays[L.PATCHES], (rows, slice(None)), rows), tok_split)
+        regs = (reader.select(f"{name}/{L.REGISTERS}", arrays[L.REGISTERS], (sidx, slice(None), slice(None)), sidx)
+                if L.REGISTERS in arrays else None)
         per_teacher[name] = (summary, patches, regs)
     out: list[ImageTargets | None] = [None] * len(idx)
     for k, pos in enumerate(order):

@@ -12,26 +12,24 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
+import zarr.errors
 
 from . import layout as L
+from .arrays import create_array, feature_compressor
+from .commits import CommitLog
 from .failures import read_failure_table, write_failure_table
+from .faults import fault_point
 from .fingerprint import diff, digest
 from .fsutil import atomic_write, filesystem, join
 from .image_policy import ImagePolicy
+from .locks import WriterLock
 from .shards import ShardPlan
 
-__all__ = ["FeatureStore", "StoreError", "TeacherGroupSpec", "feature_compressor"]
+__all__ = ["FeatureStore", "StoreError", "TeacherGroupSpec", "feature_compressor", "token_offsets"]
 
 
 class StoreError(RuntimeError):
     """A store that cannot be used as asked (missing, incompatible, conflicting fingerprint)."""
-
-
-def feature_compressor(dtype: str) -> BloscCodec:
-    """Blosc+zstd with byte shuffle: groups the high bytes of float16/32 values, which compress well."""
-    size = np.dtype(dtype).itemsize
-    return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, typesize=size)
 
 
 @dataclass(frozen=True)
@@ -48,6 +46,12 @@ class TeacherGroupSpec:
     @property
     def fingerprint_digest(self) -> str:
         return digest(self.fingerprint)
+
+
+def token_offsets(ok: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Token offsets [N+1] of every teacher's flat arrays: gh·gw tokens per usable image, none for a failed one."""
+    counts = np.where(ok, grid[:, 0].astype(np.int64) * grid[:, 1], 0)
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
 class FeatureStore:
@@ -72,26 +76,44 @@ class FeatureStore:
 
     @classmethod
     def open_or_create(cls, url: str, policy: ImagePolicy, created_by: str) -> "FeatureStore":
+        """Open the store at ``url``, or create it there when nothing is there (or an empty folder).
+
+        Anything else at ``url`` (a non-empty folder that is not a store, a file) is refused: the project
+        never writes into, let alone deletes, what it did not write.
+        """
         fs, root = filesystem(str(url))
-        if fs.exists(join(root, "zarr.json")):
-            store = cls.open(url, mode="r+")
-            if store.policy != policy:
-                raise StoreError(
-                    f"{url} was written with image policy {store.policy.to_dict()}, "
-                    f"not {policy.to_dict()}; use another --store or the same policy"
-                )
-            return store
-        group = zarr.open_group(str(url), mode="w")
-        group.attrs.update(
-            {
-                "format_version": L.FORMAT_VERSION,
-                "created_by": created_by,
-                "image_policy": policy.to_dict(),
-                "teachers": [],
-                "images_complete": False,
-            }
-        )
-        return cls(str(url), group)
+        if not fs.exists(join(root, "zarr.json")):
+            if fs.exists(root) and (not fs.isdir(root) or fs.ls(root, detail=False)):
+                what = "a file" if not fs.isdir(root) else "a non-empty folder"
+                raise StoreError(f"{url} is {what} and not a feature store: refusing to write into it "
+                                 "(use a new or empty --store)")
+            attrs = {"format_version": L.FORMAT_VERSION, "created_by": created_by, "image_policy": policy.to_dict(),
+                     "teachers": [], "images_complete": False}
+            try:  # root metadata and attributes in one write: a concurrent opener sees all or nothing
+                zarr.create_group(str(url), attributes=attrs, overwrite=False)
+            except zarr.errors.ContainsGroupError:
+                pass  # another command created it first: use it
+        store = cls.open(url, mode="r+")
+        if store.policy != policy:
+            raise StoreError(
+                f"{url} was written with image policy {store.policy.to_dict()}, "
+                f"not {policy.to_dict()}; use another --store or the same policy"
+            )
+        return store
+
+    # ------------------------------------------------------------------ commit markers and writer locks
+    def image_commits(self) -> CommitLog:
+        """Commit markers of the images units (``_commits/images``)."""
+        return CommitLog(self.url, f"{L.COMMITS}/images")
+
+    def teacher_commits(self, name: str) -> CommitLog:
+        """Commit markers of one teacher's units (``teachers/<name>/_commits``)."""
+        return CommitLog(self.url, f"{L.TEACHERS}/{name}/{L.COMMITS}")
+
+    def lock(self, what: str) -> WriterLock:
+        """The writer lock of ``"images"`` or ``"teacher-<name>"`` (``_locks/<what>.lock``)."""
+        label = "the images" if what == "images" else f"teacher '{what.removeprefix('teacher-')}'"
+        return WriterLock(self.fs, self.path(L.LOCKS, f"{what}.lock"), f"{label} of {self.url}")
 
     # ------------------------------------------------------------------ attributes
     @property
@@ -99,6 +121,8 @@ class FeatureStore:
         return dict(self.group.attrs)
 
     def update_attrs(self, **values: Any) -> None:
+        """Update root attributes on a freshly read copy (another command may have written since we opened)."""
+        self.group = zarr.open_group(self.url, mode="r+")
         self.group.attrs.update(values)
 
     @property
@@ -115,7 +139,24 @@ class FeatureStore:
 
     @property
     def teacher_names(self) -> list[str]:
-        return list(self.group.attrs.get("teachers", []))
+        """Teacher groups of the store, read off ``teachers/`` itself.
+
+        The root ``teachers`` attribute is an index for other tools, kept in creation order; a group it
+        misses (two commands that added teachers at once) still counts, and the next cache run repairs
+        the index. A group whose creation was interrupted before its attributes does not count.
+        """
+        if L.TEACHERS not in self.group:
+            return []
+        parent = self.group[L.TEACHERS]
+        present = {name for name in parent.group_keys() if "fingerprint" in parent[name].attrs}
+        listed = [name for name in self.group.attrs.get("teachers", []) if name in present]
+        return listed + sorted(present - set(listed))
+
+    def repair_teacher_index(self) -> None:
+        """Rewrite the root ``teachers`` attribute from the groups when it misses one."""
+        names = self.teacher_names
+        if list(zarr.open_group(self.url, mode="r").attrs.get("teachers", [])) != names:
+            self.update_attrs(teachers=names)
 
     def fingerprint(self) -> dict:
         """What a training run records: image set and policy, plus every complete teacher's digest."""
@@ -158,24 +199,15 @@ class FeatureStore:
         """Create images/ arrays (empty); units then fill their shards."""
         g = self.group.require_group(L.IMAGES)
         n = max(num_images, 1)
-        per_image = dict(chunks=(shard_images,), overwrite=True)
-        g.create_array(L.IDS, shape=(num_images,), dtype=str, **per_image)
-        g.create_array(L.SOURCE, shape=(num_images,), dtype=str, **per_image)
-        g.create_array(L.OK, shape=(num_images,), dtype=bool, fill_value=False, **per_image)
+        per_image = dict(chunks=(shard_images,))
+        create_array(g, L.IDS, shape=(num_images,), dtype=str, **per_image)
+        create_array(g, L.SOURCE, shape=(num_images,), dtype=str, **per_image)
+        create_array(g, L.OK, shape=(num_images,), dtype=bool, fill_value=False, **per_image)
         for name in (L.HW, L.GRID):
-            g.create_array(name, shape=(num_images, 2), dtype="int32", chunks=(shard_images, 2), overwrite=True)
-        g.create_array(
-            L.PIXEL_OFFSETS, shape=(num_images + 1,), dtype="int64", chunks=(min(shard_images, n + 1),), overwrite=True
-        )
-        g.create_array(
-            L.PIXELS,
-            shape=(num_pixel_bytes,),
-            dtype="uint8",
-            chunks=(pixel_chunk_bytes,),
-            shards=(pixel_shard_bytes,),
-            compressors=None,  # already PNG/JPEG/WebP
-            overwrite=True,
-        )
+            create_array(g, name, shape=(num_images, 2), dtype="int32", chunks=(shard_images, 2))
+        create_array(g, L.PIXEL_OFFSETS, shape=(num_images + 1,), dtype="int64", chunks=(min(shard_images, n + 1),))
+        create_array(g, L.PIXELS, shape=(num_pixel_bytes,), dtype="uint8", chunks=(pixel_chunk_bytes,),
+                     shards=(pixel_shard_bytes,), compressor=None)  # already PNG/JPEG/WebP
 
     def write_failures(self, index: np.ndarray, reasons: list[str]) -> None:
         write_failure_table(self.group.require_group(f"{L.IMAGES}/{L.FAILURES}"), index, reasons)
@@ -184,21 +216,35 @@ class FeatureStore:
         path = f"{L.IMAGES}/{L.FAILURES}"
         return read_failure_table(self.group[path] if path in self.group else None)
 
+    def labels(self) -> np.ndarray | None:
+        return self.group[L.LABELS][:] if L.LABELS in self.group else None
+
     def write_labels(self, labels: np.ndarray, shard_images: int) -> None:
-        arr = self.group.create_array(
-            L.LABELS, shape=labels.shape, dtype="int32", chunks=(shard_images,), fill_value=-1, overwrite=True
-        )
+        arr = create_array(self.group, L.LABELS, shape=labels.shape, dtype="int32", chunks=(shard_images,),
+                           fill_value=-1)
         arr[:] = labels.astype(np.int32)
+
+    def clear_rows(self, array: zarr.Array, r0: int, r1: int) -> None:
+        """Delete the chunk (or shard) objects that hold rows [r0, r1) of ``array`` (whole objects a unit owns).
+
+        A unit rewrites its objects whole; without this, zarr reads an existing object before writing an
+        edge chunk into it, and a damaged or half-written object would fail the rewrite that repairs it.
+        """
+        if r1 <= r0:
+            return
+        rows = int((array.shards or array.chunks)[0])
+        rest = (0,) * (array.ndim - 1)
+        for k in range(r0 // rows, (r1 - 1) // rows + 1):
+            path = self.path(array.path, array.metadata.chunk_key_encoding.encode_chunk_key((k, *rest)))
+            if self.fs.exists(path):
+                self.fs.rm(path)
 
     def image_array(self, name: str) -> zarr.Array:
         return self.group[f"{L.IMAGES}/{name}"]
 
     def token_offsets(self) -> np.ndarray:
         """Student-grid token offsets [N+1] from images/grid (shared by every teacher)."""
-        grid = self.image_array(L.GRID)[:]
-        ok = self.image_array(L.OK)[:]
-        counts = np.where(ok, grid[:, 0].astype(np.int64) * grid[:, 1], 0)
-        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return token_offsets(self.image_array(L.OK)[:], self.image_array(L.GRID)[:])
 
     # ------------------------------------------------------------------ teachers
     def teacher_group(self, name: str) -> zarr.Group:
@@ -208,17 +254,23 @@ class FeatureStore:
         return f"{L.TEACHERS}/{name}" in self.group
 
     def check_teacher(self, spec: TeacherGroupSpec) -> bool:
-        """True when a group with this exact fingerprint exists (resume); raises on a conflict."""
+        """True when the group exists whole with this exact fingerprint (resume); raises on a conflict.
+
+        A group whose creation was interrupted (no attributes yet, or ``created`` still false) is not
+        whole: the caller creates it again.
+        """
         if not self.has_teacher(spec.name):
             return False
-        existing = self.teacher_group(spec.name).attrs.get("fingerprint", {})
-        if digest(existing) != spec.fingerprint_digest:
-            changes = "\n  ".join(diff(existing, spec.fingerprint)) or "(digests differ)"
+        attrs = self.teacher_attrs(spec.name)
+        if "fingerprint" not in attrs:
+            return False
+        if digest(attrs["fingerprint"]) != spec.fingerprint_digest:
+            changes = "\n  ".join(diff(attrs["fingerprint"], spec.fingerprint)) or "(digests differ)"
             raise StoreError(
                 f"teacher '{spec.name}' already exists in {self.url} with another fingerprint:\n  {changes}\n"
                 f"Choose another --name, or write to a new store."
             )
-        return True
+        return bool(attrs.get("created", True))  # stores written before the flag existed were whole
 
     def create_teacher(
         self,
@@ -230,76 +282,61 @@ class FeatureStore:
         chunk_rows: int,
         image_chunk: int = 16,
         extra_attrs: dict | None = None,
+        heads: tuple[dict[str, np.ndarray], dict] | None = None,
     ) -> zarr.Group:
-        """Create teachers/<name>/ with empty arrays sized from the token offsets."""
+        """Create ``teachers/<name>/`` with empty arrays sized from the token offsets, and its frozen heads.
+
+        Three steps a crash can interrupt, each repaired by creating again: the group with all its
+        attributes in one metadata write (``created`` false), then the arrays and heads, then
+        ``created`` true. Until then no unit is computed, so recreating loses nothing.
+        """
         num_images, total = len(offsets) - 1, int(offsets[-1])
-        g = self.group.require_group(f"{L.TEACHERS}/{spec.name}")
+        attrs = {
+            "fingerprint": spec.fingerprint,
+            "fingerprint_digest": spec.fingerprint_digest,
+            "dims": {"summary": spec.summary_dim, "patches": spec.patch_dim},
+            "num_registers": spec.num_registers,
+            "dtype": spec.dtype,
+            "layers": [],
+            "created": False,
+            "complete": False,
+            "shard_rows": shard_rows,
+            "shard_images": shard_images,
+            **(extra_attrs or {}),
+        }
+        g = self.group.require_group(L.TEACHERS).create_group(spec.name, attributes=attrs, overwrite=True)
+        fault_point("teacher.create")
         comp = feature_compressor(spec.dtype)
         # per-image features: one shard per write unit, small inner chunks for random access
         inner = min(image_chunk, shard_images)
-        g.create_array(
-            L.SUMMARY,
-            shape=(num_images, spec.summary_dim),
-            dtype=spec.dtype,
-            chunks=(inner, spec.summary_dim),
-            shards=(shard_images, spec.summary_dim),
-            compressors=comp,
-            fill_value=0,
-            overwrite=True,
-        )
-        g.create_array(
-            L.PATCHES,
-            shape=(total, spec.patch_dim),
-            dtype=spec.dtype,
-            chunks=(min(chunk_rows, shard_rows), spec.patch_dim),
-            shards=(shard_rows, spec.patch_dim),
-            compressors=comp,
-            fill_value=0,
-            overwrite=True,
-        )
-        g.create_array(
-            L.OFFSETS, shape=(num_images + 1,), dtype="int64", chunks=(shard_images,), overwrite=True
-        )
+        create_array(g, L.SUMMARY, shape=(num_images, spec.summary_dim), dtype=spec.dtype,
+                     chunks=(inner, spec.summary_dim), shards=(shard_images, spec.summary_dim), compressor=comp,
+                     fill_value=0)
+        create_array(g, L.PATCHES, shape=(total, spec.patch_dim), dtype=spec.dtype,
+                     chunks=(min(chunk_rows, shard_rows), spec.patch_dim), shards=(shard_rows, spec.patch_dim),
+                     compressor=comp, fill_value=0)
+        create_array(g, L.OFFSETS, shape=(num_images + 1,), dtype="int64", chunks=(shard_images,))
         if spec.num_registers:
-            g.create_array(
-                L.REGISTERS,
-                shape=(num_images, spec.num_registers, spec.patch_dim),
-                dtype=spec.dtype,
-                chunks=(inner, spec.num_registers, spec.patch_dim),
-                shards=(shard_images, spec.num_registers, spec.patch_dim),
-                compressors=comp,
-                fill_value=0,
-                overwrite=True,
-            )
-        g.attrs.update(
-            {
-                "fingerprint": spec.fingerprint,
-                "fingerprint_digest": spec.fingerprint_digest,
-                "dims": {"summary": spec.summary_dim, "patches": spec.patch_dim},
-                "num_registers": spec.num_registers,
-                "dtype": spec.dtype,
-                "layers": [],
-                "complete": False,
-                "shard_rows": shard_rows,
-                "shard_images": shard_images,
-                **(extra_attrs or {}),
-            }
-        )
-        names = self.teacher_names
-        if spec.name not in names:
-            self.update_attrs(teachers=names + [spec.name])
+            create_array(g, L.REGISTERS, shape=(num_images, spec.num_registers, spec.patch_dim), dtype=spec.dtype,
+                         chunks=(inner, spec.num_registers, spec.patch_dim),
+                         shards=(shard_images, spec.num_registers, spec.patch_dim), compressor=comp, fill_value=0)
+        fault_point("teacher.heads")
+        if heads is not None and heads[0]:
+            self.write_heads(spec.name, *heads)
+        g.attrs.update({"created": True})
+        self.repair_teacher_index()
         return g
 
     def write_heads(self, name: str, tensors: dict[str, np.ndarray], config: dict) -> None:
         g = self.teacher_group(name).require_group(L.HEADS)
         for key, value in tensors.items():
-            arr = g.create_array(key, shape=value.shape, dtype=value.dtype, overwrite=True)
+            arr = create_array(g, key, shape=value.shape, dtype=value.dtype)
             arr[...] = value
         g.attrs.update({"config": config})
 
     def write_text(self, name: str, set_name: str, embeddings: np.ndarray, prompts: list[str]) -> None:
         g = self.teacher_group(name).require_group(L.TEXT)
-        arr = g.create_array(set_name, shape=embeddings.shape, dtype="float32", overwrite=True)
+        arr = create_array(g, set_name, shape=embeddings.shape, dtype="float32")
         arr[...] = embeddings.astype(np.float32)
         arr.attrs.update({"prompts": prompts})
 

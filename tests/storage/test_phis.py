@@ -84,13 +84,37 @@ def test_subsampling_is_seeded_and_bounded():
     assert not np.array_equal(a.mean, c.mean)
 
 
-def test_fallback_dimension_is_pca_whitening():
-    x, _, _ = _anisotropic(10, 50_000, seed=4)
+@pytest.mark.parametrize("dim", [2, 3, 5, 100, 384, 668, 1000, 1280])
+def test_every_width_gets_phis_one_scale_a_rotation_unit_channels(dim):
+    """Hadamard where it exists (2, 100 = Paley II over GF(49), 384, 1000, 1280), the equal-diagonal
+    rotation elsewhere (3, 5, 668): always one isotropic scale, exactly unit channel variances."""
+    rng = np.random.default_rng(dim)
+    rows = max(3 * dim, 200)
+    spectrum = np.exp(rng.uniform(-4, 3, dim))  # variances spread over three orders of magnitude
+    basis, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    x = (rng.normal(size=(rows, dim)) * np.sqrt(spectrum)) @ basis.T + rng.normal(size=dim)
     t = estimate_phis(x)
-    assert t.method == "pca-whiten"
-    y = t.apply(x)
-    assert np.all(np.abs(y.var(0) - 1) < 0.05)
-    np.testing.assert_allclose(t.invert(y), x, atol=1e-6)
+    assert t.method == ("phi-s" if dim in (2, 100, 384, 1000, 1280) else "phi-s-equal-diagonal")
+    singular = np.linalg.svd(t.whiten, compute_uv=False)
+    assert singular.max() / singular.min() <= 1 + 1e-6  # one scale times an orthogonal matrix
+    np.testing.assert_allclose(t.apply(x).var(0), 1.0, rtol=0, atol=1e-6)  # every channel, on the fitted data
+    np.testing.assert_allclose(t.unwhiten @ t.whiten, np.eye(dim), atol=1e-9)
+    cov = np.cov(x, rowvar=False, bias=True)
+    phi_radio = np.sqrt(np.linalg.eigvalsh(cov).mean())  # RADIO's φ: √(mean eigenvalue)
+    assert t.scale == pytest.approx(phi_radio, rel=1e-5)
+    np.testing.assert_allclose(t.invert(t.apply(x)), x, atol=1e-8)
+
+
+def test_files_of_the_earlier_pca_fallback_still_load(tmp_path):
+    x, _, _ = _anisotropic(10, 5000, seed=4)
+    t = estimate_phis(x)
+    evals = t.eigenvalues
+    old = PhisTransform(t.mean, t.rotation, t.scale, evals, "pca-whiten", t.count)
+    old.rotation = np.linalg.eigh(np.cov(x, rowvar=False, bias=True))[1][:, ::-1].T
+    old.save(str(tmp_path / "old.npz"))
+    back = PhisTransform.load(str(tmp_path / "old.npz"))
+    assert back.method == "pca-whiten" and not back.isotropic
+    np.testing.assert_allclose(back.invert(back.apply(x)), x, atol=1e-8)
 
 
 def test_rank_deficient_is_finite():

@@ -1,0 +1,145 @@
+"""Find damage in a store: read every committed unit, check every chunk it owns is there and intact.
+
+A unit is damaged when a chunk (or shard) it wrote is missing, or when reading its rows fails (the
+crc32c checksum every array carries does not match, a shard is truncated). ``repair=True``
+un-commits the damaged units (removing their markers) and marks what they belong to as not
+complete, so that rerunning ``cache-teachers`` with the same images and teacher computes exactly
+those units again; until then readers refuse the damaged parts instead of reading them as data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+
+from . import layout as L
+from .store import FeatureStore
+
+__all__ = ["Damage", "ShardCheck", "VerifyReport", "verify_store"]
+
+
+@dataclass
+class Damage:
+    part: str  # "images" or "teacher <name>"
+    unit: int
+    reason: str  # names the array and what is wrong
+
+
+@dataclass
+class VerifyReport:
+    url: str
+    units_checked: int = 0
+    damaged: list[Damage] = field(default_factory=list)
+    repaired: bool = False
+
+    def units(self, part: str) -> list[int]:
+        return sorted({d.unit for d in self.damaged if d.part == part})
+
+
+class ShardCheck:
+    """Is the chunk (or shard) object that holds row r of an array on disk? One lookup per object."""
+
+    def __init__(self, store: FeatureStore, array: zarr.Array):
+        self.store, self.array = store, array
+        self.rows = int((array.shards or array.chunks)[0])
+        self.rest = (0,) * (array.ndim - 1)
+        self.seen: set[int] = set()
+
+    def missing(self, r0: int, r1: int) -> list[int]:
+        """Objects (by index along axis 0) holding rows [r0, r1) that do not exist."""
+        return self.missing_objects(range(r0 // self.rows, (r1 - 1) // self.rows + 1) if r1 > r0 else ())
+
+    def missing_rows(self, rows: np.ndarray) -> list[int]:
+        """Objects holding any of ``rows`` (axis-0 indices) that do not exist."""
+        return self.missing_objects(np.unique(np.asarray(rows, np.int64) // self.rows).tolist())
+
+    def missing_objects(self, objects) -> list[int]:
+        out = []
+        for k in objects:
+            if k in self.seen:
+                continue
+            key = self.array.metadata.chunk_key_encoding.encode_chunk_key((int(k), *self.rest))
+            if self.store.fs.exists(self.store.path(self.array.path, key)):
+                self.seen.add(k)
+            else:
+                out.append(int(k))
+        return out
+
+
+def _check(store: FeatureStore, checks: dict[str, ShardCheck], name: str, arr: zarr.Array, r0: int, r1: int
+           ) -> str | None:
+    """Why rows [r0, r1) of ``arr`` are damaged, or None."""
+    check = checks.setdefault(name, ShardCheck(store, arr))
+    gone = check.missing(r0, r1)
+    if gone:
+        return f"missing chunk object(s) {gone[:3]} of {name}"
+    try:
+        np.asarray(arr[r0:r1])
+    except Exception as exc:  # checksum mismatch, truncated shard, undecodable bytes
+        return f"unreadable {name} rows {r0}:{r1}: {type(exc).__name__}: {str(exc)[:160]}"
+    return None
+
+
+def verify_store(url: str, *, repair: bool = False) -> VerifyReport:
+    store = FeatureStore.open(url, mode="r+" if repair else "r")
+    report = VerifyReport(url)
+    if L.IMAGES not in store.group or "shard_images" not in store.attrs:
+        return report
+    plan = store.plan()
+    checks: dict[str, ShardCheck] = {}
+    images = store.group[L.IMAGES]
+    image_log = store.image_commits()
+    pixel_offsets = None
+    for unit in sorted(image_log.committed()):
+        i0, i1 = plan.image_range(unit)
+        end = i1 + 1 if unit == plan.num_units - 1 else i1
+        report.units_checked += 1
+        reasons = [_check(store, checks, f"images/{n}", images[n], i0, i1) for n in (L.IDS, L.SOURCE, L.HW, L.GRID, L.OK)]
+        reasons.append(_check(store, checks, "images/pixel_offsets", images[L.PIXEL_OFFSETS], i0, end))
+        if pixel_offsets is None:
+            try:
+                pixel_offsets = images[L.PIXEL_OFFSETS][:]
+            except Exception:
+                pixel_offsets = False
+        if pixel_offsets is not False:
+            r0, r1 = plan.owned_rows(unit, pixel_offsets, int(images[L.PIXELS].shards[0]))
+            reasons.append(_check(store, checks, "images/pixels", images[L.PIXELS], r0, r1))
+        report.damaged += [Damage("images", unit, r) for r in reasons if r]
+    try:
+        tokens = store.token_offsets()
+    except Exception:
+        tokens = None
+    for name in store.teacher_names:
+        g = store.teacher_group(name)
+        if not g.attrs.get("created", True) or L.PATCHES not in g:
+            continue
+        for unit in sorted(store.teacher_commits(name).committed()):
+            i0, i1 = plan.image_range(unit)
+            end = i1 + 1 if unit == plan.num_units - 1 else i1
+            report.units_checked += 1
+            part = f"teacher {name}"
+            reasons = [_check(store, checks, f"{name}/{n}", g[n], i0, i1) for n in (L.SUMMARY, L.REGISTERS) if n in g]
+            reasons.append(_check(store, checks, f"{name}/offsets", g[L.OFFSETS], i0, end))
+            if tokens is not None:
+                r0, r1 = plan.owned_rows(unit, tokens, int(g[L.PATCHES].shards[0]))
+                reasons.append(_check(store, checks, f"{name}/patches", g[L.PATCHES], r0, r1))
+            report.damaged += [Damage(part, unit, r) for r in reasons if r]
+    if repair and report.damaged:
+        _uncommit(store, report)
+    return report
+
+
+def _uncommit(store: FeatureStore, report: VerifyReport) -> None:
+    if report.units("images"):
+        for unit in report.units("images"):
+            store.image_commits().uncommit(unit)
+        store.update_attrs(images_complete=False)
+    for name in store.teacher_names:
+        units = report.units(f"teacher {name}")
+        if units:
+            for unit in units:
+                store.teacher_commits(name).uncommit(unit)
+            store.teacher_group(name).attrs.update({"complete": False})
+    report.repaired = True
