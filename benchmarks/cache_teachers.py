@@ -51,7 +51,6 @@ def forward_alone(store_url: str, spec: str, random_init: bool, threads: int, ba
     import torch
 
     from stages.teachers import build_teacher
-    from stages.teachers.base import size_batches
     from storage import layout as L
     from storage.image_policy import ImagePolicy
     from storage.store import FeatureStore
@@ -68,9 +67,7 @@ def forward_alone(store_url: str, spec: str, random_init: bool, threads: int, ba
     for u in range(plan.num_units):  # the actor's batches: per unit, by size (stacked here, outside the timing)
         i0, i1 = plan.image_range(u)
         unit = {i: images[i] for i in range(i0, i1) if i in images}
-        for keys in size_batches({i: im.shape for i, im in unit.items()}, batch_size):
-            x = torch.from_numpy(np.stack([unit[i] for i in keys])).permute(0, 3, 1, 2).contiguous()
-            batches.append((x, (x.shape[-2] // 16, x.shape[-1] // 16)))
+        batches += [(x, grid) for _, x, grid in teacher.batches(unit, batch_size)]
     with torch.inference_mode():
         teacher.forward(*batches[0])  # warm-up, as the actor's first batch also pays it
         t = time.perf_counter()

@@ -8,23 +8,25 @@ actor owns whole write units (``storage.shards``), reads the stored pixels, runs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from storage import layout as L
-from storage.commits import CommitLog
 from storage.image_policy import ImagePolicy
 from storage.shards import ShardPlan
-from storage.store import FeatureStore, TeacherGroupSpec
+from storage.faults import fault_point
+from storage.store import FeatureStore, StoreError, TeacherGroupSpec
 
 from .config import CacheConfig
-from .ingest import IngestReport, ingest_images
+from .ingest import IngestReport, ingest_images, read_labels
 from .ray_cluster import ray_cluster
 from .runner import UnitJob
 from .sources import list_images
@@ -85,7 +87,7 @@ class TeacherWorker:
         self.pixel_offsets = np.asarray(pixel_offsets)
         self.shard_rows = int(self.group[L.PATCHES].shards[0])
         self.ok = self.store.image_array(L.OK)[:]
-        self.commits = CommitLog(store_url, f"{L.TEACHERS}/{name}/{L.COMMITS}")
+        self.commits = self.store.teacher_commits(name)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self.pending: Future | None = None
 
@@ -121,11 +123,15 @@ class TeacherWorker:
         t2 = time.perf_counter()
         self._wait_for_write()  # at most one unit in flight: bounded memory
         self.pending = self.writer.submit(self._write, unit, i0, i1, r0, r1, results)
-        return {"unit": unit, "images": len(results), "tokens": r1 - r0,
+        return {"unit": unit, "images": sum(1 for i in results if i0 <= i < i1), "tokens": r1 - r0,
                 "decode_s": t1 - t0, "forward_s": t2 - t1}
 
     def _write(self, unit: int, i0: int, i1: int, r0: int, r1: int, results: dict) -> None:
         g, n = self.group, i1 - i0
+        end = i1 + 1 if unit == self.plan.num_units - 1 else i1
+        for name, (a, b) in {L.SUMMARY: (i0, i1), L.REGISTERS: (i0, i1), L.OFFSETS: (i0, end), L.PATCHES: (r0, r1)}.items():
+            if name in g:
+                self.store.clear_rows(g[name], a, b)  # the unit's objects are rewritten whole
         summary = np.zeros((n, g[L.SUMMARY].shape[1]), np.float32)
         registers = np.zeros((n, *g[L.REGISTERS].shape[1:]), np.float32) if L.REGISTERS in g else None
         for i in range(i0, i1):
@@ -136,7 +142,6 @@ class TeacherWorker:
         g[L.SUMMARY][i0:i1] = check_range(summary, self.dtype, self.name, L.SUMMARY)
         if registers is not None:
             g[L.REGISTERS][i0:i1] = check_range(registers, self.dtype, self.name, L.REGISTERS)
-        end = i1 + 1 if unit == self.plan.num_units - 1 else i1
         g[L.OFFSETS][i0:end] = self.tokens[i0:end]
         if r1 > r0:
             j0 = int(np.searchsorted(self.tokens, r0, "right")) - 1
@@ -168,74 +173,93 @@ def run_cache(
     *,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> CacheReport:
-    """Cache one teacher into ``store_url`` (creating the store and its images/ when needed)."""
+    """Cache one teacher into ``store_url`` (creating the store and its images/ when needed).
+
+    One writer per teacher: a second command writing the same teacher of the same store at the same
+    time is refused (``storage.locks``); commands adding different teachers may run at once.
+    """
+    progress = on_progress or (lambda *a: None)
+    policy = ImagePolicy(cfg.patch_size, cfg.min_tokens, cfg.max_tokens, cfg.image_format, cfg.image_quality)
+    _check_not_inside(images, store_url)
+    refs = list_images(images)
+    labels = read_labels(cfg.labels, [r.source for r in refs]) if cfg.labels else None  # bad CSV: refused now
+    store = FeatureStore.open_or_create(store_url, policy, created_by=_created_by())
+    t = time.perf_counter()
+    # the driver builds the teacher once: fingerprint, dims, frozen heads, text embeddings
+    from .teachers import build_teacher
+
+    teacher = build_teacher(**cfg.teacher_kwargs())
+    name = cfg.name or teacher.name
+    fingerprint = {**teacher.fingerprint(), "image_policy": policy.to_dict(), "student_patch_size": cfg.patch_size,
+                   "dtype": cfg.dtype}
+    spec = TeacherGroupSpec(name, teacher.summary_dim, teacher.embed_dim, teacher.num_registers, cfg.dtype, fingerprint)
+    extras = _TeacherExtras.of(teacher, cfg)
+    del teacher  # the actors build their own replicas
+    build_s = time.perf_counter() - t
+    with store.lock(f"teacher-{name}"):
+        resumed = store.check_teacher(spec)  # raises on a conflicting fingerprint, before any work
+        report = _cache_teacher(store, refs, labels, spec, extras, resumed, cfg, progress)
+    report.seconds = {"build_teacher": build_s, **report.seconds}
+    return report
+
+
+@dataclass
+class _TeacherExtras:
+    """What the store keeps of a teacher besides its targets, taken from the driver's copy."""
+
+    heads: dict[str, np.ndarray]
+    heads_config: dict
+    resampled: bool
+    text: tuple[list[str], np.ndarray] | None
+
+    @classmethod
+    def of(cls, teacher, cfg: CacheConfig) -> "_TeacherExtras":
+        import torch
+
+        text = None
+        if cfg.text_prompts:
+            prompts = [p.strip() for p in open(cfg.text_prompts) if p.strip()]
+            with torch.inference_mode():
+                text = (prompts, teacher.encode_text(prompts).float().numpy())
+        heads = {k: v.detach().cpu().float().numpy() for k, v in teacher.heads().items()}
+        return cls(heads, teacher.heads_config(), bool(teacher.resampled), text)
+
+
+def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, spec: TeacherGroupSpec,
+                   extras: _TeacherExtras, resumed: bool, cfg: CacheConfig, progress: Callable[[str, int, int], None]
+                   ) -> CacheReport:
+    """Images (when missing), the teacher group, its units on an actor pool, PHI-S; the caller holds the teacher's lock."""
     import ray
-    import torch
 
     from storage.phis import estimate_phis
 
-    from .teachers import build_teacher
-
-    progress = on_progress or (lambda *a: None)
-    policy = ImagePolicy(cfg.patch_size, cfg.min_tokens, cfg.max_tokens, cfg.image_format, cfg.image_quality)
-    refs = list_images(images)
-    store = FeatureStore.open_or_create(store_url, policy, created_by=_created_by())
-    seconds: dict[str, float] = {}
-
-    # the driver builds the teacher once: fingerprint, dims, frozen heads, text embeddings
-    t = time.perf_counter()
-    teacher = build_teacher(**cfg.teacher_kwargs())
-    name = cfg.name or teacher.name
-    fingerprint = {
-        **teacher.fingerprint(),
-        "image_policy": policy.to_dict(),
-        "student_patch_size": cfg.patch_size,
-        "dtype": cfg.dtype,
-    }
-    spec = TeacherGroupSpec(name, teacher.summary_dim, teacher.embed_dim, teacher.num_registers, cfg.dtype, fingerprint)
-    resumed = store.check_teacher(spec)  # raises on a conflicting fingerprint, before any work
-    seconds["build_teacher"] = time.perf_counter() - t
-
+    name, seconds = spec.name, {}
     cpus = cfg.num_cpus or len(os.sched_getaffinity(0))
     threads = cfg.threads or max(1, cpus // cfg.workers)
-    with ray_cluster(cfg.ray_address, cfg.num_cpus):
+    # one writer of the images (and labels) at a time; taken before the cluster starts, so a second
+    # writer is refused at once, and released as soon as they are written
+    writes = not store.images_complete or (labels is not None and not np.array_equal(store.labels(), labels))
+    with contextlib.ExitStack() as stack:
+        release = stack.enter_context(store.lock("images")).release if writes else (lambda: None)
+        stack.enter_context(ray_cluster(cfg.ray_address, cfg.num_cpus))
         t = time.perf_counter()
-        ingest = ingest_images(
-            refs,
-            store,
-            shard_images=cfg.shard_images,
-            pixel_shard_bytes=cfg.pixel_shard_bytes,
-            pixel_chunk_bytes=cfg.pixel_chunk_bytes,
-            labels_csv=cfg.labels,
-            on_progress=progress,
-        )
+        ingest = ingest_images(refs, store, shard_images=cfg.shard_images, pixel_shard_bytes=cfg.pixel_shard_bytes,
+                               pixel_chunk_bytes=cfg.pixel_chunk_bytes, labels=labels, on_progress=progress)
+        release()  # the images are written: other commands may add their teachers from here on
         seconds["images"] = time.perf_counter() - t
 
         t = time.perf_counter()
         tokens = store.token_offsets()
         pixel_offsets = store.image_array(L.PIXEL_OFFSETS)[:]
         if not resumed:
-            store.create_teacher(
-                spec,
-                tokens,
-                shard_images=store.shard_images,
-                shard_rows=cfg.shard_rows,
-                chunk_rows=cfg.chunk_rows,
-                extra_attrs={"resampled": bool(teacher.resampled), "spec": cfg.teacher},
-            )
-            heads = {k: v.detach().cpu().float().numpy() for k, v in teacher.heads().items()}
-            if heads:
-                store.write_heads(name, heads, teacher.heads_config())
-        if cfg.text_prompts:
-            prompts = [p.strip() for p in open(cfg.text_prompts) if p.strip()]
-            with torch.inference_mode():
-                emb = teacher.encode_text(prompts).float().numpy()
-            store.write_text(name, cfg.text_set, emb, prompts)
-        del teacher
+            store.create_teacher(spec, tokens, shard_images=store.shard_images, shard_rows=cfg.shard_rows,
+                                 chunk_rows=cfg.chunk_rows, extra_attrs={"resampled": extras.resampled, "spec": cfg.teacher},
+                                 heads=(extras.heads, extras.heads_config))
+        if extras.text is not None:
+            store.write_text(name, cfg.text_set, extras.text[1], extras.text[0])
 
         plan: ShardPlan = store.plan()
-        commits = CommitLog(store.url, f"{L.TEACHERS}/{name}/{L.COMMITS}")
-        job = UnitJob(f"teacher {name}", plan.num_units, commits.committed(), progress)
+        job = UnitJob(f"teacher {name}", plan.num_units, store.teacher_commits(name).committed(), progress)
         report = CacheReport(store.url, name, ingest, plan.num_units, plan.num_units - len(job.todo), resumed=resumed)
         init = (store.url, name, cfg.teacher_kwargs(), cfg.dtype, threads, cfg.batch_size, ray.put(tokens),
                 ray.put(pixel_offsets))
@@ -250,7 +274,9 @@ def run_cache(
         t = time.perf_counter()
         group = store.teacher_group(name)
         ok = store.image_array(L.OK)[:]
-        for feature in L.PHIS_FEATURES:
+        for k, feature in enumerate(L.PHIS_FEATURES):
+            if k:
+                fault_point("phis")
             kwargs = {"valid": ok} if feature == L.SUMMARY else {}
             transform = estimate_phis(group[feature], max_rows=cfg.phis_max_rows, seed=cfg.seed, **kwargs)
             transform.save(store.phis_path(name, feature))
@@ -258,8 +284,19 @@ def run_cache(
         seconds["phis"] = time.perf_counter() - t
 
     store.teacher_group(name).attrs.update({"complete": True})
+    store.repair_teacher_index()
     report.seconds = seconds
     return report
+
+
+def _check_not_inside(images: str, store_url: str) -> None:
+    """Refuse IMAGES that lie inside STORE: writing the store would overwrite its own input."""
+    if "://" in store_url or "{" in images or "*" in images:
+        return
+    src, dst = Path(images).resolve(), Path(store_url).resolve()
+    if src == dst or dst in src.parents:
+        raise StoreError(f"IMAGES {images} lies inside --store {store_url}: the store would be written over its "
+                         "own input; use another --store")
 
 
 def _created_by() -> str:

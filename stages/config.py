@@ -95,7 +95,7 @@ class CurateConfig(_ModelSource, StrictConfig):
     selection: Literal["random", "closest"] = Field("random", description="how points are picked inside a level-1 cluster")
     refine_steps: int | list[int] | None = Field(None, description="resampling steps per level (default: 0 at level 1, 10 above)")
     points_per_cluster: int | list[int] | None = Field(None, description="resampling r per level (default: half the mean cluster size)")
-    n_iter: int = Field(20, gt=0, description="Lloyd iterations per k-means")
+    n_iter: int = Field(50, gt=0, description="Lloyd iterations per k-means (Vo et al.'s reference: 50)")
     init: Literal["kmeans++", "random"] = "kmeans++"
     spherical: bool = Field(False, description="spherical k-means (cosine) instead of L2")
     chunk_rows: int = Field(65536, gt=0, description="rows read at once when assigning the pool")

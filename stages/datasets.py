@@ -63,6 +63,22 @@ def _stratified_split(labels: np.ndarray, heldout: float, seed: int) -> np.ndarr
     return mask
 
 
+def claim_folder(out: Path, kind: str) -> Path:
+    """Make ``out`` a folder this project writes ``kind`` into: absent, empty, or written by it before.
+
+    A marker file ``.amoe-<kind>`` records the claim; a non-empty folder without it is refused, so a
+    command never overwrites files it did not write.
+    """
+    out = Path(out)
+    marker = out / f".amoe-{kind}"
+    if out.exists() and not marker.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} is {'a non-empty folder' if out.is_dir() else 'a file'} not written by `pipeline "
+                         f"{kind.replace('-', ' ')}`: refusing to write into it (use a new or empty folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return out
+
+
 def _save_if_changed(img: Image.Image, path: Path) -> None:
     """PNG writes are deterministic; skipping identical files keeps reruns cheap and idempotent."""
     import io
@@ -83,7 +99,7 @@ def write_demo_images(out: Path, *, digits_size: int = 64, heldout: float = 0.2,
     """
     from sklearn.datasets import load_digits
 
-    out = Path(out)
+    out = claim_folder(out, "data-demo")
     (out / "photos").mkdir(parents=True, exist_ok=True)
     (out / "digits").mkdir(parents=True, exist_ok=True)
     photo_paths = []
@@ -176,7 +192,7 @@ def write_longtail_pool(
     """Write a Zipf-distributed pool of crops and ``concepts.csv`` (path relative to ``out``, concept)."""
     if crop_min < 8 or crop_max < crop_min:
         raise ValueError(f"bad crop size range [{crop_min}, {crop_max}]")
-    out = Path(out)
+    out = claim_folder(out, "data-longtail")
     photos = bundled_photos()
     names = sorted(photos)
     order = np.random.default_rng(seed).permutation(len(names))  # which photo is the head: seeded

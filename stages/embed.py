@@ -9,7 +9,7 @@ DIR/
   pool/ids    [N] str  content hash of the image bytes ("" where unreadable)
   pool/source [N] str  where image i came from
   pool/ok     [N] bool false where decoding failed
-  pool/failures/{index [F] int64, reason [F] str}   written once every unit is committed
+  pool/failures/{index [F] int64, reason [F] str}   written once every unit is committed (storage.failures)
   _commits/embed/unit-*.json                         one marker per unit (its failures inside)
 ```
 
@@ -23,13 +23,17 @@ function of its images, so the result equals an uninterrupted run. Bad images ne
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from storage import layout as L
+from storage.arrays import create_array
 from storage.commits import CommitLog
 from storage.failures import count_reasons, write_failure_table
 from storage.fingerprint import digest, digest_strings
@@ -37,7 +41,7 @@ from storage.image_policy import ImagePolicy
 
 from .ray_cluster import ray_cluster
 from .runner import UnitJob
-from .sources import ImageRef, iter_decoded
+from .sources import ImageRef, iter_decoded, printable_source
 
 if TYPE_CHECKING:
     from .config import CurateConfig
@@ -138,7 +142,7 @@ class EmbedWorker:
         g = self.group
         g[EMBEDDINGS][i0:i1] = res["embeddings"].astype(self.dtype)
         g[f"{POOL}/ids"][i0:i1] = np.asarray(res["ids"], dtype=str)
-        g[f"{POOL}/source"][i0:i1] = np.asarray(sources, dtype=str)
+        g[f"{POOL}/source"][i0:i1] = np.asarray([printable_source(x) for x in sources], dtype=str)
         g[f"{POOL}/ok"][i0:i1] = res["ok"]
         failures = [[i0 + j, r] for j, r in enumerate(res["reasons"]) if not res["ok"][j]]
         self.commits.commit(unit, {"images": [i0, i1], "failures": failures})
@@ -147,12 +151,34 @@ class EmbedWorker:
 
 # ------------------------------------------------------------------------------------ the job
 def _create_arrays(group, n: int, dim: int, dtype: str, unit: int) -> None:
-    group.create_array(EMBEDDINGS, shape=(n, dim), dtype=dtype, chunks=(unit, dim), fill_value=0,
-                       overwrite=True)
+    create_array(group, EMBEDDINGS, shape=(n, dim), dtype=dtype, chunks=(unit, dim), fill_value=0)
     pool = group.require_group(POOL)
-    pool.create_array("ids", shape=(n,), dtype=str, chunks=(unit,), overwrite=True)
-    pool.create_array("source", shape=(n,), dtype=str, chunks=(unit,), overwrite=True)
-    pool.create_array("ok", shape=(n,), dtype=bool, chunks=(unit,), fill_value=False, overwrite=True)
+    create_array(pool, "ids", shape=(n,), dtype=str, chunks=(unit,))
+    create_array(pool, "source", shape=(n,), dtype=str, chunks=(unit,))
+    create_array(pool, "ok", shape=(n,), dtype=bool, chunks=(unit,), fill_value=False)
+
+
+def open_run_folder(out: str):
+    """The curation run folder ``out`` as a Zarr group, created when nothing (or an empty folder) is there.
+
+    Anything else (a non-empty folder that is not a curation run folder, a file) is refused: the project
+    never writes into what it did not write.
+    """
+    import zarr
+
+    path = Path(out)
+    meta = path / "zarr.json"
+    if meta.is_file():
+        kind = (json.loads(meta.read_text()).get("attributes") or {}).get("kind")
+        if kind != RUN_KIND:
+            raise EmbedError(f"{out} is a Zarr group of another kind ({kind!r}), not a curation run folder: "
+                             "use a new --out")
+        return zarr.open_group(str(out), mode="r+")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        what = "a file" if not path.is_dir() else "a non-empty folder"
+        raise EmbedError(f"{out} is {what} and not a curation run folder: refusing to write into it (use a new "
+                         "or empty --out)")
+    return zarr.create_group(str(out), attributes={"kind": RUN_KIND}, overwrite=False)
 
 
 def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
@@ -160,25 +186,25 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
     """Embed ``refs`` into ``out`` (a run folder, created when absent); resumes a killed run.
 
     Starts an embedded Ray cluster unless one is running (or joins ``cfg.ray_address``)."""
-    import zarr
 
     from .teachers import build_teacher
 
     progress = on_progress or (lambda *a: None)
     sources = [r.source for r in refs]
+    group = open_run_folder(str(out))  # before any work: refuse a folder the project did not write
     n, unit = len(sources), cfg.unit_images
     policy = _policy(cfg)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     teacher = build_teacher(**cfg.teacher_kwargs())  # the driver's copy: dimension and fingerprint
     dim = int(teacher.summary_dim)
-    expected = {"num_images": n, "unit_images": unit, "sources_digest": digest_strings(sources),
+    stored_sources = [printable_source(x) for x in sources]
+    expected = {"num_images": n, "unit_images": unit, "sources_digest": digest_strings(stored_sources),
                 "embedder": cfg.embedder, "embedder_fingerprint": digest(teacher.fingerprint()),
                 "dim": dim, "dtype": cfg.dtype, "image_policy": policy.to_dict()}
     del teacher
     seconds["build_embedder"] = time.perf_counter() - t
 
-    group = zarr.open_group(str(out), mode="a")
     previous = group.attrs.get("embed")
     commits = CommitLog(str(out), EMBED_COMMITS)
     if previous is not None and previous != expected:
@@ -215,7 +241,7 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
     for u in range(num_units):
         failures += [(int(i), str(r)) for i, r in commits.info(u)["failures"]]
     failures.sort()
-    write_failure_table(group.require_group(f"{POOL}/failures"), [i for i, _ in failures], [r for _, r in failures])
+    write_failure_table(group.require_group(f"{POOL}/{L.FAILURES}"), [i for i, _ in failures], [r for _, r in failures])
     group.attrs.update({"embed_complete": True, "num_failed": len(failures)})
     report.num_failed = len(failures)
     report.failure_reasons = count_reasons(r for _, r in failures)

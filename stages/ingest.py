@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from storage import layout as L
-from storage.commits import CommitLog
 from storage.failures import count_reasons
 from storage.fingerprint import digest_strings
 from storage.fsutil import atomic_write
@@ -28,12 +28,11 @@ from storage.shards import ShardPlan
 from storage.store import FeatureStore, StoreError
 
 from .runner import UnitJob
-from .sources import ImageRef, iter_decoded, read_source_table
+from .sources import ImageRef, absolute_source, iter_decoded, printable_source, read_path_table
 
 __all__ = ["IngestReport", "ingest_images", "prepare_unit"]
 
 STAGING_IMAGES = f"{L.STAGING}/images"
-IMAGES_COMMITS = f"{L.COMMITS}/images"
 
 
 @dataclass
@@ -43,6 +42,8 @@ class IngestReport:
     failure_reasons: dict[str, int] = field(default_factory=dict)
     units_done_before: int = 0
     skipped: bool = False
+    labelled: int | None = None  # images the labels CSV gives a label to (None: no CSV)
+    labels_changed: int = 0  # labels rewritten on an existing store from a corrected CSV
 
 
 def _staged_path(store: FeatureStore, unit: int) -> str:
@@ -74,7 +75,7 @@ def prepare_unit(sources: list[str], policy: ImagePolicy) -> dict[str, np.ndarra
         "grid": grid,
         "ok": ok,
         "ids": np.asarray(ids, dtype=str),
-        "sources": np.asarray(sources, dtype=str),
+        "sources": np.asarray([printable_source(s) for s in sources], dtype=str),
         "reasons": np.asarray(reasons, dtype=str),
     }
 
@@ -105,15 +106,17 @@ def _write_task(store_url: str, unit: int, offsets_ref: np.ndarray) -> int:
     i0, i1 = plan.image_range(unit)
     meta = _load_npz(store, unit, ("ids", "sources", "hw", "grid", "ok"))
     images = store.group[L.IMAGES]
+    end = i1 + 1 if unit == plan.num_units - 1 else i1
+    shard = images[L.PIXELS].shards[0]
+    r0, r1 = plan.owned_rows(unit, pixel_offsets, shard)
+    for name in (L.IDS, L.SOURCE, L.HW, L.GRID, L.OK, L.PIXEL_OFFSETS, L.PIXELS):  # rewritten whole
+        store.clear_rows(images[name], *{L.PIXEL_OFFSETS: (i0, end), L.PIXELS: (r0, r1)}.get(name, (i0, i1)))
     images[L.IDS][i0:i1] = meta["ids"]
     images[L.SOURCE][i0:i1] = meta["sources"]
     images[L.HW][i0:i1] = meta["hw"]
     images[L.GRID][i0:i1] = meta["grid"]
     images[L.OK][i0:i1] = meta["ok"]
-    end = i1 + 1 if unit == plan.num_units - 1 else i1
     images[L.PIXEL_OFFSETS][i0:end] = pixel_offsets[i0:end]
-    shard = images[L.PIXELS].shards[0]
-    r0, r1 = plan.owned_rows(unit, pixel_offsets, shard)
     if r1 > r0:
         # bytes of the owned rows come from this unit's staged file and, past its end, the next ones'
         first_image = int(np.searchsorted(pixel_offsets, r0, "right")) - 1
@@ -127,14 +130,38 @@ def _write_task(store_url: str, unit: int, offsets_ref: np.ndarray) -> int:
             cursor = base + hi
             u += 1
         images[L.PIXELS][r0:r1] = np.concatenate(parts)
-    CommitLog(store_url, IMAGES_COMMITS).commit(unit, {"images": [i0, i1], "pixel_rows": [r0, r1]})
+    store.image_commits().commit(unit, {"images": [i0, i1], "pixel_rows": [r0, r1]})
     return unit
 
 
-def _read_labels(path: str, sources: list[str]) -> np.ndarray:
-    """labels CSV (columns path,label; paths relative to the CSV's folder) -> [N] int32, -1 if unknown."""
-    values = read_source_table(path, sources, ("label",), "labels")
-    return np.asarray([-1 if v is None else int(v) for v in values], np.int32)
+def read_labels(path: str, sources: list[str]) -> np.ndarray:
+    """labels CSV (columns path,label; paths relative to the CSV's folder) -> [N] int32, -1 if unknown.
+
+    Every label must be an integer. A CSV that names none of the images is refused: it is almost
+    always a CSV for other paths (or relative to another folder), and storing N times -1 would pass
+    for "labelled" downstream.
+    """
+    table = read_path_table(path, ("label",), "labels")
+    values = {}
+    for where, v in table.items():
+        try:
+            values[where] = int(v)
+        except ValueError:
+            raise ValueError(f"labels file {path}: label {v!r} of {printable_source(where)} is not an integer") from None
+    labels = np.asarray([values.get(absolute_source(s), -1) for s in sources], np.int32)
+    if len(labels) and not (labels >= 0).any():
+        raise ValueError(f"labels file {path} gives a label to none of the {len(labels)} images (its paths are "
+                         f"relative to {Path(path).resolve().parent}; e.g. {printable_source(sources[0])} is not listed)")
+    return labels
+
+
+def _update_labels(store: FeatureStore, labels: np.ndarray, report: IngestReport) -> None:
+    """(Re)write the labels of a complete store when a corrected CSV says something else than what is stored."""
+    old = store.labels()
+    report.labelled = int((labels >= 0).sum())
+    if old is None or not np.array_equal(old, labels):
+        report.labels_changed = len(labels) if old is None else int((old != labels).sum())
+        store.write_labels(labels, store.shard_images)
 
 
 def ingest_images(
@@ -144,29 +171,41 @@ def ingest_images(
     shard_images: int,
     pixel_shard_bytes: int,
     pixel_chunk_bytes: int,
-    labels_csv: str | None = None,
+    labels: np.ndarray | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> IngestReport:
-    """Fill images/ (and labels) of ``store`` from ``refs``; resumes where a killed run stopped."""
+    """Fill images/ (and labels) of ``store`` from ``refs``; resumes where a killed run stopped.
+
+    The caller holds the store's ``images`` lock when this writes. A complete store is left as it is,
+    except for its labels (``read_labels``), which follow a corrected CSV. A store whose image units
+    were un-committed by ``pipeline inspect --verify`` (damage) gets exactly those units rewritten:
+    every unit is staged again from its sources (the bytes are a pure function of them), and only
+    the missing ones written.
+    """
     import ray
 
+    progress = on_progress or (lambda *a: None)
     sources = [r.source for r in refs]
+    stored_sources = [printable_source(s) for s in sources]
     report = IngestReport()
     if store.images_complete:
         stored = [str(s) for s in store.image_array(L.SOURCE)[:]]
-        if stored != sources:
-            raise StoreError(
-                f"{store.url} already holds {len(stored)} images from another image list "
-                f"(first difference at index {next((i for i, (a, b) in enumerate(zip(stored, sources)) if a != b), min(len(stored), len(sources)))}); "
-                "a store has one image set: use a new --store"
-            )
+        if stored != stored_sources:
+            first = next((i for i, (a, b) in enumerate(zip(stored, stored_sources)) if a != b),
+                         min(len(stored), len(stored_sources)))
+            raise StoreError(f"{store.url} already holds {len(stored)} images from another image list (first "
+                             f"difference at index {first}); a store has one image set: use a new --store")
         report.skipped = True
         report.num_images = len(sources)
         ok = store.image_array(L.OK)[:]
         report.num_failed = int((~ok).sum())
+        report.failure_reasons = count_reasons(store.failures()[1])
+        if labels is not None:
+            _update_labels(store, labels, report)
         return report
 
-    expected = {"num_images": len(sources), "shard_images": shard_images, "sources_digest": digest_strings(sources)}
+    expected = {"num_images": len(sources), "shard_images": shard_images,
+                "sources_digest": digest_strings(stored_sources)}
     previous = store.attrs.get("ingest")
     if previous is not None and previous != expected:
         raise StoreError(
@@ -175,13 +214,12 @@ def ingest_images(
         )
     store.update_attrs(ingest=expected, shard_images=shard_images)
     plan = ShardPlan(len(sources), shard_images)
-    progress = on_progress or (lambda *a: None)
 
-    # step A: stage every unit not staged yet
+    # step A: stage every unit not staged yet (all of them when repairing a verified store)
     staged = {u for u in range(plan.num_units) if store.fs.exists(_staged_path(store, u))}
-    committed = CommitLog(store.url, IMAGES_COMMITS).committed()
+    committed = store.image_commits().committed()
     report.units_done_before = len(committed)
-    stage = UnitJob("decode + resize", plan.num_units, staged | committed, progress)
+    stage = UnitJob("decode + resize", plan.num_units, staged, progress)
     policy = store.policy.to_dict()
     list(stage.run_tasks(_stage_task, lambda u: (store.url, u, sources[slice(*plan.image_range(u))], policy)))
 
@@ -195,17 +233,13 @@ def ingest_images(
     reasons_a, ids_a = np.concatenate(reasons), np.concatenate(ids)
     pixel_offsets = np.concatenate([[0], np.cumsum(sizes_a)]).astype(np.int64)
     if not committed:
-        store.create_image_arrays(
-            len(sources),
-            int(pixel_offsets[-1]),
-            shard_images=shard_images,
-            pixel_shard_bytes=pixel_shard_bytes,
-            pixel_chunk_bytes=pixel_chunk_bytes,
-        )
-        failed = np.flatnonzero(~ok_a)
-        store.write_failures(failed, [str(reasons_a[i]) for i in failed])
-        if labels_csv:
-            store.write_labels(_read_labels(labels_csv, sources), shard_images)
+        store.create_image_arrays(len(sources), int(pixel_offsets[-1]), shard_images=shard_images,
+                                  pixel_shard_bytes=pixel_shard_bytes, pixel_chunk_bytes=pixel_chunk_bytes)
+    failed = np.flatnonzero(~ok_a)
+    store.write_failures(failed, [str(reasons_a[i]) for i in failed])
+    if labels is not None:
+        store.write_labels(labels, shard_images)
+        report.labelled = int((labels >= 0).sum())
 
     # step C: write shards, unit by unit
     offsets_ref = ray.put(pixel_offsets)
@@ -223,5 +257,3 @@ def ingest_images(
     report.num_failed = int((~ok_a).sum())
     report.failure_reasons = count_reasons(reasons_a[~ok_a])
     return report
-
-

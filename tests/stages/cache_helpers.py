@@ -46,3 +46,23 @@ def write_image_folder(root: Path, *, bad: bool = True) -> dict[str, str]:
         (root / "corrupt.jpg").write_bytes(bytes(raw[: len(raw) // 3]))
         expected_bad = {"zero.png": "empty", "text.jpg": "not-an-image", "truncated.png": "truncated"}
     return expected_bad
+
+
+def store_arrays(url: str) -> dict[str, np.ndarray]:
+    """Every array of a Zarr group and its subgroups, by path."""
+    import warnings
+
+    import zarr
+
+    out = {}
+
+    def visit(prefix, group):
+        for name, arr in group.arrays():
+            out[f"{prefix}{name}"] = arr[:]
+        for name, sub in group.groups():
+            visit(f"{prefix}{name}/", sub)
+
+    with warnings.catch_warnings():  # _commits/, _locks/, phis/ are files beside the arrays, not members
+        warnings.simplefilter("ignore")
+        visit("", zarr.open_group(url, mode="r"))
+    return out

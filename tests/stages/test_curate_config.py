@@ -62,10 +62,10 @@ def test_unknown_embedder_and_missing_images(tmp_path):
     folder = _images(tmp_path)
     result = CliRunner().invoke(app, ["curate", str(folder), "--out", str(tmp_path / "run"),
                                       "--embedder", "timm:no_such_model", "--levels", "2", "--target", "2"])
-    assert result.exit_code == 1 and "unknown timm model" in result.output
+    assert result.exit_code == 2 and "unknown timm model" in result.output
     result = CliRunner().invoke(app, ["curate", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"),
                                       "--embedder", TINY, "--levels", "2", "--target", "2"])
-    assert result.exit_code == 1 and "IMAGES not found" in result.output
+    assert result.exit_code == 2 and "IMAGES not found" in result.output
 
 
 def test_help_names_the_options():

@@ -67,3 +67,22 @@ def test_data_cli(tmp_path):
     assert "wrote 100 crops" in result.output
     result = runner.invoke(app, ["data", "longtail", str(tmp_path / "p"), "--n-crops", "3"])
     assert result.exit_code != 0
+
+
+def test_bundled_sets_refuse_a_folder_they_did_not_write(tmp_path):
+    import pytest
+
+    from stages.datasets import claim_folder, write_longtail_pool
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "photos").mkdir()
+    (mine / "photos" / "astronaut.png").write_bytes(b"my own picture")
+    with pytest.raises(ValueError, match="not written by"):
+        write_demo_images(mine)
+    with pytest.raises(ValueError, match="not written by"):
+        write_longtail_pool(mine, n_crops=10, workers=1)
+    assert (mine / "photos" / "astronaut.png").read_bytes() == b"my own picture"
+    out = claim_folder(tmp_path / "new", "data-demo")  # new, then claimed again on a rerun
+    (out / "x.txt").write_text("written by the command")
+    assert claim_folder(out, "data-demo") == out

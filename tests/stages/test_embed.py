@@ -106,6 +106,7 @@ def _kill_after(proc: subprocess.Popen, markers: Path, count: int, timeout: floa
     return last
 
 
+@pytest.mark.slow  # kills at a random moment; CI runs the named crash points of tests/stages/test_faults.py
 def test_sigkill_mid_embed_then_rerun_equals_uninterrupted_run(tmp_path, ray_local):
     from stages.curate import run_curate
 

@@ -10,7 +10,6 @@ import ray.cloudpickle
 
 
 from stages.runner import UnitJob
-from stages.teachers.base import size_batches
 
 # the tasks and actors below live in this test module, which Ray workers cannot import: ship them by value
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -65,11 +64,3 @@ def test_a_failing_unit_raises_in_the_driver(ray_local, tmp_path):
     job = UnitJob("square", 2)
     with pytest.raises(Exception, match="No such file"):
         list(job.run_tasks(_square, lambda u: (u, str(tmp_path / "missing")), max_retries=0))
-
-
-def test_size_batches_groups_equal_shapes_in_a_fixed_order():
-    shapes = {7: (32, 48, 3), 2: (16, 16, 3), 5: (32, 48, 3), 1: (32, 48, 3), 9: (16, 16, 3)}
-    assert size_batches(shapes, 2) == [[2, 9], [1, 5], [7]]
-    assert size_batches(dict(reversed(list(shapes.items()))), 2) == [[2, 9], [1, 5], [7]]
-    with pytest.raises(ValueError):
-        size_batches(shapes, 0)

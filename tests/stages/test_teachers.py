@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from stages.teachers import build_teacher, parse_spec
+from stages.teachers.base import size_batches
 from stages.teachers.weights import load_state_dict, map_by_order
 
 TINY_VIT = "timm:vit_small_patch16_dinov3,depth=2,embed_dim=48,num_heads=2"
@@ -285,3 +286,11 @@ def test_offline_pretrained_download_is_a_clear_error(monkeypatch):
         build_teacher("timm:vit_small_patch16_dinov3,depth=1,embed_dim=48,num_heads=2")
     with pytest.raises(RuntimeError, match="--weights PATH or --random-init"):
         build_teacher(TINY_SIGLIP_VISION.replace("vocab_size=49408", "vocab_size=100"))
+
+
+def test_size_batches_groups_equal_shapes_in_a_fixed_order():
+    shapes = {7: (32, 48, 3), 2: (16, 16, 3), 5: (32, 48, 3), 1: (32, 48, 3), 9: (16, 16, 3)}
+    assert size_batches(shapes, 2) == [[2, 9], [1, 5], [7]]
+    assert size_batches(dict(reversed(list(shapes.items()))), 2) == [[2, 9], [1, 5], [7]]
+    with pytest.raises(ValueError):
+        size_batches(shapes, 0)
