@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from curation.kmeans import (DEFAULT_CHUNK_ROWS, Init, RefineInit, Strategy, _prep, _shape,
+from curation.kmeans import (DEFAULT_CHUNK_ROWS, DEFAULT_ITERATIONS, Init, RefineInit, Strategy, _prep, _shape,
                              assign, kmeans_with_resampling, take_rows)
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def fit_hierarchy(embeddings: Any, levels: Sequence[int], *,
                   refine_steps: int | Sequence[int] | None = None,
                   points_per_cluster: int | Sequence[int] | None = None,
                   refine_strategy: Strategy = "closest", refine_init: RefineInit = "fresh",
-                  n_iter: int = 20, init: Init = "kmeans++", spherical: bool = False, seed: int = 0,
+                  n_iter: int = DEFAULT_ITERATIONS, init: Init = "kmeans++", spherical: bool = False, seed: int = 0,
                   chunk_rows: int = DEFAULT_CHUNK_ROWS, gpu: bool | None = None,
                   timings: dict[str, float] | None = None) -> Hierarchy:
     """Fit the tree on ``embeddings`` ([N, d] numpy or zarr, float32/float16).
@@ -160,8 +160,9 @@ def fit_hierarchy(embeddings: Any, levels: Sequence[int], *,
     memory. The other rows are then assigned to the level-1 centroids ``chunk_rows`` at a time.
     Each level l >= 2 runs the same procedure on the level-(l-1) centroids. ``refine_steps`` and
     ``points_per_cluster`` are per level or one value for all. Defaults follow Vo et al.'s
-    4-level config: no resampling at level 1 (too costly there), 10 steps above it, and r = half
-    the mean cluster size of the level (at least 1). ``timings``, if given, receives seconds per
+    4-level config: no resampling at level 1 (too costly there), 10 steps above it, r = half the
+    mean cluster size of the level, and no resampling where that r is 1 or less (as the reference
+    code; see ``kmeans_with_resampling``), and 50 Lloyd iterations per k-means. ``timings``, if given, receives seconds per
     phase. Memory: the fit rows (float32), 12 bytes per pool row (label + distance) and a few
     read buffers of ``chunk_rows x d`` floats; the pool itself is streamed, never held.
     ``init="kmeans++"`` costs K passes over the fit rows: use ``"random"`` for very large K.

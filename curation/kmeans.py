@@ -21,6 +21,7 @@ Init = Literal["kmeans++", "random"]
 RefineInit = Literal["fresh", "previous"]
 
 DEFAULT_CHUNK_ROWS = 65536
+DEFAULT_ITERATIONS = 50  # Lloyd iterations per k-means, as Vo et al.'s reference code (n_iters=50)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ def kmeans_plusplus(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return x[picked].copy()
 
 
-def fit_centroids(x: np.ndarray, k: int, *, n_iter: int = 20, spherical: bool = False,
+def fit_centroids(x: np.ndarray, k: int, *, n_iter: int = DEFAULT_ITERATIONS, spherical: bool = False,
                   seed: int = 0, init: Init = "kmeans++", init_centroids: np.ndarray | None = None,
                   gpu: bool | None = None, max_points_per_centroid: int | None = None) -> np.ndarray:
     """faiss k-means on an in-memory float32 matrix; returns centroids [k, d].
@@ -228,7 +229,7 @@ def fit_centroids(x: np.ndarray, k: int, *, n_iter: int = 20, spherical: bool = 
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
-def kmeans(x: np.ndarray, k: int, *, n_iter: int = 20, spherical: bool = False, seed: int = 0,
+def kmeans(x: np.ndarray, k: int, *, n_iter: int = DEFAULT_ITERATIONS, spherical: bool = False, seed: int = 0,
            init: Init = "kmeans++", gpu: bool | None = None,
            chunk_rows: int = DEFAULT_CHUNK_ROWS) -> KMeansResult:
     """Lloyd's k-means (faiss) then one exact assignment pass of the same points."""
@@ -275,7 +276,7 @@ def rank_within_clusters(labels: np.ndarray, key: np.ndarray, k: int) -> tuple[n
 
 def kmeans_with_resampling(x: np.ndarray, k: int, *, refine_steps: int = 10,
                            points_per_cluster: int = 10, strategy: Strategy = "closest",
-                           refine_init: RefineInit = "fresh", n_iter: int = 20,
+                           refine_init: RefineInit = "fresh", n_iter: int = DEFAULT_ITERATIONS,
                            spherical: bool = False, seed: int = 0, init: Init = "kmeans++",
                            gpu: bool | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                            prepared: bool = False) -> KMeansResult:
@@ -300,7 +301,11 @@ def kmeans_with_resampling(x: np.ndarray, k: int, *, refine_steps: int = 10,
     Why: plain k-means puts many centroids in dense regions; iterating on a per-cluster
     balanced resample moves centroids toward a uniform cover of the support, which is what
     makes the subsequent balanced sampling flatten the concept distribution. The paper uses
-    r roughly half the mean cluster size and 10 steps on the upper levels.
+    r roughly half the mean cluster size and 10 steps on the upper levels. With ``r <= 1`` there
+    is nothing to rebalance: a resample of one point per cluster is k points for k centroids, and
+    k-means on it returns those very points, i.e. centroids of the level below (at AMoE's ratios,
+    50k -> 20k gives r = 1). Like Vo et al.'s reference (``sample_sizes[level] > 1``), the steps
+    are then skipped.
     ``prepared=True`` promises x is already float32, C-contiguous and (if spherical) unit-norm,
     saving a copy of the fit set.
     """
@@ -314,7 +319,7 @@ def kmeans_with_resampling(x: np.ndarray, k: int, *, refine_steps: int = 10,
                               gpu=gpu)
     labels, sqdist = assign(x, centroids, spherical=spherical, chunk_rows=chunk_rows, gpu=gpu)
     rng = np.random.default_rng(seed)
-    for step in range(refine_steps):
+    for step in range(refine_steps if points_per_cluster > 1 else 0):
         picked = resample_per_cluster(labels, sqdist, k, points_per_cluster, strategy, rng)
         if picked.size < k:  # empty clusters left fewer than k points: top up at random
             rest = np.setdiff1d(np.arange(x.shape[0]), picked)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from curation.hierarchy import Hierarchy, fit_hierarchy
-from curation.kmeans import DEFAULT_CHUNK_ROWS, Init, RefineInit, Strategy, rank_within_clusters
+from curation.kmeans import DEFAULT_CHUNK_ROWS, DEFAULT_ITERATIONS, Init, RefineInit, Strategy, rank_within_clusters
 from curation.metrics import curation_metrics
 
 Selection = Literal["random", "closest"]
@@ -129,7 +129,7 @@ def curate_embeddings(embeddings: Any, levels: list[int], target: int, *,
                       refine_steps: int | list[int] | None = None,
                       points_per_cluster: int | list[int] | None = None,
                       refine_strategy: Strategy = "closest", refine_init: RefineInit = "fresh",
-                      selection: Selection = "random", n_iter: int = 20, init: Init = "kmeans++",
+                      selection: Selection = "random", n_iter: int = DEFAULT_ITERATIONS, init: Init = "kmeans++",
                       spherical: bool = False, seed: int = 0,
                       chunk_rows: int = DEFAULT_CHUNK_ROWS, gpu: bool | None = None) -> CurationResult:
     """Embeddings [N, d] (numpy or zarr) -> hierarchy, balanced selection of ``target`` rows, metrics.

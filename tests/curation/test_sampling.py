@@ -188,3 +188,39 @@ def test_sampling_bad_input(tree):
         curate_embeddings(x[:50], [60, 2], 5)
     with pytest.raises(ValueError, match="selection"):
         hierarchical_sample(h, 10, selection="farthest")
+
+
+def grouped_zipf_concepts(seed: int, n_concepts: int = 30, groups: int = 4, head: int = 1750, dim: int = 16):
+    """A long tail (as ``zipf_concepts``) whose concepts fall into ``groups`` broader groups, as real
+    concepts do (breeds of dogs, kinds of vehicles): the structure hierarchical k-means is meant to find."""
+    rng = np.random.default_rng(seed)
+    sizes = np.maximum(np.round(head / np.arange(1, n_concepts + 1) ** 1.45).astype(int), 1)
+    group = rng.permutation(np.arange(n_concepts) % groups)
+    centers = rng.normal(size=(groups, dim))[group] * 30 + rng.normal(size=(n_concepts, dim)) * 6
+    labels = np.repeat(np.arange(n_concepts), sizes)
+    x = centers[labels] + rng.normal(size=(labels.size, dim))
+    perm = rng.permutation(labels.size)
+    return x[perm].astype(np.float32), labels[perm]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_level_at_amoe_ratios_does_not_collapse_onto_the_level_below(seed):
+    """AMoE's 50k -> 20k has ~2 centroids per top cluster, so r = 1: resampling one point per cluster
+    would hand k-means its own answer, every top centroid landing exactly on a level-3 centroid.
+    At the same ratios (4,118 points, 100 / 10 / 4) each top centroid must be the mean of its
+    members, never one of them (but for a cluster of one), and the curation must stay balanced."""
+    x, labels = grouped_zipf_concepts(seed)
+    h = fit_hierarchy(x, [100, 10, 4], seed=seed)
+    top, below, parent = h.centroids[2], h.centroids[1], h.parents[1]
+    multi = 0
+    for c in range(len(top)):
+        members = below[parent == c]
+        if len(members) < 2:
+            continue
+        multi += 1
+        gap = np.sqrt(((members - top[c]) ** 2).sum(-1)).min()
+        assert gap > 1e-3 * np.abs(members).max(), f"top centroid {c} sits on one of its {len(members)} members"
+        np.testing.assert_allclose(top[c], members.mean(0), rtol=1e-4, atol=1e-3)
+    assert multi >= 2
+    cmp = compare_to_random(labels, hierarchical_sample(h, 400, seed=seed), seed=seed, num_labels=30)
+    assert cmp["entropy_curated"] >= 0.85 > 0.7 > cmp["entropy_random"], cmp
