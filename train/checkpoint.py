@@ -2,6 +2,12 @@
 
 A checkpoint is a directory written under a temporary name and renamed into place, then named in
 ``LATEST``; a crash at any point leaves the previous checkpoint whole and ``LATEST`` pointing at it.
+
+A checkpoint becomes *trusted* once the loss computed with its weights (the next step's, which is
+the first to see them) is finite and within ``run.max_loss_ratio`` of the run's lowest loss
+(``mark_trusted``); until then it is unverified. A run that diverges falls back to the newest trusted
+checkpoint (``fall_back_to_trusted``), so a checkpoint whose finite but ruined weights made the loss
+explode is never what a resume starts from. Pruning never removes the newest trusted checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "load_weights"]
+from storage.faults import fault_point
+
+from .rundir import RunDir
+
+__all__ = ["fall_back_to_trusted", "latest_checkpoint", "load_checkpoint", "load_weights", "mark_trusted",
+           "save_checkpoint"]
 
 MODEL = "model.safetensors"
 STATE = "optim.pt"
@@ -32,6 +43,7 @@ def _atomic_text(path: Path, text: str) -> None:
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict,
                     keep: int) -> Path:
+    """Write ``step_<step>`` (unverified) and name it in LATEST; keep the newest ``keep`` and the newest trusted one."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -40,14 +52,45 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / MODEL))
     torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / STATE)
-    (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1))
+    (tmp / META).write_text(json.dumps({"step": step, "trusted": None, **meta}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    fault_point("checkpoint.rename")
     _atomic_text(root / LATEST, final.name)
     kept = sorted(p for p in root.glob("step_*") if p.is_dir())
+    trusted = _newest_trusted(kept)
     for old in kept[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != trusted:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def mark_trusted(root: Path, step: int, trusted: bool) -> None:
+    """Record the verdict of the loss computed with ``step_<step>``'s weights (if that checkpoint exists)."""
+    path = root / f"step_{step:08d}" / META
+    if path.exists():
+        meta = json.loads(path.read_text())
+        _atomic_text(path, json.dumps({**meta, "trusted": trusted}, indent=1))
+
+
+def _newest_trusted(checkpoints: list[Path]) -> Path | None:
+    for path in reversed(checkpoints):
+        try:
+            if json.loads((path / META).read_text()).get("trusted", True) is True:  # older checkpoints: trusted
+                return path
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def fall_back_to_trusted(root: Path) -> Path | None:
+    """Point LATEST at the newest trusted checkpoint (none: LATEST is removed and a resume starts over)."""
+    trusted = _newest_trusted(sorted(p for p in root.glob("step_*") if p.is_dir()))
+    if trusted is not None:
+        _atomic_text(root / LATEST, trusted.name)
+    elif (root / LATEST).exists():
+        (root / LATEST).unlink()
+    return trusted
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -73,7 +116,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 def load_weights(source: Path) -> dict[str, torch.Tensor]:
     """The model weights of a run directory (its latest checkpoint), a ``checkpoints/`` folder or one checkpoint."""
     source = Path(source)
-    ckpt = latest_checkpoint(source / "checkpoints") or latest_checkpoint(source) or source
+    ckpt = latest_checkpoint(RunDir(source).checkpoints) or latest_checkpoint(source) or source
     if not (ckpt / MODEL).is_file():
         raise ValueError(f"no checkpoint found in {source} (a run directory or checkpoint dir)")
     return load_file(str(ckpt / MODEL))

@@ -1,7 +1,10 @@
 """The trainer's typed config: student, heads, losses, data, optimizer and run (TOML sections mirror it).
 
-``model.preset`` names a whole student (``tiny``, ``demo``, ``amoe-dense``, ``amoe``, ``m2ot-b``):
-the preset fills the fields first and any field given next to it wins, so an ablation is one line.
+``model.preset`` names a whole recipe (``tiny``, ``demo``, ``amoe-dense``, ``amoe``, ``m2ot-b``,
+``tgr-ti``, ``tgr-s``, ``tgr-b``): the student and its router, and, where the paper states them, the
+heads, loss weights and optimizer. The preset fills those fields first and any field given next to it
+wins, so an ablation is one line. Where each value comes from: the README's "Defaults vs the papers"
+table, which ``tests/train/test_paper_defaults.py`` holds against these presets.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pydantic import Field, model_validator
 from config import StrictConfig
 
 __all__ = ["DataConfig", "HeadConfig", "LossConfig", "ModelConfig", "MoEConfig", "OptimConfig", "PRESETS",
-           "RunConfig", "TrainConfig"]
+           "RunConfig", "TrainConfig", "preset"]
 
 
 class MoEConfig(StrictConfig):
@@ -27,11 +30,13 @@ class MoEConfig(StrictConfig):
     hidden: int | None = Field(None, gt=0, description="expert hidden width (default: the dense MLP's)")
     fine_grained: bool = Field(False, description="shrink the expert width by top_k so active params match dense (M²oT §5.1)")
     backend: Literal["auto", "triton", "torch", "loop"] = "auto"
-    score: Literal["softmax", "sigmoid"] = "softmax"
-    renormalize: bool = True
-    noise_std: float = Field(0.0, ge=0)
-    load_balance_weight: float = Field(0.01, ge=0, description="M²oT Eq. 10 λ2 on M·Σ F_j P_j (Eq. 9)")
-    z_loss_weight: float = Field(1e-3, ge=0)
+    # router (defaults: M²oT Eq. 5 and 9-10; each named preset sets its paper's values)
+    score: Literal["softmax", "sigmoid"] = Field("softmax", description="M²oT Eq. 5: TOP_k(softmax(r(x)))")
+    renormalize: bool = Field(False, description="rescale the k gates to sum 1 (M²oT Eq. 5 does not)")
+    noise_std: float = Field(0.0, ge=0, description="Gaussian noise on the logits in training (TGR-MoE: 1.0)")
+    load_balance_weight: float = Field(0.01, ge=0, description="λ on M·Σ F_j P_j (M²oT Eq. 9), summed over MoE "
+                                       "layers (TGR-MoE Eq. S1)")
+    z_loss_weight: float = Field(0.0, ge=0, description="router z-loss (ST-MoE); TGR-MoE uses 1e-3 only in a comparison")
     capacity_factor: float = Field(1.0, gt=0, description="expert choice: capacity = tokens·k/E · factor")
     soft_slots: int = Field(1, gt=0, description="Soft MoE: slots per expert")
     upcycle_from: str | None = Field(None, description="dense run directory or checkpoint to upcycle (M²oT §4.1)")
@@ -42,7 +47,7 @@ class MoEConfig(StrictConfig):
 class ModelConfig(StrictConfig):
     """The student ViT: patch embedding, CLS + registers, pre-norm blocks with 2-D normalized RoPE."""
 
-    preset: str | None = Field(None, description="named student: tiny, demo, amoe-dense, amoe, m2ot-b")
+    preset: str | None = Field(None, description="named recipe: tiny, demo, amoe-dense, amoe, m2ot-b, tgr-ti, tgr-s, tgr-b")
     patch_size: int = Field(16, gt=0)
     dim: int = Field(192, gt=0)
     depth: int = Field(4, gt=0)
@@ -63,17 +68,9 @@ class ModelConfig(StrictConfig):
     @model_validator(mode="before")
     @classmethod
     def _preset(cls, data: Any) -> Any:
+        """The preset's student fields first, then the fields given (the other sections: ``TrainConfig``)."""
         if isinstance(data, dict) and data.get("preset") is not None:
-            name = data["preset"]
-            if name not in PRESETS:
-                raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
-            merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[name].items()}
-            for key, value in data.items():
-                if key == "moe" and isinstance(value, dict):
-                    merged["moe"] = {**merged.get("moe", {}), **value}
-                else:
-                    merged[key] = value
-            return merged
+            return _merge(preset(data["preset"]).get("model", {}), data)
         return data
 
     @property
@@ -94,19 +91,69 @@ class ModelConfig(StrictConfig):
         return sorted(set(spec))
 
 
-PRESETS: dict[str, dict[str, Any]] = {
+def _merge(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` over ``base``, nested dicts merged key by key."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in given.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def preset(name: str) -> dict[str, dict[str, Any]]:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+_AMOE_BACKBONE = dict(dim=768, depth=18, num_heads=8, head_dim=128, norm="rmsnorm", qk_norm=True, registers=4)
+# AMoE §3.1 "the same projection heads for the patch features and the global image representation";
+# supplement §7: "a linear decay schedule ... after a 500-step warmup" (the other numbers were lost in
+# the text we have)
+_AMOE_RECIPE = dict(heads=dict(share=True), optim=dict(schedule="linear", warmup_steps=500))
+
+
+def _tgr(dim: int, heads: int) -> dict[str, dict[str, Any]]:
+    """TGR-MoE Table S1: a DeiT of width ``dim``, 12 blocks, MoE on blocks {8, 10, 12} (1-based), V-MoE routing
+    (8 experts, top-2; supplement §A and C.3), noise 1.0, load balancing 0.005 summed over layers, no z-loss;
+    AdamW lr 5e-4, betas (0.9, 0.999), eps 1e-8, weight decay 0.05, cosine, 5 warmup epochs."""
+    return dict(
+        model=dict(dim=dim, depth=12, num_heads=heads, mlp_ratio=4.0, registers=4,
+                   moe=dict(layers=[7, 9, 11], experts=8, top_k=2, score="softmax", renormalize=False,
+                            noise_std=1.0, load_balance_weight=0.005, z_loss_weight=0.0)),
+        optim=dict(lr=5e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, schedule="cosine",
+                   warmup_steps=6255),  # 5 epochs of ImageNet-1K at DeiT's batch of 1,024 (not stated)
+    )
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # small students for tests and the CPU demo
-    "tiny": dict(dim=64, depth=2, num_heads=2, registers=4),
-    "demo": dict(dim=192, depth=4, num_heads=3, registers=4),
+    "tiny": dict(model=dict(dim=64, depth=2, num_heads=2, registers=4)),
+    "demo": dict(model=dict(dim=192, depth=4, num_heads=3, registers=4)),
     # AMoE as released: 18 blocks, dim 768, 8 heads of width 128, RMSNorm, QK-norm; dense MLP 4x
-    "amoe-dense": dict(dim=768, depth=18, num_heads=8, head_dim=128, norm="rmsnorm", qk_norm=True, registers=4),
-    # AMoE: every block sparse, 28 gated experts of width 384, top-6, no shared expert
-    "amoe": dict(dim=768, depth=18, num_heads=8, head_dim=128, norm="rmsnorm", qk_norm=True, registers=4,
-                 activation="swiglu", moe=dict(layers="all", experts=28, top_k=6, hidden=384, bias=False)),
+    "amoe-dense": dict(model=dict(_AMOE_BACKBONE), **_AMOE_RECIPE),
+    # AMoE: every block sparse, 28 gated experts of width 384, top-6, no shared expert; the public
+    # release (tiiuae/siglino, MoEArgs defaults) gates with sigmoid scores, not renormalized
+    "amoe": dict(model=dict(_AMOE_BACKBONE, activation="swiglu",
+                            moe=dict(layers="all", experts=28, top_k=6, hidden=384, bias=False, score="sigmoid",
+                                     renormalize=False, noise_std=0.0, load_balance_weight=0.01,
+                                     z_loss_weight=0.0)),
+                 **_AMOE_RECIPE),
     # M²oT-B: ViT-B/16, 8 experts top-2 on every other block, fine-grained (hidden 3072 / k) so the
-    # active parameters stay those of ViT-B (M²oT §5.1: 86M active, 170M total)
-    "m2ot-b": dict(dim=768, depth=12, num_heads=12, registers=4,
-                   moe=dict(layers="odd", experts=8, top_k=2, fine_grained=True)),
+    # active parameters stay those of ViT-B (M²oT §5.1: 86M active, 170M total); Eq. 5 gates without
+    # renormalizing, λ2 = 0.01; two projectors per teacher (§3.1), cos + smooth-L1 at equal weight
+    # (Eq. 2); Table 5: lr 2e-4, cosine, clip 1.0, 10 warmup epochs of 200
+    "m2ot-b": dict(model=dict(dim=768, depth=12, num_heads=12, registers=4,
+                              moe=dict(layers="odd", experts=8, top_k=2, fine_grained=True, score="softmax",
+                                       renormalize=False, noise_std=0.0, load_balance_weight=0.01,
+                                       z_loss_weight=0.0)),
+                   heads=dict(share=False),
+                   loss=dict(summary_cos=1.0, summary_smooth_l1=1.0, patches_cos=1.0, patches_smooth_l1=1.0),
+                   optim=dict(lr=2e-4, schedule="cosine", clip_grad=1.0,
+                              warmup_steps=12511)),  # 10 epochs of ImageNet-1K at the batch of 1,024
+    # TGR-MoE (supplement Table S1), the three DeiT widths
+    "tgr-ti": _tgr(192, 3),
+    "tgr-s": _tgr(384, 6),
+    "tgr-b": _tgr(768, 12),
 }
 
 
@@ -130,7 +177,7 @@ class LossConfig(StrictConfig):
     smooth_l1_beta: float = Field(1.0, gt=0)
     teacher_weights: dict[str, float] = Field(default_factory=dict, description="per-teacher multiplier (default 1)")
     phis: bool = Field(True, description="match summary and patches in PHI-S space where the store has statistics")
-    router: float = Field(1.0, ge=0, description="multiplier on the MoE layers' router losses")
+    router: float = Field(1.0, ge=0, description="multiplier on the MoE layers' router losses (summed over layers)")
 
 
 class DataConfig(StrictConfig):
@@ -149,7 +196,7 @@ class DataConfig(StrictConfig):
 
 
 class OptimConfig(StrictConfig):
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of lr")
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -166,6 +213,8 @@ class RunConfig(StrictConfig):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(200, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
+    max_loss_ratio: float = Field(10.0, gt=1, description="a checkpoint whose loss exceeds this multiple of the run's "
+                                  "lowest loss is kept but not trusted: a diverged run falls back to the newest trusted one")
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
     attention: Literal["auto", "dense", "flex"] = "auto"
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's)")
@@ -173,6 +222,15 @@ class RunConfig(StrictConfig):
 
 class TrainConfig(StrictConfig):
     """`pipeline train`: everything a run needs besides the store."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_sections(cls, data: Any) -> Any:
+        """``model.preset`` also fills the heads, loss and optimizer fields its paper states; given fields win."""
+        if isinstance(data, dict) and isinstance(data.get("model"), dict) and data["model"].get("preset"):
+            recipe = {k: v for k, v in preset(data["model"]["preset"]).items() if k != "model"}
+            return _merge(recipe, data)
+        return data
 
     model: ModelConfig = ModelConfig()
     heads: HeadConfig = HeadConfig()

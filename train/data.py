@@ -181,8 +181,14 @@ def _identity(x):
 
 
 def make_loader(dataset: StoreBatches, plans, cfg: DataConfig) -> torch.utils.data.DataLoader:
-    """Workers load plans in order; ``batch_size=None`` hands each plan to ``dataset[plan]`` as is."""
+    """Workers load plans in order; ``batch_size=None`` hands each plan to ``dataset[plan]`` as is.
+
+    The loader draws its workers' base seed from a generator of its own, never from torch's global RNG:
+    otherwise starting it would shift the random stream the model draws from (router noise), and a
+    resumed run, which starts its loader after restoring that stream, would not continue the same way.
+    """
     kwargs = {}
     if cfg.workers > 0:
         kwargs = dict(num_workers=cfg.workers, prefetch_factor=cfg.prefetch, persistent_workers=False)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=plans, collate_fn=_identity, **kwargs)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=plans, collate_fn=_identity,
+                                       generator=torch.Generator().manual_seed(0), **kwargs)

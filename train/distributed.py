@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["allreduce_grads", "init_distributed", "rank_and_world", "resolve_device"]
+__all__ = ["allreduce_grads", "barrier", "init_distributed", "rank_and_world", "resolve_device"]
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -38,6 +38,12 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
 
 
 def allreduce_grads(model: torch.nn.Module) -> None:

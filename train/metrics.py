@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .rundir import RunDir
+
 __all__ = ["MetricsLog"]
 
 
@@ -19,13 +21,14 @@ class MetricsLog:
         self.enabled = enabled
         if not enabled:
             return
-        self.path = run / "metrics.jsonl"
+        files = RunDir(run)
+        self.path = files.metrics
         if self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(run / "tensorboard"), purge_step=resume_step)
+        self.tb = SummaryWriter(str(files.tensorboard), purge_step=resume_step)
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -24,14 +24,16 @@ import torch.distributed as dist
 
 from storage.store import FeatureStore
 
-from .checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from .checkpoint import (fall_back_to_trusted, latest_checkpoint, load_checkpoint, load_weights, mark_trusted,
+                         save_checkpoint)
 from .config import OptimConfig, TrainConfig
 from .data import PlanStream, StoreBatches, make_loader
-from .distributed import allreduce_grads, rank_and_world, resolve_device
+from .distributed import allreduce_grads, barrier, rank_and_world, resolve_device
 from .losses import distillation_terms
 from .metrics import MetricsLog
 from .model.distill import DistillModel, build_model
 from .moe import upcycle_model
+from .rundir import RunDir
 
 __all__ = ["TrainingDiverged", "TrainResult", "batch_to_device", "compute_terms", "lr_at", "train"]
 
@@ -76,7 +78,7 @@ def train(cfg: TrainConfig, store_url: str, run: Path, *, fingerprint_meta: dict
     model = build_model(cfg, store, teachers).to(device)
     opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
                             eps=cfg.optim.eps, fused=device.type == "cuda")
-    start = _resume(model, opt, run, cfg)
+    start, best = _resume(model, opt, run, cfg)
     batches = _batches(cfg, store_url, store, teachers, start, rank, world)
     log = MetricsLog(run, start, enabled=rank == 0)
     history: list[dict] = []
@@ -90,14 +92,25 @@ def train(cfg: TrainConfig, store_url: str, run: Path, *, fingerprint_meta: dict
             opt.zero_grad(set_to_none=True)
             totals = _reduce(_accumulate(model, batches, cfg, device, step), world, device)
             _check_finite(totals.losses, step)  # before the optimizer: the weights never see a bad gradient
-            grad_norm = _optimizer_step(model, opt, cfg.optim, world, device)
+            grad_norm = _optimizer_step(model, opt, cfg.optim, world, device, step)
             record = _record(step, lr, grad_norm, totals, time.perf_counter() - t0)
             history.append(record)
+            best = min(best, record["loss"])
+            if rank == 0:  # this step's loss is the first computed with the weights checkpointed at ``step``
+                mark_trusted(RunDir(run).checkpoints, step, record["loss"] <= cfg.run.max_loss_ratio * best)
             if step % cfg.run.log_every == 0 or step == cfg.run.steps - 1:
                 log.write(record)
             if on_step is not None:
                 on_step(record)
-            _maybe_checkpoint(step + 1, run, model, opt, cfg, teachers, rank, world, fingerprint_meta)
+            _maybe_checkpoint(step + 1, run, model, opt, cfg, teachers, rank, world,
+                              {**(fingerprint_meta or {}), "best_loss": best})
+    except TrainingDiverged as exc:
+        if rank == 0:
+            trusted = fall_back_to_trusted(RunDir(run).checkpoints)
+            exc.args = (f"{exc.args[0]}; LATEST now names " + (
+                f"{trusted.name}, the last checkpoint whose weights gave a finite, sane loss" if trusted else
+                "no checkpoint: none gave a sane loss, a resume starts over"),)
+        raise
     finally:
         log.close()
         del batches  # stops the loader's workers now, also when the loop raised
@@ -126,18 +139,20 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _resume(model: DistillModel, opt: torch.optim.Optimizer, run: Path, cfg: TrainConfig) -> int:
-    """The step to start from: the last checkpoint's, else 0 (upcycled from a dense run when asked)."""
-    latest = latest_checkpoint(run / "checkpoints")
+def _resume(model: DistillModel, opt: torch.optim.Optimizer, run: Path, cfg: TrainConfig) -> tuple[int, float]:
+    """The step to start from and the lowest loss so far: the last checkpoint's, else 0 (upcycled from a
+    dense run when asked)."""
+    latest = latest_checkpoint(RunDir(run).checkpoints)
     if latest is not None:
-        return int(load_checkpoint(latest, model, opt)["step"])
+        meta = load_checkpoint(latest, model, opt)
+        return int(meta["step"]), float(meta.get("best_loss", math.inf))
     if cfg.model.moe.upcycle_from:
         try:
             dense = load_weights(Path(cfg.model.moe.upcycle_from))
         except ValueError as exc:
             raise ValueError(f"model.moe.upcycle_from: {exc}") from None
         upcycle_model(model, dense, cfg.model.moe.upcycle_noise, cfg.run.seed)
-    return 0
+    return 0, math.inf
 
 
 def _batches(cfg: TrainConfig, store_url: str, store: FeatureStore, teachers: list[str], start: int, rank: int,
@@ -169,10 +184,12 @@ def _autocast(device: torch.device):
 
 
 def _router_term(aux: list[dict], share: float) -> torch.Tensor | None:
+    """The MoE layers' auxiliary losses, summed over layers (TGR-MoE Eq. S1: λ_load Σ_i L_load^(i)), as this
+    microbatch's share of the step (each layer's loss is a mean over the microbatch's tokens)."""
     losses = [a["router_loss"] for a in aux if "router_loss" in a]
     if not losses:
         return None
-    return torch.stack(losses).mean() * share
+    return torch.stack(losses).sum() * share
 
 
 def compute_terms(model: DistillModel, batch: dict, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], object]:
@@ -230,14 +247,19 @@ def _reduce(totals: StepTotals, world: int, device: torch.device) -> StepTotals:
 
 
 def _optimizer_step(model: DistillModel, opt: torch.optim.Optimizer, cfg: OptimConfig, world: int,
-                    device: torch.device) -> float:
+                    device: torch.device, step: int) -> float:
     """Gradients summed over ranks, clipped, applied; returns the gradient norm before clipping (NaN: no clipping)."""
     if world > 1:
         allreduce_grads(model)
     grad_norm = float("nan")
     if cfg.clip_grad:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad))
-    opt.step()
+    try:
+        opt.step()
+    except RuntimeError as exc:  # e.g. an lr beyond float32: "value cannot be converted ... without overflow"
+        if "overflow" not in str(exc):
+            raise
+        raise TrainingDiverged(f"step {step}: the optimizer step overflowed ({exc}); lower optim.lr") from None
     if device.type == "cuda":
         torch.cuda.synchronize()
     return grad_norm
@@ -272,18 +294,23 @@ def _record(step: int, lr: float, grad_norm: float, totals: StepTotals, seconds:
 
 
 def _maybe_checkpoint(done: int, run: Path, model: DistillModel, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                      teachers: list[str], rank: int, world: int, fingerprint_meta: dict | None) -> None:
-    """Every ``run.checkpoint_every`` steps and at the end, rank 0 writes; every rank waits for it."""
+                      teachers: list[str], rank: int, world: int, meta: dict) -> None:
+    """Every ``run.checkpoint_every`` steps and at the end, rank 0 writes; every rank waits for it.
+
+    Weights that are no longer finite stop the run instead of being saved; the next step's loss decides
+    whether the checkpoint is trusted (``checkpoint.py``).
+    """
     if done % cfg.run.checkpoint_every and done != cfg.run.steps:
         return
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainingDiverged(f"step {done - 1}: non-finite weights after the optimizer step ({', '.join(bad[:3])})")
     if rank == 0:
         # the data position is the step: plans replay from metadata (train/data.py)
         position = {"step": done, "microbatches": done * cfg.optim.accumulation * world, "world": world}
-        save_checkpoint(run / "checkpoints", done, model, opt,
-                        {"teachers": teachers, "data_position": position, **(fingerprint_meta or {})},
-                        cfg.run.keep_checkpoints)
-    if world > 1:
-        dist.barrier()
+        save_checkpoint(RunDir(run).checkpoints, done, model, opt,
+                        {"teachers": teachers, "data_position": position, **meta}, cfg.run.keep_checkpoints)
+    barrier()
 
 
 def _result(cfg: TrainConfig, start: int, history: list[dict], seconds: float) -> TrainResult:

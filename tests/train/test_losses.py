@@ -144,3 +144,28 @@ def test_shuffled_order_is_a_seeded_permutation_in_bounded_windows():
     assert {e for e, _ in first} == {0, 1}
     with pytest.raises(ValueError, match="no usable image"):
         next(epoch_stream(np.zeros(3, bool), 2, seed=0, buffer=2))
+
+
+def test_router_losses_are_summed_over_moe_layers(train_store):
+    """TGR-MoE Eq. S1: λ_load Σ_i L_load^(i). A mean over layers would divide by their number (here 3)."""
+    from storage.store import FeatureStore
+    from train.config import TrainConfig
+    from train.data import PlanStream, StoreBatches
+    from train.model import build_model
+    from train.trainer import compute_terms
+
+    cfg = TrainConfig.model_validate({
+        "model": {"preset": "tiny", "depth": 3, "moe": {"layers": "all", "experts": 4, "top_k": 2, "backend": "loop",
+                                                        "z_loss_weight": 1e-3}},
+        "data": {"seq_len": 160, "seqs_per_batch": 2, "workers": 0}, "loss": {"router": 0.5}})
+    store = FeatureStore.open(train_store)
+    torch.manual_seed(0)
+    model = build_model(cfg, store, store.teacher_names)
+    ds = StoreBatches(train_store, store.teacher_names, cfg.data, patch=16, registers=4, seed=0)
+    plan = next(PlanStream(ds.reader.ok, ds.reader.grid, store.shard_images, cfg.data, registers=4, seed=0).steps())
+    batch = ds[plan]
+    terms, out = compute_terms(model, batch, cfg)
+    per_layer = [0.01 * float(a["load_balance_loss"]) + 1e-3 * float(a["z_loss"]) for a in out.aux]
+    share = batch["layout"].num_images / batch["global_images"]
+    assert len(per_layer) == 3
+    assert float(terms["router"]) == pytest.approx(0.5 * sum(per_layer) * share, rel=1e-6)

@@ -117,7 +117,7 @@ def test_soft_moe_is_token_permutation_equivariant_and_masks_padding():
     # padding tokens change nothing for the real ones and produce zeros
     padded = torch.cat([x, 100 * torch.randn(1, 4, 12, dtype=torch.float64)], 1)
     mask = torch.tensor([[True] * 9 + [False] * 4])
-    ym, _ = m(padded, token_mask=mask)
+    ym, _ = m(padded, mask)
     torch.testing.assert_close(ym[:, :9], y)
     assert ym[:, 9:].abs().max() == 0
 

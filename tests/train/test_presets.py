@@ -65,7 +65,9 @@ def test_upcycled_student_equals_dense_before_any_step():
     torch.manual_seed(0)
     kw = dict(patch_size=4, dim=32, depth=4, num_heads=2, registers=2)
     dense = Student(ModelConfig(**kw)).eval()
-    sparse = Student(ModelConfig(**kw, moe={"layers": "odd", "experts": 4, "top_k": 2, "backend": "loop"})).eval()
+    # renormalized gates: the k copies' weights sum to 1 (M²oT's own Eq. 5 gates would scale by their mass)
+    sparse = Student(ModelConfig(**kw, moe={"layers": "odd", "experts": 4, "top_k": 2, "backend": "loop",
+                                            "renormalize": True})).eval()
     upcycle_model(sparse, dense.state_dict())
     grids = [(2, 3), (3, 3)]
     layout = build_layout([grids], 32, 2)
@@ -94,3 +96,42 @@ def test_baseline_kinds_run_on_packed_sequences():
         assert out.patches.shape == (19, 32) and torch.isfinite(out.patches).all()
         (out.patches.square().mean() + out.cls.square().mean()).backward()
         assert all(p.grad is not None for n, p in model.named_parameters() if "mlp" in n and "router" not in n), kind
+
+
+def _dense_count(d: int, depth: int, heads: int, hd: int, hidden: int, *, rms: bool, qk_norm: bool, registers: int = 4,
+                 patch: int = 16) -> int:
+    """A dense student counted by hand: stem, blocks (norm, attention, norm, MLP), final norm."""
+    norm = d if rms else 2 * d
+    attn = d * 3 * heads * hd + 3 * heads * hd + heads * hd * d + d + (2 * hd if qk_norm else 0)
+    mlp = d * hidden + hidden + hidden * d + d
+    stem = 3 * patch * patch * d + d + d + registers * d + norm
+    return stem + depth * (2 * norm + attn + mlp)
+
+
+def test_every_dense_preset_counted_by_hand():
+    assert _counts("tiny") == (_dense_count(64, 2, 2, 32, 256, rms=False, qk_norm=False),) * 2
+    assert _counts("demo") == (_dense_count(192, 4, 3, 64, 768, rms=False, qk_norm=False),) * 2
+    assert _counts("amoe-dense") == (_dense_count(768, 18, 8, 128, 3072, rms=True, qk_norm=True),) * 2
+    assert round(_counts("demo")[0] / 1e6, 2) == 1.93  # the README's figure
+
+
+def test_upcycling_refuses_a_dense_model_of_another_shape():
+    import pytest
+
+    torch.manual_seed(0)
+    kw = dict(patch_size=4, dim=32, num_heads=2, registers=2)
+    sparse = Student(ModelConfig(**kw, depth=4, moe={"layers": "odd", "experts": 4, "top_k": 2, "backend": "loop"}))
+    deeper = Student(ModelConfig(**kw, depth=6))
+    with pytest.raises(ValueError, match="unexpected"):  # its blocks 4 and 5 would be silently dropped
+        upcycle_model(sparse, deeper.state_dict())
+
+
+def test_tgr_presets_counted_by_hand():
+    """DeiT widths (TGR-MoE Table S1): 12 LayerNorm blocks, MLP 4x, MoE (8 experts with biases, top-2,
+    router without bias) on blocks 8, 10 and 12; CLS + 4 registers, patch 16."""
+    for name, (d, heads) in {"tgr-ti": (192, 3), "tgr-s": (384, 6), "tgr-b": (768, 12)}.items():
+        dense = _dense_count(d, 12, heads, d // heads, 4 * d, rms=False, qk_norm=False)
+        mlp = d * 4 * d + 4 * d + 4 * d * d + d
+        total = dense + 3 * (d * 8 + 8 * mlp - mlp)  # three dense MLPs become 8 experts and a router
+        active = dense + 3 * (d * 8 + 2 * mlp - mlp)
+        assert _counts(name) == (total, active), name

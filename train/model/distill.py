@@ -47,15 +47,29 @@ class DistillModel(nn.Module):
         return preds, out
 
     def project(self, name: str, out: StudentOutput, layout: PackedLayout) -> dict[str, torch.Tensor]:
+        """Each feature's prediction in the space its targets are compared in: summary and patches in their
+        own PHI-S spaces, registers raw (AMoE suppl. §6).
+
+        A shared head (``heads.share``, AMoE §3.1: "the same projection heads for the patch features and
+        the global image representation") predicts in one space, the patches' PHI-S space, for every
+        token it sees; its CLS and register outputs are mapped from there to raw teacher features
+        (inverse patch PHI-S), and the CLS output on into the summary's PHI-S space. So every loss
+        compares like with like, which comparing the shared head's output directly with summary
+        targets (another mean and rotation) or raw registers would not.
+        """
         heads, spaces = self.heads[name], self.spaces[name]
-        pred = {"patches": heads.head("patches")(out.patches)}
+        pred = {"patches": heads.patches(out.patches)}
         if heads.pool is not None:  # AMoE §3.1: the teacher's frozen pool over our projected patches
             raw = spaces["patches"].denormalize(pred["patches"])
             pred["summary"] = spaces["summary"].normalize(heads.pool(raw, layout.patch_image, layout.num_images))
+        elif heads.share:
+            pred["summary"] = spaces["summary"].normalize(spaces["patches"].denormalize(heads.patches(out.cls)))
         else:
-            pred["summary"] = heads.head("summary")(out.cls)
+            pred["summary"] = heads.summary(out.cls)
         if heads.spec.registers:
-            pred["registers"] = heads.head("registers")(out.registers[:, : heads.spec.registers])
+            registers = out.registers[:, : heads.spec.registers]
+            pred["registers"] = (spaces["patches"].denormalize(heads.patches(registers)) if heads.share
+                                 else heads.registers(registers))
         return pred
 
     def raw_summaries(self, preds: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

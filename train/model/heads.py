@@ -95,7 +95,9 @@ def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
 
 
 class TeacherHeads(nn.Module):
-    """All heads of one teacher: ``summary`` (from CLS, unless a frozen pool), ``patches``, ``registers``."""
+    """All heads of one teacher: ``summary`` (from CLS, unless a frozen pool), ``patches``, ``registers``;
+    with ``share`` only ``patches``, which then projects every token (how its outputs are compared:
+    ``DistillModel.project``)."""
 
     def __init__(self, spec: TeacherDims, dim: int, hidden: int, share: bool, pool: FrozenSummaryPool | None = None):
         super().__init__()
@@ -108,8 +110,3 @@ class TeacherHeads(nn.Module):
         need_summary = pool is None and not share
         self.summary = AdaptorHead(dim, hidden, spec.summary_dim) if need_summary else None
         self.registers = AdaptorHead(dim, hidden, spec.register_dim) if spec.registers and not share else None
-
-    def head(self, feature: str) -> nn.Module:
-        """The head for "summary", "patches" or "registers" (the patch head when shared, AMoE)."""
-        own = getattr(self, feature)
-        return own if own is not None else self.patches

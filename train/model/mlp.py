@@ -1,4 +1,4 @@
-"""The MLP of a block, dense or sparse, behind one call: ``mlp(x, tokens) -> (y, aux)``.
+"""The MLP of a block, dense or sparse, behind one call: ``mlp(x, tokens=tokens) -> (y, aux)``.
 
 ``x`` is the block's normalized input over every slot of the packed batch (``[S, L, D]``), ``tokens``
 (``train.moe.TokenGroups``) names the real tokens and the image of each; ``aux`` holds a sparse

@@ -38,12 +38,14 @@ class FeatureSpace(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.method == "identity":
             return x.float()
-        return (x.float() - self.mean) @ self.whiten.T
+        with torch.autocast(x.device.type, enabled=False):  # in float32 also inside a bf16 forward
+            return (x.to(self.mean.dtype) - self.mean) @ self.whiten.T
 
     def denormalize(self, y: torch.Tensor) -> torch.Tensor:
         if self.method == "identity":
             return y.float()
-        return y.float() @ self.unwhiten.T + self.mean
+        with torch.autocast(y.device.type, enabled=False):
+            return y.to(self.mean.dtype) @ self.unwhiten.T + self.mean
 
 
 @dataclass

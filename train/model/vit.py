@@ -39,7 +39,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope, mask: DocumentMask, tokens: TokenGroups) -> tuple[torch.Tensor, dict]:
         x = x + self.attn(self.norm1(x), rope, mask)
-        y, aux = self.mlp(self.norm2(x), tokens)
+        y, aux = self.mlp(self.norm2(x), tokens=tokens)
         return x + y, aux
 
 

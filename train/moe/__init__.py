@@ -1,9 +1,10 @@
 """Sparse Mixture-of-Experts MLPs for the student: router, experts, token choice, baselines, upcycling.
 
-``ops`` holds the compute (dispatch, grouped GEMM in triton / torch / loop); the modules here hold
-parameters (MegaBlocks-style split): ``experts`` (the stacked expert weights and their two compute
-paths), ``router``, ``token_choice`` (the main top-k layer), ``soft_moe`` and ``expert_choice``
-(baselines), ``groups`` (which tokens a layer sees), ``upcycle`` (dense -> sparse).
+``ops`` holds the kernels (dispatch, grouped GEMM in triton / torch / loop: functions, no parameters);
+the modules here hold parameters and call the kernels (MegaBlocks-style split): ``experts`` (the
+stacked expert weights and the two ways they compute), ``router``, ``token_choice`` (the main top-k
+layer), ``soft_moe`` and ``expert_choice`` (baselines), ``groups`` (which tokens a layer sees),
+``upcycle`` (dense -> sparse).
 """
 
 from .expert_choice import ExpertChoiceMLP, expert_capacity

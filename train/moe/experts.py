@@ -72,6 +72,21 @@ class ExpertBank(nn.Module):
     def num_experts(self) -> int:
         return int(self.w1.shape[0])
 
+    @torch.no_grad()
+    def load_stacked(self, weights: dict[str, torch.Tensor]) -> None:
+        """Set ``w1``, ``b1``, ``w2``, ``b2`` from stacked tensors of the same shapes (upcycling).
+
+        A bank without biases accepts only all-zero ones, so nothing given is silently dropped."""
+        for name, value in weights.items():
+            param = getattr(self, name)
+            if param is None:
+                if value.abs().max() > 0:
+                    raise ValueError(f"the experts have no {name} but the weights give a non-zero one")
+                continue
+            if param.shape != value.shape:
+                raise ValueError(f"{name}: expert shape {tuple(param.shape)} != given {tuple(value.shape)}")
+            param.copy_(value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Expert e on ``x[e]``: ``[E, C, d] -> [E, C, d]``."""
         return batched_experts(x, self.w1, self.b1, self.w2, self.b2, self.activation)

@@ -1,6 +1,6 @@
 """Which tokens of a packed batch an MLP transforms, and which of them may be mixed together.
 
-Every MLP of a block takes the same call, ``mlp(x, tokens) -> (y, aux)`` (``train/model/mlp.py``):
+Every MLP of a block takes the same call, ``mlp(x, tokens=tokens) -> (y, aux)`` (``train/model/mlp.py``):
 ``x`` is the block's ``[..., d]`` input over all slots, ``tokens`` says which rows are real tokens
 and the group (image) of each. Padding never reaches a router, and slot-based variants (Soft MoE,
 expert choice), which pick tokens among a group, only ever see one image, never a pack of them.

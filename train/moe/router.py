@@ -1,14 +1,16 @@
 """Token-choice top-k router with its auxiliary losses and routing metrics.
 
-M2oT Eq. 5: ``R(t) = TOP_k(softmax(r(t)))`` with ``r`` a linear map ``[d] -> [E]``. Options:
-``score_func="sigmoid"`` (independent expert scores, as in the AMoE public release), renormalized or
-raw top-k gates, and Gaussian noise on the logits while training (TGR-MoE Tab. S1: std 1.0).
+M2oT Eq. 5: ``R(t) = TOP_k(softmax(r(t)))`` with ``r`` a linear map ``[d] -> [E]``, the k gates
+not renormalized. Options: ``score_func="sigmoid"`` (independent expert scores: the AMoE public
+release, ``tiiuae/siglino``'s ``MoEArgs``, which also does not renormalize), renormalized top-k gates,
+and Gaussian noise on the logits while training (TGR-MoE Tab. S1: std 1.0). Which paper uses what is
+set by the presets (``train/config.py``; README "Defaults vs the papers").
 
 Auxiliary terms, all per layer:
 - load balancing, M2oT Eq. 9: ``L_lb = E * sum_j F_j * P_j`` with ``F_j`` the fraction of the
   ``T*k`` top-k choices that went to expert j (no gradient) and ``P_j`` the mean routing probability
   of expert j (gradient). Uniform routing gives 1. (The text calls the expert count M.)
-- router z-loss (ST-MoE; TGR-MoE Tab. S1 weight 1e-3): ``mean_t (logsumexp_j logits_tj)^2``.
+- router z-loss (ST-MoE; TGR-MoE Tab. S1 uses 1e-3 in a comparison only): ``mean_t (logsumexp_j logits_tj)^2``.
 - normalized routing entropies, two distinct common forms (TGR-MoE Tab. S2 reports "normalized
   routing entropy"), both in [0, 1]:
   ``expert_usage_entropy  = H(F) / log E``           (how evenly the experts are used),

@@ -52,7 +52,7 @@ class SoftMoEMLP(nn.Module):
             return x @ self.phi
         return self.scale * (F.normalize(x, dim=-1) @ F.normalize(self.phi, dim=0))
 
-    def forward(self, x: torch.Tensor, tokens: TokenGroups | None = None, *, token_mask: torch.Tensor | None = None
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, *, tokens: TokenGroups | None = None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``x [..., N, d]`` (each row of dim -2 one sequence), or any ``[..., d]`` with ``tokens`` naming
         the real rows and their images; ``token_mask [..., N]`` (True = real) for padded sequences."""

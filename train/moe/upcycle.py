@@ -63,16 +63,7 @@ def upcycle_into(moe: MoEMLP, dense_fc1: nn.Linear, dense_fc2: nn.Linear, noise_
     """Overwrite ``moe``'s experts with copies of a dense GELU MLP (the router keeps its own init)."""
     if moe.activation != "gelu":
         raise ValueError("upcycling copies a dense fc1 -> GELU -> fc2 MLP; the MoE must use activation='gelu'")
-    weights = upcycle_mlp_into_experts(dense_fc1, dense_fc2, moe.num_experts, noise_std, generator)
-    for name, value in weights.items():
-        param = getattr(moe.experts, name)
-        if param is None:
-            if value.abs().max() > 0:
-                raise ValueError(f"the MoE has no {name} but the dense MLP has a non-zero bias")
-            continue
-        if param.shape != value.shape:
-            raise ValueError(f"{name}: MoE shape {tuple(param.shape)} != upcycled {tuple(value.shape)}")
-        param.copy_(value)
+    moe.experts.load_stacked(upcycle_mlp_into_experts(dense_fc1, dense_fc2, moe.num_experts, noise_std, generator))
     return moe
 
 
