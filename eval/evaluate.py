@@ -17,16 +17,16 @@ from typing import Callable
 import numpy as np
 import torch
 
+from storage.fingerprint import diff
+from storage.store import FeatureStore, StoreError
 from train.config import TrainConfig
 from train.distributed import resolve_device
-from train.rundir import read_run
+from train.rundir import RunDir, read_run
 
 from .features import StoreFeatures, extract_features, load_trained
 from .knn import knn_accuracy
 
 __all__ = ["EvalContext", "EvalError", "TASKS", "evaluate_run"]
-
-EVAL_FILE = "eval.json"
 
 
 class EvalError(ValueError):
@@ -60,14 +60,41 @@ def knn_task(ctx: EvalContext, k: int = 20, temperature: float = 0.07) -> dict:
     if not qm.any() or not bm.any():
         raise EvalError(f"kNN needs labels in both stores ({int(qm.sum())} labelled queries in {ctx.store}, "
                         f"{int(bm.sum())} labelled neighbours in {ctx.bank}); cache them with --labels")
+    exclude = None
+    if ctx.bank == ctx.store:  # the queries are in the bank: no image may vote for itself
+        where = {int(r): j for j, r in enumerate(neighbours.rows[bm])}
+        exclude = np.array([where.get(int(r), -1) for r in queries.rows[qm]])
     top1 = {name: knn_accuracy(neighbours.features[name][bm], neighbours.labels[bm], feats[qm], queries.labels[qm],
-                               k=k, temperature=temperature)
+                               k=k, temperature=temperature, exclude=exclude)
             for name, feats in queries.features.items()}
-    return {"k": k, "temperature": temperature, "bank": ctx.bank, "queries": ctx.store, "bank_images": int(bm.sum()),
+    return {"k": k, "temperature": temperature, "bank": ctx.bank, "queries": ctx.store, "self_excluded": exclude is not None,
+            "bank_images": int(bm.sum()),
             "query_images": int(qm.sum()), "classes": int(len(np.unique(queries.labels[qm]))), "top1": top1}
 
 
 TASKS: dict[str, Callable[..., dict]] = {"knn": knn_task}
+
+
+def check_teachers(record: dict, url: str) -> None:
+    """Refuse a store whose teachers are not the ones the run was trained on (same name, other targets).
+
+    Heads predict in their teacher's space: compared with another teacher's targets they give numbers
+    that look like results and mean nothing.
+    """
+    store = FeatureStore.open(url)
+    have = store.fingerprint()["teachers"]
+    trained = record["fingerprint"]["teachers"]
+    for name in record["teachers"]:
+        if name not in have:
+            raise EvalError(f"{url} has no complete teacher '{name}' (the run distils {', '.join(record['teachers'])})")
+        if have[name] != trained[name]:
+            try:
+                before = FeatureStore.open(record["url"]).teacher_attrs(name)["fingerprint"]
+                what = "; ".join(diff(before, store.teacher_attrs(name)["fingerprint"])) or "its fingerprint digest"
+            except (StoreError, KeyError, OSError):
+                what = f"fingerprint digest {have[name][:12]} != {trained[name][:12]}"
+            raise EvalError(f"teacher '{name}' of {url} is not the one the run was trained on ({record['url']}): "
+                            f"{what}")
 
 
 def evaluate_run(run: Path, store: str, tasks: list[str] | tuple[str, ...] = ("knn",), *, bank: str | None = None,
@@ -80,14 +107,16 @@ def evaluate_run(run: Path, store: str, tasks: list[str] | tuple[str, ...] = ("k
     if unknown or not tasks:
         raise EvalError(f"unknown task(s) {unknown or tasks!r}; available: {', '.join(TASKS)}")
     cfg, record = read_run(run)
+    for url in dict.fromkeys([store, bank or record["url"]]):
+        check_teachers(record, url)
     dev = resolve_device(device)
     model, meta = load_trained(run, store, cfg, record["teachers"], dev)
     ctx = EvalContext(run, cfg, record["teachers"], model, dev, store, bank or record["url"])
-    result = {"checkpoint_step": meta["step"]}
+    result = {"checkpoint_step": meta["step"], "teachers": list(record["teachers"])}
     for task in tasks:
         result[task] = TASKS[task](ctx, **(options or {}).get(task, {}))
     result["cosine"] = ctx.features(store).cosine
-    path = run / EVAL_FILE
+    path = RunDir(run).eval
     previous = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps({**previous, **result}, indent=1))
     return result

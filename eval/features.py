@@ -20,6 +20,7 @@ from train.config import TrainConfig
 from train.data import StoreBatches, make_loader, ordered_plans
 from train.losses import per_image_mean
 from train.model import build_model
+from train.rundir import RunDir
 
 __all__ = ["StoreFeatures", "extract_features", "load_trained"]
 
@@ -33,7 +34,7 @@ class StoreFeatures:
 
 
 def load_trained(run: Path, store_url: str, cfg: TrainConfig, teachers: list[str], device: torch.device):
-    ckpt = latest_checkpoint(run / "checkpoints")
+    ckpt = latest_checkpoint(RunDir(run).checkpoints)
     if ckpt is None:
         raise FileNotFoundError(f"{run} has no checkpoint yet")
     model = build_model(cfg, FeatureStore.open(store_url), teachers)

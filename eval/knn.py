@@ -19,8 +19,13 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def knn_predict(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, *, k: int = 20,
-                temperature: float = 0.07, num_classes: int | None = None) -> np.ndarray:
-    """Predicted label of every query; ``bank_labels`` are non-negative ints."""
+                temperature: float = 0.07, num_classes: int | None = None, exclude: np.ndarray | None = None
+                ) -> np.ndarray:
+    """Predicted label of every query; ``bank_labels`` are non-negative ints.
+
+    ``exclude[i]`` is a bank index query i must not count as a neighbour (itself, when the bank holds the
+    queries; -1 for none): otherwise every image would vote for its own label.
+    """
     bank, queries = l2_normalize(bank), l2_normalize(queries)
     bank_labels = np.asarray(bank_labels, np.int64)
     if len(bank) == 0 or len(queries) == 0:
@@ -29,10 +34,17 @@ def knn_predict(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, 
         raise ValueError(f"bank dim {bank.shape[1]} != query dim {queries.shape[1]}")
     if (bank_labels < 0).any():
         raise ValueError("bank labels must be >= 0 (drop unlabelled images first)")
-    k = min(k, len(bank))
+    k = min(k, len(bank) - (exclude is not None))
+    if k < 1:
+        raise ValueError("kNN needs at least one neighbour besides the query itself")
     index = faiss.IndexFlatIP(bank.shape[1])
     index.add(np.ascontiguousarray(bank))
-    sims, idx = index.search(np.ascontiguousarray(queries), k)
+    sims, idx = index.search(np.ascontiguousarray(queries), k + (exclude is not None))
+    if exclude is not None:  # drop the excluded neighbour where it was found, else the farthest of the k + 1
+        drop = np.argmax(np.concatenate([idx == np.asarray(exclude)[:, None], np.ones((len(idx), 1), bool)], 1), 1)
+        keep = np.ones(idx.shape, bool)
+        keep[np.arange(len(idx)), np.minimum(drop, k)] = False
+        sims, idx = sims[keep].reshape(len(idx), k), idx[keep].reshape(len(idx), k)
     num_classes = num_classes or int(bank_labels.max()) + 1
     votes = np.zeros((len(queries), num_classes), np.float64)
     weights = np.exp(sims.astype(np.float64) / temperature)
@@ -40,7 +52,8 @@ def knn_predict(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, 
     return votes.argmax(1)
 
 
-def knn_accuracy(bank, bank_labels, queries, query_labels, *, k: int = 20, temperature: float = 0.07) -> float:
+def knn_accuracy(bank, bank_labels, queries, query_labels, *, k: int = 20, temperature: float = 0.07,
+                 exclude: np.ndarray | None = None) -> float:
     pred = knn_predict(bank, bank_labels, queries, k=k, temperature=temperature,
-                       num_classes=int(max(np.max(bank_labels), np.max(query_labels))) + 1)
+                       num_classes=int(max(np.max(bank_labels), np.max(query_labels))) + 1, exclude=exclude)
     return float((pred == np.asarray(query_labels)).mean())

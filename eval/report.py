@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from train.rundir import RunDir
+
 __all__ = ["write_report"]
 
 
 def _records(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
+    path = RunDir(run).metrics
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
@@ -51,7 +53,7 @@ def write_report(run: Path, extra: dict | None = None) -> Path:
                   f"(first {records[0]['loss']:.4f})",
                   f"- second half of the run: {tok:.0f} real tokens/s, data wait {100 * wait:.1f}% of step time", "",
                   "![loss](loss.png)", "", "![loss terms](loss_terms.png)", ""]
-    ev_path = run / "eval.json"
+    ev_path = RunDir(run).eval
     if ev_path.exists():
         ev = json.loads(ev_path.read_text())
         knn = ev["knn"]

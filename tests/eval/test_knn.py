@@ -45,3 +45,21 @@ def test_knn_bad_input():
         knn_predict(np.ones((3, 4)), np.zeros(3, int), np.ones((2, 5)))
     with pytest.raises(ValueError, match=">= 0"):
         knn_predict(np.ones((3, 4)), np.array([0, -1, 1]), np.ones((2, 4)))
+
+
+def test_excluded_neighbours_never_vote_equal_to_a_naive_loop():
+    rng = np.random.default_rng(3)
+    bank = rng.normal(size=(60, 8))
+    labels = rng.integers(0, 4, 60)
+    pred = knn_predict(bank, labels, bank, k=5, temperature=0.1, exclude=np.arange(60))
+    x = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    for i in range(60):
+        sims = x @ x[i]
+        sims[i] = -np.inf
+        votes = np.zeros(4)
+        for j in np.argsort(-sims)[:5]:
+            votes[labels[j]] += np.exp(sims[j] / 0.1)
+        assert pred[i] == votes.argmax()
+    # without the exclusion every point finds itself first: the votes differ
+    assert (knn_predict(bank, labels, bank, k=1, temperature=0.1) == labels).all()
+    assert not (knn_predict(bank, labels, bank, k=1, temperature=0.1, exclude=np.arange(60)) == labels).all()
