@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from config import ConfigError, load_cli_config
+from config import load_cli_config
 from stages.config import CacheConfig
 
-from ..console import console, failures_text, phase_reporter, progress
+from ..console import console, failures_text, phase_reporter, progress, user_errors
 
 
 def cache_teachers(
@@ -37,16 +37,10 @@ def cache_teachers(
         "dtype": dtype, "min_tokens": min_tokens, "max_tokens": max_tokens, "labels": str(labels) if labels else None,
         "ray_address": ray_address, "workers": workers,
     }
-    try:
+    with user_errors(store):
         cfg = load_cli_config(CacheConfig, config, given, set_)
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    with progress() as bar:
-        try:
+        with progress() as bar:
             report = run_cache(images, store, cfg, on_progress=phase_reporter(bar))
-        except (ValueError, RuntimeError, FileNotFoundError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from None
     _print_summary(report)
 
 
@@ -58,6 +52,9 @@ def _print_summary(report) -> None:
     table.add_row("teacher", report.teacher + ("  (resumed)" if report.resumed else ""))
     table.add_row("images", f"{ing.num_images}" + ("  (already in store)" if ing.skipped else ""))
     table.add_row("failed images", failures_text(ing.num_failed, ing.failure_reasons))
+    if ing.labelled is not None:
+        changed = f"  ({ing.labels_changed} changed from the stored labels)" if ing.skipped and ing.labels_changed else ""
+        table.add_row("labelled images", f"{ing.labelled} of {ing.num_images}{changed}")
     table.add_row("units", f"{report.units_total} ({report.units_skipped} already committed)")
     table.add_row("images computed / tokens written", f"{report.images_computed} / {report.tokens}")
     for feature, info in report.phis.items():

@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from config import ConfigError, load_cli_config
+from config import load_cli_config
 from stages.config import CurateConfig
 
-from ..console import console, failures_text, phase_reporter, progress
+from ..console import console, failures_text, phase_reporter, progress, user_errors
 
 
 def curate(
@@ -41,7 +41,6 @@ def curate(
     --levels 200,20 --target 500 --concepts pool/concepts.csv
     """
     from stages.curate import run_curate
-    from stages.embed import EmbedError
 
     given = {
         "embedder": embedder, "weights": str(weights) if weights else None, "random_init": random_init,
@@ -49,16 +48,10 @@ def curate(
         "concepts": str(concepts) if concepts else None, "dtype": dtype, "ray_address": ray_address,
         "workers": workers,
     }
-    try:
+    with user_errors(str(out)):
         cfg = load_cli_config(CurateConfig, config, given, set_)
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    with progress() as bar:
-        try:
+        with progress() as bar:
             report = run_curate(images, str(out), cfg, on_progress=phase_reporter(bar))
-        except (ValueError, RuntimeError, FileNotFoundError, EmbedError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from None
     _print_summary(report)
 
 

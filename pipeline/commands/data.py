@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..console import console
+from ..console import console, user_errors
 
 app = typer.Typer(help="Write the bundled real image sets (no downloads).", no_args_is_help=True)
 
@@ -21,7 +21,8 @@ def demo_images(
     """Photos from scikit-image/scikit-learn plus the 1,797 digits with labels.csv (path,label,split)."""
     from stages.datasets import write_demo_images
 
-    s = write_demo_images(out, digits_size=digits_size, seed=seed)
+    with user_errors(str(out)):
+        s = write_demo_images(out, digits_size=digits_size, seed=seed)
     console.print(f"wrote {len(s.photos)} photos to {out / 'photos'} and {len(s.digits)} digits to {out / 'digits'} "
                   f"({s.num_train} train / {s.num_heldout} held out); labels: {s.labels_csv}")
 
@@ -36,10 +37,8 @@ def longtail(
     """Crops of the bundled photos, Zipf-distributed per photo, with concepts.csv (path,concept)."""
     from stages.datasets import write_longtail_pool
 
-    try:
+    with user_errors(str(out)):
         pool = write_longtail_pool(out, n_crops=n_crops, head_to_tail=head_to_tail, seed=seed)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
     counts = list(pool.counts.values())
     console.print(f"wrote {pool.num_crops} crops of {len(counts)} photos to {out}; most/least frequent "
                   f"{counts[0]}/{counts[-1]} = {counts[0] / counts[-1]:.1f}x; concepts: {pool.concepts_csv}")

@@ -19,7 +19,7 @@ import typer
 from config import load_config
 from stages.config import CacheConfig, CurateConfig
 
-from ..console import console, phase_reporter, progress
+from ..console import console, phase_reporter, progress, user_errors
 
 DEMO_TEACHERS = {"lite0": "timm:efficientnet_lite0", "lite2": "timm:efficientnet_lite2"}
 DEMO_MIN_TOKENS = 16  # the 64 px digits stay 4x4 tokens instead of being upscaled to 8x8: 4x less teacher compute
@@ -62,18 +62,22 @@ def demo(
     """Run the chain on bundled real images: curate -> cache-teachers (two real teachers) -> train -> eval -> report."""
     from stages.cache import run_cache
     from stages.curate import run_curate
-    from stages.datasets import write_demo_images
+    from stages.datasets import claim_folder, write_demo_images
     from stages.ray_cluster import ray_cluster
     from storage.inspect import describe_store
 
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    images = out / "images"
-    write_demo_images(images)
-    train_list, heldout_list, labels = _split_lists(images, out)
+    with user_errors(str(out)):
+        if (out / "train.toml").is_file() and (out / "images").is_dir():  # a demo folder from before the markers
+            (out / ".amoe-demo").touch()
+            (out / "images" / ".amoe-data-demo").touch()
+        claim_folder(out, "demo")
+        images = out / "images"
+        write_demo_images(images)
+        train_list, heldout_list, labels = _split_lists(images, out)
     curated = out / "curate"
     stores = {"train": (curated / "manifest", out / "store"), "heldout": (heldout_list, out / "eval_store")}
-    with ray_cluster(), progress() as bar:
+    with user_errors(str(out)), ray_cluster(), progress() as bar:
         cur_cfg = load_config(CurateConfig, None, {"embedder": DEMO_TEACHERS["lite0"], "min_tokens": DEMO_MIN_TOKENS,
                                                    "concepts": str(labels), **DEMO_CURATE})
         curation = run_curate(str(train_list), str(curated), cur_cfg, on_progress=phase_reporter(bar, "curate: "))

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..console import console
+from ..console import console, user_errors
 
 
 def evaluate(
@@ -15,26 +15,19 @@ def evaluate(
     store: Annotated[str, typer.Option("--store", help="labelled store to evaluate on (queries)")],
     bank: Annotated[Optional[str], typer.Option("--bank", help="labelled store of kNN neighbours (default: the run's training store)")] = None,
     tasks: Annotated[str, typer.Option("--tasks", help="comma-separated: knn")] = "knn",
-    k: Annotated[int, typer.Option("--k", help="neighbours")] = 20,
-    temperature: Annotated[float, typer.Option("--temperature", help="vote weight exp(sim / T)")] = 0.07,
+    k: Annotated[Optional[int], typer.Option("--k", help="kNN neighbours (default 20)")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="kNN vote weight exp(sim / T) (default 0.07)")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
 ) -> None:
     """Evaluate the run's latest checkpoint; results are merged into RUN/eval.json."""
-    from eval.evaluate import TASKS, EvalError, evaluate_run
+    from eval.evaluate import evaluate_run
 
-    wanted = [t.strip() for t in tasks.split(",") if t.strip()]
-    unknown = [t for t in wanted if t not in TASKS]
-    if unknown or not wanted:
-        raise typer.BadParameter(f"unknown task(s) {unknown or tasks!r}; available: {', '.join(TASKS)}")
-    try:
-        result = evaluate_run(run, store, wanted, bank=bank, device=device,
-                              options={"knn": {"k": k, "temperature": temperature}})
-    except (EvalError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+    knn = {key: value for key, value in (("k", k), ("temperature", temperature)) if value is not None}
+    with user_errors(str(run)):
+        result = evaluate_run(run, store, [t.strip() for t in tasks.split(",") if t.strip()], bank=bank, device=device,
+                              options={"knn": knn})
     if "knn" in result:
-        teachers = [name.split("/", 1)[1] for name in result["knn"]["top1"] if name.startswith("teacher/")]
-        _print(result, teachers)
+        _print(result, result["teachers"])
 
 
 def _print(result: dict, teachers: list[str]) -> None:

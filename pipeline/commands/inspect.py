@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..console import console
+from ..console import console, fail, failures_text, user_errors
 
 
 def _mb(n: float) -> str:
@@ -18,16 +18,17 @@ def _mb(n: float) -> str:
 def inspect_store(
     store: Annotated[str, typer.Argument(help="store directory or fsspec URL")],
     as_json: Annotated[bool, typer.Option("--json", help="print the facts as JSON")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="read every committed unit; name and un-commit damaged ones "
+                                                          "(exit 2), so that rerunning cache-teachers repairs them")] = False,
 ) -> None:
     """Images, failures, teachers, dims, bytes on disk per image and per token, compression, PHI-S."""
     from storage.inspect import describe_store
-    from storage.store import StoreError
 
-    try:
+    if verify:
+        _verify(store)
+        return
+    with user_errors(store):
         facts = describe_store(store)
-    except StoreError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
     if as_json:
         print(json.dumps(facts, indent=2, default=str))
         return
@@ -38,12 +39,12 @@ def inspect_store(
     if im is None:
         console.print("[yellow]images not complete (an interrupted cache-teachers: rerun it to finish)[/yellow]")
         return
-    reasons = ", ".join(f"{k}: {v}" for k, v in im["failure_reasons"].items())
     tpi = im["tokens_per_image"]
+    labels = "none" if im["labels"] is None else f"{im['labels']} of {im['count']} images"
     console.print(
-        f"images: {im['count']} ({im['failed']} failed{': ' + reasons if reasons else ''}); tokens/image "
+        f"images: {im['count']} (failed {failures_text(im['failed'], im['failure_reasons'])}); tokens/image "
         f"min {tpi['min']} mean {tpi['mean']:.1f} max {tpi['max']}, total {tpi['total']}; "
-        f"pixels {_mb(im['pixel_bytes_on_disk'])} ({_mb(im['pixel_bytes_per_image'])}/image); labels: {'yes' if im['labels'] else 'no'}"
+        f"pixels {_mb(im['pixel_bytes_on_disk'])} ({_mb(im['pixel_bytes_per_image'])}/image); labels: {labels}"
     )
     table = Table("teacher", "dims (summary/patch)", "regs", "dtype", "units", "targets on disk", "per image",
                   "per token", "compression", "PHI-S files", "PHI-S summary / patches")
@@ -60,3 +61,21 @@ def inspect_store(
             _mb(t["bytes_per_image"]), f"{t['bytes_per_token']:.0f} B", ratio, _mb(t["phis_bytes"]), phis,
         )
     console.print(table)
+
+
+def _verify(store: str) -> None:
+    from storage.verify import verify_store
+
+    with user_errors(store):
+        report = verify_store(store, repair=True)
+    if not report.damaged:
+        console.print(f"{store}: {report.units_checked} committed units read, no damage")
+        return
+    table = Table("part", "unit", "damage", title=f"damage in {store}")
+    for d in report.damaged:
+        table.add_row(d.part, str(d.unit), d.reason)
+    console.print(table)
+    parts = sorted({d.part for d in report.damaged})
+    fail(f"{store}: {len(report.damaged)} damaged chunk range(s) in " + ", ".join(
+        f"{part} units {report.units(part)}" for part in parts) + "; they are un-committed: rerun cache-teachers "
+        "with the same IMAGES (and teacher) to rewrite them")

@@ -7,14 +7,16 @@ from typing import Annotated
 
 import typer
 
-from ..console import console
+from ..console import console, fail, user_errors
 
 
 def report(run: Annotated[Path, typer.Argument(help="run directory")]) -> None:
     """Write RUN/report.md (loss curves, kNN, student-teacher cosine)."""
     from eval.report import write_report
+    from train.rundir import RunDir
 
-    if not (run / "metrics.jsonl").exists():
-        console.print(f"[red]error:[/red] {run} has no metrics.jsonl: is it a `pipeline train` run directory?")
-        raise typer.Exit(1)
-    console.print(f"report -> {write_report(run)}")
+    if not RunDir(run).metrics.exists():
+        fail(f"{run} has no {RunDir(run).metrics.name}: is it a `pipeline train` run directory?")
+    with user_errors(str(run)):
+        path = write_report(run)
+    console.print(f"report -> {path}")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from config import ConfigError, load_cli_config
+from rich.markup import escape
 
-from ..console import console, progress
+from config import load_cli_config
+
+from ..console import console, errors, progress, user_errors
 
 
 def train(
@@ -22,25 +25,27 @@ def train(
 ) -> None:
     """Distil the store's teachers into a student; resumes from the run's last checkpoint if there is one."""
     from train.config import TrainConfig
-    from train.distributed import init_distributed
-    from train.rundir import RunError, prepare_run
+    from train.distributed import barrier, init_distributed
+    from train.rundir import prepare_run, run_lock
+
+    with user_errors(str(out)):
+        cfg = load_cli_config(TrainConfig, config, {"model.preset": model, "run.steps": steps}, set_)
+        rank, world = init_distributed()
+        with run_lock(out) if rank == 0 else contextlib.nullcontext():  # one run per directory at a time
+            meta = prepare_run(out, cfg, store, write=rank == 0)
+            barrier()
+            result = _train(cfg, store, out, meta, rank)
+    if rank == 0:
+        resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+        console.print(f"trained {result.steps} steps{resumed} in {result.seconds:.1f} s: final loss {result.last_loss:.4f}, "
+                      f"{result.tokens_per_s:.0f} tokens/s, data wait {100 * result.data_wait:.1f}% of step time -> {out}")
+
+
+def _train(cfg, store: str, out: Path, meta: dict, rank: int):
+    """The trainer with a progress bar on rank 0; a diverged run stops with its own one-line message."""
     from train.trainer import TrainingDiverged
     from train.trainer import train as run_training
 
-    try:
-        cfg = load_cli_config(TrainConfig, config, {"model.preset": model, "run.steps": steps}, set_)
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    rank, world = init_distributed()
-    try:
-        meta = prepare_run(out, cfg, store, write=rank == 0)
-    except (RunError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
     with progress(disable=rank != 0) as bar:
         task = bar.add_task("train", total=cfg.run.steps, info="")
 
@@ -49,15 +54,8 @@ def train(
                        info=f"loss {r['loss']:.4f}  {r['tokens_per_s']:.0f} tok/s  data-wait {100 * r['data_wait']:.1f}%")
 
         try:
-            result = run_training(cfg, store, out, fingerprint_meta={"store_fingerprint": meta["fingerprint"]},
-                                  on_step=on_step)
+            return run_training(cfg, store, out, fingerprint_meta={"store_fingerprint": meta["fingerprint"]},
+                                on_step=on_step)
         except TrainingDiverged as exc:
-            console.print(f"[red]stopped:[/red] {exc}")
+            errors.print(f"[red]stopped:[/red] {escape(' '.join(str(exc).split()))}")
             raise typer.Exit(2) from None
-        except ValueError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from None
-    if rank == 0:
-        resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
-        console.print(f"trained {result.steps} steps{resumed} in {result.seconds:.1f} s: final loss {result.last_loss:.4f}, "
-                      f"{result.tokens_per_s:.0f} tokens/s, data wait {100 * result.data_wait:.1f}% of step time -> {out}")
