@@ -27,7 +27,8 @@ from benchmarks.common import md_table, write_results  # noqa: E402
 from storage.store import FeatureStore  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import PlanStream, StoreBatches  # noqa: E402
-from train.trainer import batch_to_device, build_model, compute_terms  # noqa: E402
+from train.model import build_model  # noqa: E402
+from train.trainer import batch_to_device, compute_terms  # noqa: E402
 
 
 def batches(cfg: TrainConfig, store: str, teachers: list[str], n: int) -> list[dict]:
