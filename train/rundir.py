@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,11 +65,22 @@ class RunDir:
         return self.path / ".lock"
 
 
-def run_lock(run: Path) -> WriterLock:
-    """The run directory's writer lock: a second ``pipeline train`` into the same ``--out`` is refused."""
+@contextmanager
+def run_lock(run: Path) -> Iterator[None]:
+    """The run directory's writer lock: a second ``pipeline train`` into the same ``--out`` is refused.
+
+    A directory created only to hold the lock is removed again if the run wrote nothing into it (a
+    refused store or config leaves no empty run behind)."""
+    run = Path(run)
+    created = not run.exists()
+    run.mkdir(parents=True, exist_ok=True)
     fs, _ = filesystem(str(run))
-    Path(run).mkdir(parents=True, exist_ok=True)
-    return WriterLock(fs, str(RunDir(Path(run)).lock.resolve()), f"run directory {run}")
+    try:
+        with WriterLock(fs, str(RunDir(run).lock.resolve()), f"run directory {run}"):
+            yield
+    finally:
+        if created and run.is_dir() and not any(run.iterdir()):
+            run.rmdir()
 
 # fields a resumed run may change: how long and how often, not what is trained
 RESUMABLE_CHANGES = {"run.steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.threads",

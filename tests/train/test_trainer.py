@@ -244,6 +244,11 @@ def test_an_overflowing_learning_rate_is_a_named_stop(train_store, tmp_path):
 def test_a_store_that_is_not_a_store_is_one_line_in_train_and_eval(train_store, tmp_path):
     error_line(_train(str(tmp_path / "nothing"), tmp_path / "run", "--steps", "1", check=False), "no feature store",
                str(tmp_path / "nothing"))
+    assert not (tmp_path / "run").exists()  # the refused run leaves no empty directory behind
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    error_line(_train(str(tmp_path / "nothing"), kept, "--steps", "1", check=False), "no feature store")
+    assert kept.is_dir() and not any(kept.iterdir())  # a folder the user made is kept as it was
     run = tmp_path / "trained"
     _train(train_store, run, "--steps", "1")
     proc = subprocess.run([*PIPELINE, "eval", str(run), "--store", str(tmp_path / "nothing")], capture_output=True,
