@@ -183,9 +183,9 @@ def run_cache(
     _check_not_inside(images, store_url)
     refs = list_images(images)
     labels = read_labels(cfg.labels, [r.source for r in refs]) if cfg.labels else None  # bad CSV: refused now
-    store = FeatureStore.open_or_create(store_url, policy, created_by=_created_by())
     t = time.perf_counter()
-    # the driver builds the teacher once: fingerprint, dims, frozen heads, text embeddings
+    # the driver builds the teacher once (fingerprint, dims, frozen heads, text embeddings), before the
+    # store is created: a bad SPEC or weights file leaves no new store behind
     from .teachers import build_teacher
 
     teacher = build_teacher(**cfg.teacher_kwargs())
@@ -196,6 +196,7 @@ def run_cache(
     extras = _TeacherExtras.of(teacher, cfg)
     del teacher  # the actors build their own replicas
     build_s = time.perf_counter() - t
+    store = FeatureStore.open_or_create(store_url, policy, created_by=_created_by())
     with store.lock(f"teacher-{name}"):
         resumed = store.check_teacher(spec)  # raises on a conflicting fingerprint, before any work
         report = _cache_teacher(store, refs, labels, spec, extras, resumed, cfg, progress)

@@ -191,7 +191,6 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
 
     progress = on_progress or (lambda *a: None)
     sources = [r.source for r in refs]
-    group = open_run_folder(str(out))  # before any work: refuse a folder the project did not write
     n, unit = len(sources), cfg.unit_images
     policy = _policy(cfg)
     seconds: dict[str, float] = {}
@@ -204,6 +203,8 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
                 "dim": dim, "dtype": cfg.dtype, "image_policy": policy.to_dict()}
     del teacher
     seconds["build_embedder"] = time.perf_counter() - t
+    # before any writes, after the embedder built (a bad SPEC leaves no folder): refuse what we did not write
+    group = open_run_folder(str(out))
 
     previous = group.attrs.get("embed")
     commits = CommitLog(str(out), EMBED_COMMITS)

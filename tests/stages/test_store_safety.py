@@ -69,6 +69,16 @@ def test_a_folder_that_is_not_a_store_is_refused_and_left_as_it_was(small_images
     assert a_file.read_text() == "x"
 
 
+def test_a_bad_teacher_spec_or_weights_file_creates_no_store(small_images, tmp_path):
+    store = tmp_path / "new_store"
+    error_line(_cache(small_images, store, "bogus:x", "x", tmp_path), "unknown teacher library 'bogus'")
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"not a weights file")
+    error_line(_cache(small_images, store, TINY_CNN, "cnn", tmp_path, "--no-random-init", "--weights", weights),
+               str(weights))
+    assert not store.exists()
+
+
 def test_images_inside_the_store_are_refused(tmp_path):
     folder = tmp_path / "self"
     write_image_folder(folder, bad=False)
@@ -86,6 +96,10 @@ def test_curate_refuses_a_folder_or_manifest_it_did_not_write(small_images, tmp_
                         "--levels", "4,2", "--target", "5")
     error_line(proc, str(out), "not a curation run folder")
     assert (out / "manifest" / "notes.txt").read_text() == "mine"
+    fresh = tmp_path / "fresh"
+    error_line(run_pipeline("curate", small_images, "--out", fresh, "--embedder", "bogus:x", "--levels", "4,2",
+                            "--target", "5"), "unknown teacher library 'bogus'")
+    assert not fresh.exists()  # a bad embedder SPEC leaves no run folder behind
 
     from stages.manifest import write_manifest
 
