@@ -27,6 +27,7 @@ from storage.store import FeatureStore, StoreError, TeacherGroupSpec
 
 from .config import CacheConfig
 from .ingest import IngestReport, ingest_images, read_labels
+from .placement import Placement, cluster_gpus, resolve_placement
 from .ray_cluster import ray_cluster
 from .runner import UnitJob
 from .sources import list_images
@@ -66,6 +67,7 @@ class CacheReport:
     seconds: dict[str, float] = field(default_factory=dict)
     phis: dict[str, dict] = field(default_factory=dict)
     resumed: bool = False
+    placement: str = ""  # where the replicas computed (stages.placement)
 
 
 class TeacherWorker:
@@ -183,15 +185,19 @@ def run_cache(
     _check_not_inside(images, store_url)
     refs = list_images(images)
     labels = read_labels(cfg.labels, [r.source for r in refs]) if cfg.labels else None  # bad CSV: refused now
+    placement = resolve_placement(cfg.device, cfg.compute_dtype, cfg.gpus_per_worker, cfg.workers,
+                                  *cluster_gpus(cfg.ray_address))  # --device cuda without a GPU: refused now
     t = time.perf_counter()
-    # the driver builds the teacher once (fingerprint, dims, frozen heads, text embeddings), before the
-    # store is created: a bad SPEC or weights file leaves no new store behind
+    # the driver builds the teacher once on CPU (fingerprint, dims, frozen heads, text embeddings), before
+    # the store is created: a bad SPEC or weights file leaves no new store behind
     from .teachers import build_teacher
 
     teacher = build_teacher(**cfg.teacher_kwargs())
+    placement = placement.for_teacher(teacher)
     name = cfg.name or teacher.name
+    # the replicas' compute dtype is part of the targets' identity (the device is not)
     fingerprint = {**teacher.fingerprint(), "image_policy": policy.to_dict(), "student_patch_size": cfg.patch_size,
-                   "dtype": cfg.dtype}
+                   "dtype": cfg.dtype, "compute_dtype": placement.compute_dtype}
     spec = TeacherGroupSpec(name, teacher.summary_dim, teacher.embed_dim, teacher.num_registers, cfg.dtype, fingerprint)
     extras = _TeacherExtras.of(teacher, cfg)
     del teacher  # the actors build their own replicas
@@ -199,7 +205,7 @@ def run_cache(
     store = FeatureStore.open_or_create(store_url, policy, created_by=_created_by())
     with store.lock(f"teacher-{name}"):
         resumed = store.check_teacher(spec)  # raises on a conflicting fingerprint, before any work
-        report = _cache_teacher(store, refs, labels, spec, extras, resumed, cfg, progress)
+        report = _cache_teacher(store, refs, labels, spec, extras, resumed, cfg, placement, progress)
     report.seconds = {"build_teacher": build_s, **report.seconds}
     return report
 
@@ -227,8 +233,8 @@ class _TeacherExtras:
 
 
 def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, spec: TeacherGroupSpec,
-                   extras: _TeacherExtras, resumed: bool, cfg: CacheConfig, progress: Callable[[str, int, int], None]
-                   ) -> CacheReport:
+                   extras: _TeacherExtras, resumed: bool, cfg: CacheConfig, placement: Placement,
+                   progress: Callable[[str, int, int], None]) -> CacheReport:
     """Images (when missing), the teacher group, its units on an actor pool, PHI-S; the caller holds the teacher's lock."""
     import ray
 
@@ -236,7 +242,7 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, s
 
     name, seconds = spec.name, {}
     cpus = cfg.num_cpus or len(os.sched_getaffinity(0))
-    threads = cfg.threads or max(1, cpus // cfg.workers)
+    threads = cfg.threads or max(1, cpus // placement.workers)
     # one writer of the images (and labels) at a time; taken before the cluster starts, so a second
     # writer is refused at once, and released as soon as they are written
     writes = not store.images_complete or (labels is not None and not np.array_equal(store.labels(), labels))
@@ -261,10 +267,12 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, s
 
         plan: ShardPlan = store.plan()
         job = UnitJob(f"teacher {name}", plan.num_units, store.teacher_commits(name).committed(), progress)
-        report = CacheReport(store.url, name, ingest, plan.num_units, plan.num_units - len(job.todo), resumed=resumed)
-        init = (store.url, name, cfg.teacher_kwargs(), cfg.dtype, threads, cfg.batch_size, ray.put(tokens),
-                ray.put(pixel_offsets))
-        for result in job.run_actors(TeacherWorker, init, workers=cfg.workers, num_cpus=threads):
+        report = CacheReport(store.url, name, ingest, plan.num_units, plan.num_units - len(job.todo), resumed=resumed,
+                             placement=placement.describe())
+        init = (store.url, name, {**cfg.teacher_kwargs(), **placement.teacher_kwargs()}, cfg.dtype, threads,
+                cfg.batch_size, ray.put(tokens), ray.put(pixel_offsets))
+        for result in job.run_actors(TeacherWorker, init, workers=placement.workers, num_cpus=threads,
+                                     num_gpus=placement.gpus_per_worker):
             report.images_computed += result["images"]
             report.tokens += result["tokens"]
             for key in ("decode_s", "forward_s"):

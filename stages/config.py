@@ -15,8 +15,13 @@ from config import StrictConfig
 __all__ = ["CacheConfig", "CurateConfig"]
 
 
-class _ModelSource:
-    """Where a job's model comes from; both jobs build their teacher/embedder with these arguments."""
+class _ModelSource(StrictConfig):
+    """Where a job's model comes from and where its replicas compute (``stages.placement``)."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when the Ray cluster has GPUs")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="precision of the model's forward (autocast); default bfloat16 on CUDA, float32 on CPU")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs Ray gives each replica (0.5 = two per GPU)")
 
     def model_spec(self) -> str:
         raise NotImplementedError
@@ -27,7 +32,7 @@ class _ModelSource:
                     patch_size=self.patch_size)
 
 
-class CacheConfig(_ModelSource, StrictConfig):
+class CacheConfig(_ModelSource):
     """`pipeline cache-teachers`: which teacher, the image policy, and how the job is split."""
 
     teacher: str = Field(description="teacher SPEC, e.g. timm:efficientnet_lite0 or open_clip:ViT-B-16-SigLIP2-256")
@@ -52,7 +57,7 @@ class CacheConfig(_ModelSource, StrictConfig):
     pixel_shard_bytes: int = Field(1 << 24, gt=0)
     pixel_chunk_bytes: int = Field(1 << 18, gt=0)
     batch_size: int = Field(32, gt=0)
-    workers: int = Field(1, gt=0, description="teacher actors")
+    workers: int | None = Field(None, gt=0, description="teacher actors (default: one per GPU share on CUDA, 1 on CPU)")
     threads: int | None = Field(None, gt=0, description="torch threads per actor (default: CPUs / workers)")
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded local cluster (default: all)")
@@ -75,7 +80,7 @@ class CacheConfig(_ModelSource, StrictConfig):
         return self
 
 
-class CurateConfig(_ModelSource, StrictConfig):
+class CurateConfig(_ModelSource):
     """`pipeline curate`: embedder, image policy, hierarchy levels, sampling target, job layout."""
 
     embedder: str = Field(description="teacher SPEC whose summary embedding clusters the pool, e.g. timm:efficientnet_lite0")
@@ -105,7 +110,7 @@ class CurateConfig(_ModelSource, StrictConfig):
     # job layout
     unit_images: int = Field(1024, gt=0, description="images per embedding unit (commit granularity, zarr chunk)")
     batch_size: int = Field(32, gt=0)
-    workers: int = Field(1, gt=0, description="embedder actors")
+    workers: int | None = Field(None, gt=0, description="embedder actors (default: one per GPU share on CUDA, 1 on CPU)")
     threads: int | None = Field(None, gt=0, description="torch threads per actor (default: CPUs / workers)")
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded local cluster (default: all)")

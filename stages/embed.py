@@ -39,6 +39,7 @@ from storage.failures import count_reasons, write_failure_table
 from storage.fingerprint import digest, digest_strings
 from storage.image_policy import ImagePolicy
 
+from .placement import cluster_gpus, resolve_placement
 from .ray_cluster import ray_cluster
 from .runner import UnitJob
 from .sources import ImageRef, iter_decoded, printable_source
@@ -71,6 +72,7 @@ class EmbedReport:
     units_skipped: int = 0
     images_computed: int = 0
     skipped: bool = False  # everything was already embedded
+    placement: str = ""  # where the replicas computed (stages.placement)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -194,13 +196,17 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
     n, unit = len(sources), cfg.unit_images
     policy = _policy(cfg)
     seconds: dict[str, float] = {}
+    placement = resolve_placement(cfg.device, cfg.compute_dtype, cfg.gpus_per_worker, cfg.workers,
+                                  *cluster_gpus(cfg.ray_address))  # --device cuda without a GPU: refused now
     t = time.perf_counter()
-    teacher = build_teacher(**cfg.teacher_kwargs())  # the driver's copy: dimension and fingerprint
+    teacher = build_teacher(**cfg.teacher_kwargs())  # the driver's copy, on CPU: dimension and fingerprint
+    placement = placement.for_teacher(teacher)
     dim = int(teacher.summary_dim)
     stored_sources = [printable_source(x) for x in sources]
     expected = {"num_images": n, "unit_images": unit, "sources_digest": digest_strings(stored_sources),
                 "embedder": cfg.embedder, "embedder_fingerprint": digest(teacher.fingerprint()),
-                "dim": dim, "dtype": cfg.dtype, "image_policy": policy.to_dict()}
+                "compute_dtype": placement.compute_dtype, "dim": dim, "dtype": cfg.dtype,
+                "image_policy": policy.to_dict()}
     del teacher
     seconds["build_embedder"] = time.perf_counter() - t
     # before any writes, after the embedder built (a bad SPEC leaves no folder): refuse what we did not write
@@ -218,7 +224,7 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
         group.attrs.update({"kind": RUN_KIND, "embed": expected, "embed_complete": False})
 
     num_units = -(-n // unit)
-    report = EmbedReport(str(out), num_images=n, dim=dim, units_total=num_units)
+    report = EmbedReport(str(out), num_images=n, dim=dim, units_total=num_units, placement=placement.describe())
     job = UnitJob("embed", num_units, commits.committed(), progress)
     todo = job.todo
     report.units_skipped = num_units - len(todo)
@@ -226,12 +232,13 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
     t = time.perf_counter()
     if todo:
         cpus = cfg.num_cpus or len(os.sched_getaffinity(0))
-        workers = min(cfg.workers, len(todo))
+        workers = min(placement.workers, len(todo))
         threads = cfg.threads or max(1, cpus // workers)
         with ray_cluster(cfg.ray_address, cfg.num_cpus):
-            init = (str(out), cfg.teacher_kwargs(), policy.to_dict(), cfg.dtype, threads, cfg.batch_size, unit)
+            init = (str(out), {**cfg.teacher_kwargs(), **placement.teacher_kwargs()}, policy.to_dict(), cfg.dtype,
+                    threads, cfg.batch_size, unit)
             for result in job.run_actors(EmbedWorker, init, lambda u: (u, sources[u * unit:(u + 1) * unit]),
-                                         workers=workers, num_cpus=threads):
+                                         workers=workers, num_cpus=threads, num_gpus=placement.gpus_per_worker):
                 report.images_computed += result["images"]
     else:
         progress("embed", num_units, num_units)

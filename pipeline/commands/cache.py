@@ -10,6 +10,7 @@ import typer
 from config import load_cli_config
 from stages.config import CacheConfig
 
+from .options import ComputeDtype, Device, GpusPerWorker, accelerator_flags
 from ..console import console, failures_text, phase_reporter, progress, user_errors
 
 
@@ -25,7 +26,10 @@ def cache_teachers(
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="most student tokens per image")] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV path,label stored as the labels array")] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="join this Ray cluster")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="teacher actors")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="teacher actors (default: one per GPU share on CUDA, 1 on CPU)")] = None,
+    device: Device = None,
+    compute_dtype: ComputeDtype = None,
+    gpus_per_worker: GpusPerWorker = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with CacheConfig fields")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override any config field: key=value")] = None,
 ) -> None:
@@ -35,7 +39,7 @@ def cache_teachers(
     given = {
         "teacher": teacher, "name": name, "weights": str(weights) if weights else None, "random_init": random_init,
         "dtype": dtype, "min_tokens": min_tokens, "max_tokens": max_tokens, "labels": str(labels) if labels else None,
-        "ray_address": ray_address, "workers": workers,
+        "ray_address": ray_address, "workers": workers, **accelerator_flags(device, compute_dtype, gpus_per_worker),
     }
     with user_errors(store):
         cfg = load_cli_config(CacheConfig, config, given, set_)
@@ -55,6 +59,7 @@ def _print_summary(report) -> None:
     if ing.labelled is not None:
         changed = f"  ({ing.labels_changed} changed from the stored labels)" if ing.skipped and ing.labels_changed else ""
         table.add_row("labelled images", f"{ing.labelled} of {ing.num_images}{changed}")
+    table.add_row("computed on", report.placement)
     table.add_row("units", f"{report.units_total} ({report.units_skipped} already committed)")
     table.add_row("images computed / tokens written", f"{report.images_computed} / {report.tokens}")
     for feature, info in report.phis.items():

