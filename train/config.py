@@ -218,6 +218,8 @@ class RunConfig(StrictConfig):
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
     attention: Literal["auto", "dense", "flex"] = "auto"
     threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's)")
+    compile: bool = Field(False, description="torch.compile the student (the Triton MoE ops stay in the graph)")
+    compile_backend: str = Field("inductor", description="torch.compile backend (aot_eager: trace only, for tests)")
 
 
 class TrainConfig(StrictConfig):

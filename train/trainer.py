@@ -76,6 +76,8 @@ def train(cfg: TrainConfig, store_url: str, run: Path, *, fingerprint_meta: dict
         raise ValueError(f"{store_url} has no teacher: run cache-teachers first")
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, store, teachers).to(device)
+    if cfg.run.compile:  # in place: the state dict (checkpoints, upcycling) keeps its names
+        model.compile(backend=cfg.run.compile_backend)
     opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
                             eps=cfg.optim.eps, fused=device.type == "cuda")
     start, best = _resume(model, opt, run, cfg)

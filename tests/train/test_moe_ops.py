@@ -181,6 +181,64 @@ def test_triton_kernels_take_strided_views():
     torch.testing.assert_close(gmm_dw(x, ones, offs, 3), ref_dw)
 
 
+@needs_triton
+def test_triton_operators_pass_torch_library_opcheck():
+    """The registered operators (``amoe::gmm_rows``, ``amoe::gmm_dw``): schema, fake tensors, autograd
+    registration and dispatch tests of ``torch.library.opcheck``, with an empty group in the middle."""
+    from train.moe.ops.grouped_gemm_triton import gmm_dw_op, gmm_rows_op
+
+    x, w, offs, dy = _gemm_inputs([5, 0, 11], 18, 20)
+    torch.library.opcheck(gmm_rows_op, (x.requires_grad_(), w.requires_grad_(), offs))
+    torch.library.opcheck(gmm_dw_op, (x.detach(), dy, offs, 3))
+
+
+@needs_triton
+def test_triton_layer_compiles_as_one_graph():
+    """``torch.compile(fullgraph=True)`` traces the MoE layer through the Triton operators (an
+    autograd.Function launching Triton would break the graph and fail here); values and gradients
+    equal eager's."""
+    import torch._dynamo
+
+    m = _layer(8, 2, "swiglu", backend="triton")
+    x = torch.randn(40, 24, generator=torch.Generator().manual_seed(1))
+    eager = _layer_grads(m, x, "triton")
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    m.zero_grad()
+    xc = x.clone().requires_grad_()
+    y, aux = compiled(xc)
+    ((y * _probe(y)).sum() + aux["router_loss"]).backward()
+    torch.testing.assert_close(y.detach(), eager["y"])
+    torch.testing.assert_close(xc.grad, eager["x"])
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name], msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "loop"])
+def test_layer_under_bf16_autocast_computes_experts_in_bf16(backend, monkeypatch):
+    """Autocast does not reach custom grouped GEMMs by itself: the layer casts their operands, so the
+    experts run in bf16 (not silently in float32), gradients reach the float32 weights, and the
+    result stays close to the float32 layer."""
+    import train.moe.experts as experts
+
+    seen = []
+
+    def spy(x, w, offsets, backend="auto"):
+        seen.append((x.dtype, w.dtype))
+        return grouped_gemm(x, w, offsets, backend)
+
+    m = _layer(8, 2, "gelu")
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(2))
+    ref = _layer_grads(m, x, backend)
+    monkeypatch.setattr(experts, "grouped_gemm", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _layer_grads(m, x, backend)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2  # both GEMMs of the experts
+    assert m.experts.w1.dtype == torch.float32 and got["experts.w1"].dtype == torch.float32
+    for name in ref:
+        assert rel_err(got[name].float(), ref[name]) <= 3e-2, name
+
+
 def test_grouped_gemm_rejects_bad_input():
     x, w, offs, _ = _gemm_inputs([2, 3], 8, 8)
     with pytest.raises(ValueError):

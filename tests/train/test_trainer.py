@@ -200,6 +200,28 @@ def test_loss_curve_does_not_depend_on_the_number_of_loader_workers(train_store,
 
 
 # ------------------------------------------------------------------ nothing lost, nothing silently wrong
+def test_a_compiled_student_trains_like_the_eager_one(train_store, tmp_path):
+    """``run.compile``: the whole student (MoE layers on the Triton operators included) traced by
+    torch.compile gives the eager loss curve, and its checkpoint loads into an eager model."""
+    from train.trainer import train
+
+    curves = {}
+    for compiled in (False, True):
+        cfg = TrainConfig.model_validate({
+            "model": {"preset": "tiny", "moe": {"layers": "odd", "experts": 4, "top_k": 2, "backend": "torch"}},
+            "run": {"steps": 2, "log_every": 1, "threads": 1, "compile": compiled, "compile_backend": "aot_eager"},
+            "data": {"seq_len": 160, "seqs_per_batch": 2, "workers": 0},
+        })
+        result = train(cfg, train_store, tmp_path / f"compiled_{compiled}")
+        curves[compiled] = [r["loss"] for r in result.history]
+    np.testing.assert_allclose(curves[True], curves[False], rtol=1e-5)
+    from safetensors.torch import load_file
+
+    compiled = load_file(latest_checkpoint(tmp_path / "compiled_True" / "checkpoints") / "model.safetensors")
+    eager = load_file(latest_checkpoint(tmp_path / "compiled_False" / "checkpoints") / "model.safetensors")
+    assert compiled.keys() == eager.keys()  # same names: resumable, upcyclable, evaluable eagerly
+
+
 def test_a_diverging_run_never_leaves_latest_on_exploded_weights(train_store, tmp_path):
     """lr=30: step 0's update already ruins the weights (|w| ~ 1e4 while the loss it reports is still fine);
     the next loss explodes, then turns NaN. No checkpoint ever gave a sane loss, so none is LATEST."""

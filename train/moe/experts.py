@@ -29,6 +29,17 @@ def fine_grained_hidden(dim: int, mlp_ratio: float, top_k: int, multiple_of: int
     return max(multiple_of, (h + multiple_of - 1) // multiple_of * multiple_of)
 
 
+def autocast_operands(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, the grouped GEMMs' operands in the autocast dtype (as autocast casts a matmul's):
+    the grouped-GEMM operators are not autocast-aware, and would otherwise compute in float32 (or see
+    mixed dtypes). Gradients flow back through the casts to the float32 weights."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return (x, *weights)
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in (x, *weights))
+
+
 def expert_activation(h: torch.Tensor, activation: Activation) -> torch.Tensor:
     """GELU (exact erf form, as timm's Mlp) or SwiGLU ``silu(gate) * up`` on ``[gate | up]`` columns."""
     if activation == "gelu":
@@ -96,11 +107,12 @@ class ExpertBank(nn.Module):
         """Rows sorted by expert (``offsets`` [E] int32 end offsets, ``expert_idx`` [rows] the expert of
         each): two grouped GEMMs around the activation, no padding, no dropped rows."""
         backend = resolve_backend(backend, x_sorted.device)
-        h = grouped_gemm(x_sorted, self.w1, offsets, backend)
+        x_sorted, w1, w2 = autocast_operands(x_sorted, self.w1, self.w2)
+        h = grouped_gemm(x_sorted, w1, offsets, backend)
         if self.b1 is not None:
             h = h + self.b1.index_select(0, expert_idx)
         h = expert_activation(h, self.activation)
-        y = grouped_gemm(h, self.w2, offsets, backend)
+        y = grouped_gemm(h.to(w2.dtype), w2, offsets, backend)
         if self.b2 is not None:
             y = y + self.b2.index_select(0, expert_idx)
         return y

@@ -11,12 +11,12 @@ Every backend is differentiable in ``x`` and ``w`` and they agree to floating-po
   float32/bfloat16/float16, not float64, and needs 16-byte aligned strides; we zero-pad K and N up
   to that and slice the result. Where ``grouped_mm`` cannot run the device/dtype pair (probed once
   per pair, e.g. float64 anywhere), this backend falls back to ``loop``.
-- ``triton``: our kernels (``grouped_gemm_triton``); CUDA, or CPU under ``TRITON_INTERPRET=1``.
+- ``triton``: our kernels (``grouped_gemm_triton``), registered as ``torch.library`` operators with
+  autograd so ``torch.compile`` keeps the MoE layer in one graph; CUDA, or CPU under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import torch
@@ -55,13 +55,26 @@ def _pad_to(t: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
     return F.pad(t, pad)
 
 
-@functools.cache
+_PROBED: dict[tuple[str, torch.dtype], bool] = {}
+
+
 def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
-    """Probe once whether ``F.grouped_mm`` (forward, dX and dW layouts) runs for this device and dtype."""
+    """Whether ``F.grouped_mm`` (forward, dX and dW layouts) runs for this device and dtype; probed once.
+
+    While torch.compile traces, the answer is the dtypes its shape function accepts (measured on
+    torch 2.14: bf16 and fp16 only, although the eager CPU kernel also takes float32)."""
+    key = (device_type, dtype)
+    if torch.compiler.is_compiling():
+        return hasattr(F, "grouped_mm") and dtype in (torch.bfloat16, torch.float16)
+    if key not in _PROBED:
+        _PROBED[key] = _probe_grouped_mm(torch.device(device_type), dtype)
+    return _PROBED[key]
+
+
+def _probe_grouped_mm(dev: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
     try:
-        dev = torch.device(device_type)
         x = torch.ones(4, 16, device=dev, dtype=dtype)
         w = torch.ones(2, 16, 16, device=dev, dtype=dtype)
         offs = torch.tensor([1, 4], device=dev, dtype=torch.int32)
@@ -117,9 +130,10 @@ def triton_available() -> bool:
 
 
 def grouped_gemm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    from .grouped_gemm_triton import TritonGroupedGemm
+    """Our kernels through their ``torch.library`` operator (``amoe::gmm_rows``, with autograd)."""
+    from .grouped_gemm_triton import gmm_rows_op
 
-    return TritonGroupedGemm.apply(x, w, offsets)
+    return gmm_rows_op(x, w, offsets)
 
 
 # ------------------------------------------------------------------------------------------ interface

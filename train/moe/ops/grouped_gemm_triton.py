@@ -216,17 +216,45 @@ def gmm_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, num_groups:
     return dw
 
 
-class TritonGroupedGemm(torch.autograd.Function):
-    """Autograd wrapper: forward and both gradients are the Triton kernels above."""
+# ------------------------------------------------------------------ torch.library custom ops
+# The kernels as registered operators with a fake (shape) implementation and autograd, so that
+# ``torch.compile`` traces a model through the MoE layer as one graph (an autograd.Function that
+# launches Triton would be a graph break) and treats each launch as an opaque node.
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w, offsets)
-        return gmm_rows(x, w, offsets)
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, w, offsets = ctx.saved_tensors
-        dx = gmm_rows(dy, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
-        dw = gmm_dw(x, dy, offsets, w.shape[0], out_dtype=w.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
+@torch.library.custom_op("amoe::gmm_rows", mutates_args=())
+def gmm_rows_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``gmm_rows`` as an operator: ``Y[rows_g] = X[rows_g] @ W[g]``."""
+    return gmm_rows(x, w, offsets)
+
+
+@gmm_rows_op.register_fake
+def _gmm_rows_fake(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("amoe::gmm_dw", mutates_args=())
+def gmm_dw_op(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``gmm_dw`` as an operator: ``dW[g] = X[rows_g]^T @ dY[rows_g]``."""
+    return gmm_dw(x, dy, offsets, num_groups)
+
+
+@gmm_dw_op.register_fake
+def _gmm_dw_fake(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, num_groups: int) -> torch.Tensor:
+    return x.new_empty(num_groups, x.shape[1], dy.shape[1])
+
+
+def _gmm_rows_setup(ctx, inputs, output) -> None:
+    x, w, offsets = inputs
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _gmm_rows_backward(ctx, dy: torch.Tensor):
+    """dX = dY W^T (rows kernel on W's transposed view), dW = X^T dY (weight kernel); none for offsets."""
+    x, w, offsets = ctx.saved_tensors
+    dx = gmm_rows_op(dy, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+    dw = gmm_dw_op(x, dy, offsets, w.shape[0]) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+gmm_rows_op.register_autograd(_gmm_rows_backward, setup_context=_gmm_rows_setup)
