@@ -52,7 +52,8 @@ class CacheConfig(_ModelSource):
     text_set: str = "prompts"
     # job layout
     shard_images: int = Field(256, gt=0, description="images per write unit and per-image zarr shard")
-    shard_rows: int = Field(16384, gt=0, description="rows per zarr shard of the flat patch array")
+    shard_rows: int | None = Field(None, gt=0, description="rows per zarr shard of the flat patch array (default: "
+                                   "sized so a unit spans ~16 shards, at most 16384; storage.shards.flat_shard_rows)")
     chunk_rows: int = Field(256, gt=0, description="rows per inner chunk of patches (random-access read unit)")
     pixel_shard_bytes: int = Field(1 << 24, gt=0)
     pixel_chunk_bytes: int = Field(1 << 18, gt=0)
@@ -71,7 +72,7 @@ class CacheConfig(_ModelSource):
     def _check(self) -> "CacheConfig":
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        if self.shard_rows % self.chunk_rows and self.chunk_rows < self.shard_rows:
+        if self.shard_rows and self.shard_rows % self.chunk_rows and self.chunk_rows < self.shard_rows:
             raise ValueError(f"shard_rows ({self.shard_rows}) must be a multiple of chunk_rows ({self.chunk_rows})")
         if self.pixel_shard_bytes % self.pixel_chunk_bytes:
             raise ValueError("pixel_shard_bytes must be a multiple of pixel_chunk_bytes")

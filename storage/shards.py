@@ -7,7 +7,9 @@ their shard boundaries do not line up with image boundaries. Unit ``u`` owns the
 ``[ceil(start_u), ceil(start_{u+1}))`` where ``start_u`` is the first row of its first image and
 ``ceil`` rounds up to a shard boundary (the last unit owns through the end). Owned row ranges are
 disjoint, cover everything, and are whole shards, so no two writers ever touch one object. To fill
-its rows, a unit also computes the few images past its range whose rows spill into its last shard.
+its rows, a unit also computes the images past its range whose rows spill into its last shard: at
+most one shard's rows, so a shard must be small against a unit (``flat_shard_rows``) or units
+recompute their neighbours' images (16384-row shards under 18k-row units computed 1.47x the images).
 """
 
 from __future__ import annotations
@@ -16,11 +18,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ShardPlan", "ceil_to", "images_for_rows"]
+__all__ = ["ShardPlan", "ceil_to", "flat_shard_rows", "images_for_rows"]
 
 
 def ceil_to(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def flat_shard_rows(offsets: np.ndarray, shard_images: int, chunk_rows: int, *, shards_per_unit: int = 16,
+                    max_rows: int = 16384) -> int:
+    """Rows per shard of a flat array, sized to the data: a unit of ``shard_images`` images of mean size
+    spans about ``shards_per_unit`` shards, so the images it computes beyond its range (at most one
+    shard's rows) add at most ~1/shards_per_unit to its work. A multiple of ``chunk_rows`` (at least
+    one chunk), at most ``max_rows``."""
+    if chunk_rows <= 0 or shard_images <= 0 or shards_per_unit <= 0:
+        raise ValueError("chunk_rows, shard_images and shards_per_unit must be positive")
+    num_images = max(1, len(offsets) - 1)
+    rows_per_unit = float(offsets[-1]) / num_images * shard_images
+    rows = int(rows_per_unit / shards_per_unit) // chunk_rows * chunk_rows
+    return max(chunk_rows, min(rows, max_rows // chunk_rows * chunk_rows))
 
 
 def images_for_rows(offsets: np.ndarray, r0: int, r1: int) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from storage.shards import ShardPlan, images_for_rows
+from storage.shards import ShardPlan, flat_shard_rows, images_for_rows
 
 
 def _random_offsets(rng, n):
@@ -56,3 +56,31 @@ def test_plan_ranges_and_errors():
         plan.image_range(3)
     with pytest.raises(ValueError):
         ShardPlan(10, 0)
+
+
+@pytest.mark.parametrize("tokens_per_image", [16, 70, 196, 256, 1024])
+def test_default_flat_shards_keep_recomputed_images_few(tokens_per_image):
+    """With ``flat_shard_rows``, the images units compute beyond their own ranges (counted from the work
+    ranges, naively) stay within ~1/16 of all images; with 16384-row shards under ~18k-row units
+    (Lite0's ~70 tokens, 256 images per unit) they were nearly half."""
+    rng = np.random.default_rng(tokens_per_image)
+    n, shard_images, chunk_rows = 4096, 256, 256
+    counts = rng.integers(tokens_per_image // 2, tokens_per_image * 3 // 2 + 1, size=n)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    plan = ShardPlan(n, shard_images)
+
+    def forwarded(shard_rows: int) -> int:
+        return sum(np.subtract(*plan.work_range(u, [offsets], [shard_rows])[::-1]) for u in range(plan.num_units))
+
+    rows = flat_shard_rows(offsets, shard_images, chunk_rows)
+    assert rows % chunk_rows == 0 and chunk_rows <= rows <= 16384
+    # at most one shard's images per unit; a chunk bounds the shard from below for tiny images
+    bound = max(1 / 16, chunk_rows / (tokens_per_image * shard_images)) * 1.6
+    assert forwarded(rows) / n - 1 <= bound
+    if tokens_per_image == 70:
+        assert forwarded(16384) / n - 1 > 0.3  # the old fixed default
+
+
+def test_flat_shard_rows_rejects_bad_sizes():
+    with pytest.raises(ValueError):
+        flat_shard_rows(np.array([0, 10]), 0, 256)
