@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# faiss flavour: cpu (default) or gpu (faiss-gpu: k-means, assignment and kNN on every visible GPU)
+FAISS ?= cpu
 # torch must come from the package index, never from a local wheel folder (that wheel cannot load torchvision).
 export PIP_FIND_LINKS :=
 
@@ -12,7 +14,7 @@ export PIP_FIND_LINKS :=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,$(FAISS)]'
 	touch $@
 
 install: $(VENV)/.installed

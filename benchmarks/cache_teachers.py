@@ -46,7 +46,8 @@ def bench_images(root: Path, n: int) -> Path:
     return listing
 
 
-def forward_alone(store_url: str, spec: str, random_init: bool, threads: int, batch_size: int) -> tuple[float, int]:
+def forward_alone(store_url: str, spec: str, random_init: bool, threads: int, batch_size: int,
+                  batch_tokens: int | None = 8192) -> tuple[float, int]:
     """The teacher's forward over the store's images, decoded in memory first (not timed)."""
     import torch
 
@@ -67,7 +68,7 @@ def forward_alone(store_url: str, spec: str, random_init: bool, threads: int, ba
     for u in range(plan.num_units):  # the actor's batches: per unit, by size (stacked here, outside the timing)
         i0, i1 = plan.image_range(u)
         unit = {i: images[i] for i in range(i0, i1) if i in images}
-        batches += [(x, grid) for _, x, grid in teacher.batches(unit, batch_size)]
+        batches += [(x, grid) for _, x, grid in teacher.batches(unit, batch_size, batch_tokens)]
     with torch.inference_mode():
         teacher.forward(*batches[0])  # warm-up, as the actor's first batch also pays it
         t = time.perf_counter()

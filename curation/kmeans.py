@@ -91,10 +91,15 @@ def take_rows(x: Any, indices: np.ndarray, chunk_rows: int = DEFAULT_CHUNK_ROWS,
 
 
 def _index(centroids: np.ndarray, spherical: bool, gpu: bool | None) -> faiss.Index:
+    """The assignment index: exact flat search on CPU; on GPUs (faiss-gpu, the ``gpu`` extra) the
+    centroids are sharded over every visible GPU (a level-1 set too large for one) and stored in
+    float16, faiss's half-precision flat search (distances accumulate in float32)."""
     d = centroids.shape[1]
     index = faiss.IndexFlatIP(d) if spherical else faiss.IndexFlatL2(d)
     if _use_gpu(gpu):
-        index = faiss.index_cpu_to_all_gpus(index)
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard, options.useFloat16 = True, True
+        index = faiss.index_cpu_to_all_gpus(index, co=options)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     return index
 

@@ -38,6 +38,8 @@ def knn_predict(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, 
     if k < 1:
         raise ValueError("kNN needs at least one neighbour besides the query itself")
     index = faiss.IndexFlatIP(bank.shape[1])
+    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:  # faiss-gpu (the ``gpu`` extra): exact search on the GPUs
+        index = faiss.index_cpu_to_all_gpus(index)
     index.add(np.ascontiguousarray(bank))
     sims, idx = index.search(np.ascontiguousarray(queries), k + (exclude is not None))
     if exclude is not None:  # drop the excluded neighbour where it was found, else the farthest of the k + 1

@@ -81,7 +81,7 @@ class TeacherWorker:
     """
 
     def __init__(self, store_url: str, name: str, teacher_kwargs: dict, dtype: str, threads: int,
-                 batch_size: int, token_offsets: np.ndarray, pixel_offsets: np.ndarray):
+                 batch: tuple[int, int | None], token_offsets: np.ndarray, pixel_offsets: np.ndarray):
         import torch
 
         from .teachers import build_teacher
@@ -90,7 +90,8 @@ class TeacherWorker:
         self.teacher = build_teacher(**teacher_kwargs)
         self.store = FeatureStore.open(store_url, mode="r+")
         self.group = self.store.teacher_group(name)
-        self.name, self.dtype, self.batch_size = name, dtype, batch_size
+        self.name, self.dtype = name, dtype
+        self.batch_size, self.batch_tokens = batch
         self.plan = self.store.plan()
         self.tokens = np.asarray(token_offsets)
         self.pixel_offsets = np.asarray(pixel_offsets)
@@ -114,7 +115,7 @@ class TeacherWorker:
     def _forward(self, images: dict[int, np.ndarray]) -> dict[int, tuple]:
         """Per image: (summary [D], patches [gh*gw, D], registers [R, D] or None), float32."""
         results = {}
-        for keys, out in self.teacher.forward_images(images, self.batch_size):
+        for keys, out in self.teacher.forward_images(images, self.batch_size, self.batch_tokens):
             summary = out.summary.float().numpy()
             patches = out.patches.float().reshape(len(keys), -1, out.patches.shape[-1]).numpy()
             registers = None if out.registers is None else out.registers.float().numpy()
@@ -283,7 +284,7 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, s
         report = CacheReport(store.url, name, ingest, plan.num_units, plan.num_units - len(job.todo), resumed=resumed,
                              placement=placement.describe())
         init = (store.url, name, {**cfg.teacher_kwargs(), **placement.teacher_kwargs()}, cfg.dtype, threads,
-                cfg.batch_size, ray.put(tokens), ray.put(pixel_offsets))
+                (cfg.batch_size, cfg.batch_tokens), ray.put(tokens), ray.put(pixel_offsets))
         for result in job.run_actors(TeacherWorker, init, workers=placement.workers, num_cpus=threads,
                                      num_gpus=placement.gpus_per_worker):
             report.images_computed += result["images"]

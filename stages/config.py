@@ -57,7 +57,9 @@ class CacheConfig(_ModelSource):
     chunk_rows: int = Field(256, gt=0, description="rows per inner chunk of patches (random-access read unit)")
     pixel_shard_bytes: int = Field(1 << 24, gt=0)
     pixel_chunk_bytes: int = Field(1 << 18, gt=0)
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, description="most images per teacher batch")
+    batch_tokens: int | None = Field(8192, gt=0, description="most student-grid tokens per teacher batch (memory "
+                                     "at high resolution: 3 images of 2304 tokens); None: images only")
     workers: int | None = Field(None, gt=0, description="teacher actors (default: one per GPU share on CUDA, 1 on CPU)")
     threads: int | None = Field(None, gt=0, description="torch threads per actor (default: CPUs / workers)")
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")
@@ -110,7 +112,8 @@ class CurateConfig(_ModelSource):
     plots: bool = Field(True, description="write DIR/plots/*.png")
     # job layout
     unit_images: int = Field(1024, gt=0, description="images per embedding unit (commit granularity, zarr chunk)")
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, description="most images per embedder batch")
+    batch_tokens: int | None = Field(8192, gt=0, description="most student-grid tokens per embedder batch")
     workers: int | None = Field(None, gt=0, description="embedder actors (default: one per GPU share on CUDA, 1 on CPU)")
     threads: int | None = Field(None, gt=0, description="torch threads per actor (default: CPUs / workers)")
     ray_address: str | None = Field(None, description="join this Ray cluster instead of starting a local one")

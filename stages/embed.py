@@ -95,22 +95,24 @@ def decode_unit(sources: list[str], policy: ImagePolicy) -> tuple[list[np.ndarra
     return images, ids, reasons
 
 
-def embed_images(teacher: Teacher, images: list[np.ndarray | None], batch_size: int) -> np.ndarray:
+def embed_images(teacher: Teacher, images: list[np.ndarray | None], batch_size: int,
+                 max_tokens: int | None = None) -> np.ndarray:
     """Normalized summary embeddings [n, D] float32 of policy-sized images (zero rows for None).
 
     Images go through ``Teacher.forward_images`` (batched by size in a fixed order), so a unit's
     result does not depend on which worker computes it or when."""
     out = np.zeros((len(images), teacher.summary_dim), np.float32)
     present = {i: img for i, img in enumerate(images) if img is not None}
-    for keys, result in teacher.forward_images(present, batch_size):
+    for keys, result in teacher.forward_images(present, batch_size, max_tokens):
         out[keys] = normalize_rows(result.summary.float().numpy())
     return out
 
 
-def embed_sources(teacher: Teacher, sources: list[str], policy: ImagePolicy, batch_size: int = 32) -> dict:
+def embed_sources(teacher: Teacher, sources: list[str], policy: ImagePolicy, batch_size: int = 32,
+                  max_tokens: int | None = None) -> dict:
     """One unit end to end: ``embeddings`` [n, D] float32 (unit norm), ``ids``, ``ok``, ``reasons``."""
     images, ids, reasons = decode_unit(sources, policy)
-    return {"embeddings": embed_images(teacher, images, batch_size), "ids": ids,
+    return {"embeddings": embed_images(teacher, images, batch_size, max_tokens), "ids": ids,
             "ok": np.array([img is not None for img in images], bool), "reasons": reasons}
 
 
@@ -123,7 +125,7 @@ class EmbedWorker:
     """One embedder replica: ``run_unit`` decodes, embeds, writes the unit's chunks, then commits it."""
 
     def __init__(self, url: str, teacher_kwargs: dict, policy: dict, dtype: str, threads: int,
-                 batch_size: int, unit_images: int):
+                 batch: tuple[int, int | None], unit_images: int):
         import torch
         import zarr
 
@@ -133,12 +135,13 @@ class EmbedWorker:
         self.teacher = build_teacher(**teacher_kwargs)
         self.policy = ImagePolicy.from_dict(policy)
         self.group = zarr.open_group(url, mode="r+")
-        self.dtype, self.batch_size, self.unit_images = dtype, batch_size, unit_images
+        self.dtype, self.unit_images = dtype, unit_images
+        self.batch_size, self.batch_tokens = batch
         self.commits = CommitLog(url, EMBED_COMMITS)
 
     def run_unit(self, unit: int, sources: list[str]) -> dict:
         t0 = time.perf_counter()
-        res = embed_sources(self.teacher, sources, self.policy, self.batch_size)
+        res = embed_sources(self.teacher, sources, self.policy, self.batch_size, self.batch_tokens)
         i0 = unit * self.unit_images
         i1 = i0 + len(sources)
         g = self.group
@@ -236,7 +239,7 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
         threads = cfg.threads or max(1, cpus // workers)
         with ray_cluster(cfg.ray_address, cfg.num_cpus):
             init = (str(out), {**cfg.teacher_kwargs(), **placement.teacher_kwargs()}, policy.to_dict(), cfg.dtype,
-                    threads, cfg.batch_size, unit)
+                    threads, (cfg.batch_size, cfg.batch_tokens), unit)
             for result in job.run_actors(EmbedWorker, init, lambda u: (u, sources[u * unit:(u + 1) * unit]),
                                          workers=workers, num_cpus=threads, num_gpus=placement.gpus_per_worker):
                 report.images_computed += result["images"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -88,21 +88,24 @@ class Teacher(ABC):
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         raise ValueError(f"teacher {self.spec} has no text tower")
 
-    def batches(self, images: Mapping[int, np.ndarray], batch_size: int
+    def batches(self, images: Mapping[int, np.ndarray], batch_size: int, max_tokens: int | None = None
                 ) -> Iterator[tuple[list[int], torch.Tensor, tuple[int, int]]]:
-        """``(keys, uint8 pixels [B, 3, H, W], grid)`` per batch of policy-sized ``[H, W, 3]`` images (``size_batches``)."""
-        for keys in size_batches({k: v.shape for k, v in images.items()}, batch_size):
+        """``(keys, uint8 pixels [B, 3, H, W], grid)`` per batch of policy-sized ``[H, W, 3]`` images
+        (``size_batches``; ``max_tokens`` counts student-grid tokens)."""
+        p = self.patch_size
+        shapes = {k: v.shape for k, v in images.items()}
+        for keys in size_batches(shapes, batch_size, max_tokens, tokens=lambda s: (s[0] // p) * (s[1] // p)):
             pixels = torch.from_numpy(np.stack([images[k] for k in keys])).permute(0, 3, 1, 2).contiguous()
             h, w = pixels.shape[-2:]
-            yield keys, pixels, (h // self.patch_size, w // self.patch_size)
+            yield keys, pixels, (h // p, w // p)
 
-    def forward_images(self, images: Mapping[int, np.ndarray], batch_size: int
+    def forward_images(self, images: Mapping[int, np.ndarray], batch_size: int, max_tokens: int | None = None
                        ) -> Iterator[tuple[list[int], TeacherOutput]]:
         """The teacher over policy-sized images, batch by batch, without autograd: ``(keys, output)`` per batch.
 
         The one batching loop of cache-teachers and embedding (their benchmark times the same ``batches``).
         """
-        for keys, pixels, grid in self.batches(images, batch_size):
+        for keys, pixels, grid in self.batches(images, batch_size, max_tokens):
             with torch.inference_mode():
                 out = self.forward(pixels, grid)
             yield keys, out
@@ -113,17 +116,26 @@ class Teacher(ABC):
         return TeacherOutput(cpu(summary), cpu(patches), cpu(registers))
 
 
-def size_batches(shapes: Mapping[int, tuple], batch_size: int) -> list[list[int]]:
-    """Keys of equal shape together, at most ``batch_size`` per batch, shapes and keys in sorted order.
+def size_batches(shapes: Mapping[int, tuple], batch_size: int, max_tokens: int | None = None,
+                 tokens: Callable[[tuple], int] | None = None) -> list[list[int]]:
+    """Keys of equal shape together, shapes and keys in sorted order; at most ``batch_size`` images and,
+    with ``max_tokens``, at most that many tokens (``tokens(shape)`` per image) per batch, at least one
+    image: a token budget keeps a high-resolution batch (ViT-L at 768 px: 2304 tokens an image) in memory.
 
     A deterministic order, so that a unit's targets do not depend on which worker computes it or when.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if max_tokens is not None and (max_tokens < 1 or tokens is None):
+        raise ValueError(f"max_tokens must be positive and come with a token count, got {max_tokens}")
     by_shape: dict[tuple, list[int]] = {}
     for key in sorted(shapes):
         by_shape.setdefault(tuple(shapes[key]), []).append(key)
-    return [keys[s: s + batch_size] for _, keys in sorted(by_shape.items()) for s in range(0, len(keys), batch_size)]
+    out = []
+    for shape, keys in sorted(by_shape.items()):
+        size = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // max(1, tokens(shape))))
+        out += [keys[s: s + size] for s in range(0, len(keys), size)]
+    return out
 
 
 def check_pixels(pixels: torch.Tensor, grid: tuple[int, int], patch_size: int) -> None:

@@ -292,5 +292,13 @@ def test_size_batches_groups_equal_shapes_in_a_fixed_order():
     shapes = {7: (32, 48, 3), 2: (16, 16, 3), 5: (32, 48, 3), 1: (32, 48, 3), 9: (16, 16, 3)}
     assert size_batches(shapes, 2) == [[2, 9], [1, 5], [7]]
     assert size_batches(dict(reversed(list(shapes.items()))), 2) == [[2, 9], [1, 5], [7]]
+    # a token budget splits a shape's images further (at least one image per batch), per shape
+    big = {k: (96, 64, 3) for k in range(7)} | {10: (16, 16, 3), 11: (16, 16, 3), 12: (16, 16, 3)}
+    tokens = lambda s: (s[0] // 16) * (s[1] // 16)  # noqa: E731  (24 and 1 tokens)
+    assert size_batches(big, 4, 50, tokens) == [[10, 11, 12], [0, 1], [2, 3], [4, 5], [6]]
+    assert size_batches(big, 4, 10, tokens) == [[10, 11, 12], [0], [1], [2], [3], [4], [5], [6]]
+    assert size_batches(big, 4, None) == [[10, 11, 12], [0, 1, 2, 3], [4, 5, 6]]
+    with pytest.raises(ValueError, match="max_tokens"):
+        size_batches(big, 4, 0, tokens)
     with pytest.raises(ValueError):
         size_batches(shapes, 0)
