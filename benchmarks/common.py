@@ -8,7 +8,8 @@ import platform
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# AMOE_BENCH_RESULTS redirects the output (gpu_check.sh --cpu-rehearsal writes toy-size results elsewhere)
+RESULTS = Path(os.environ.get("AMOE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict:

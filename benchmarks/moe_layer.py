@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--configs", default="8x2,28x6", help="experts x top_k, comma separated")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--name", default=None, help="results file stem (default moe_layer_<device>)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     table = title + md_table(header, rows)
     payload = dict(device=args.device, dtype=str(dtype), tokens=tokens, dim=d, dense_hidden=dense_hidden,
                    warmup=args.warmup, repeats=args.repeats, results=records)
-    js, md = write_results(f"moe_layer_{args.device}", payload, table)
+    js, md = write_results(args.name or f"moe_layer_{args.device}", payload, table)
     print(table)
     print(f"wrote {js} and {md}")
 

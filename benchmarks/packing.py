@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=24)
     ap.add_argument("--images", type=int, default=16, help="images per padded batch")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--name", default=None, help="results file stem (default packing_<device>)")
     args = ap.parse_args()
     device = torch.device(args.device)
     store = FeatureStore.open(args.store)
@@ -94,7 +95,7 @@ def main() -> None:
     payload["packed_over_padded"] = ratio
     table = md_table(["mode", "real tokens/s", "images/s", "slots holding real tokens"], rows)
     table += f"\n\npacked / padded tokens/s: **{ratio:.2f}x** (AMoE: 20k / 7.5k = 2.67x on A100s)\n"
-    write_results(f"packing_{device.type}", payload, table)
+    write_results(args.name or f"packing_{device.type}", payload, table)
     print(table)
 
 
