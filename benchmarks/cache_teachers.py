@@ -158,11 +158,14 @@ def main() -> None:
                 "ratio_actor_forward": sec.get("forward_s", 0.0) / fwd_s,
                 "images_per_s_forward": n / fwd_s, "images_per_s_cache_add": n / add_s,
                 "images_per_s_steady_state": n / steady,
+                # on a GPU the forward ends in the outputs' copy to the host, so this is the GPU's busy share
+                "forward_share_of_teacher_phase": sec.get("forward_s", 0.0) / sec["teacher"],
             }
             results["overhead"][key] = r
             over_rows.append([key, n, rep2.images_forwarded, fwd_s, r["actor_forward_s"], r["steady_state_s"],
                               r["teacher_phase_s"], add_s, full_s, r["ratio_actor_forward"], r["ratio_steady_state"],
-                              r["ratio_teacher_phase"], r["ratio_add"], r["ratio_fresh"], r["images_per_s_cache_add"]])
+                              r["ratio_teacher_phase"], r["ratio_add"], r["ratio_fresh"], r["images_per_s_cache_add"],
+                              r["forward_share_of_teacher_phase"]])
             facts = describe_store(fresh)
             t = facts["teachers"][key]
             tokens = facts["images"]["tokens_per_image"]["total"]
@@ -187,7 +190,7 @@ def main() -> None:
             ["teacher", "images", "images forwarded", "forward alone", "forward inside actors",
              "steady state (decode+forward+write)", "teacher phase", "cache (add teacher)", "cache (fresh store)",
              "ratio actor forward", "ratio steady state", "ratio teacher phase", "ratio add", "ratio fresh",
-             "images/s (add)"], over_rows),
+             "images/s (add)", "forward share of teacher phase (GPU: busy share)"], over_rows),
         "### Size on disk (bytes)\n\n" + md_table(
             ["teacher", "D", "tokens/image", "per image", "per token", "raw float16 per image",
              "compression", "Theia-style per image", "pixels per image"], size_rows),

@@ -101,16 +101,15 @@ class TeacherWorker:
         overlap = self.teacher.device.type == "cuda"
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") if overlap else None
         self.pending: Future | None = None
+        # PNG decoding releases the GIL: the actor's CPU threads decode a unit in parallel (torch is idle then)
+        self.decoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png-decode")
 
     def _decode(self, w0: int, w1: int) -> dict[int, np.ndarray]:
         lo, hi = int(self.pixel_offsets[w0]), int(self.pixel_offsets[w1])
         blob = self.store.image_array(L.PIXELS)[lo:hi] if hi > lo else np.zeros(0, np.uint8)
-        out = {}
-        for i in range(w0, w1):
-            if self.ok[i]:
-                a, b = int(self.pixel_offsets[i]) - lo, int(self.pixel_offsets[i + 1]) - lo
-                out[i] = ImagePolicy.decode(blob[a:b])
-        return out
+        keys = [i for i in range(w0, w1) if self.ok[i]]
+        blobs = [blob[int(self.pixel_offsets[i]) - lo: int(self.pixel_offsets[i + 1]) - lo] for i in keys]
+        return dict(zip(keys, self.decoder.map(ImagePolicy.decode, blobs)))
 
     def _forward(self, images: dict[int, np.ndarray]) -> dict[int, tuple]:
         """Per image: (summary [D], patches [gh*gw, D], registers [R, D] or None), float32."""
