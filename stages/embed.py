@@ -36,7 +36,7 @@ from storage import layout as L
 from storage.arrays import create_array
 from storage.commits import CommitLog
 from storage.failures import count_reasons, write_failure_table
-from storage.fingerprint import digest, digest_strings
+from storage.fingerprint import digest, digest_strings, with_added_fields
 from storage.image_policy import ImagePolicy
 
 from .placement import cluster_gpus, resolve_placement
@@ -217,6 +217,8 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
 
     previous = group.attrs.get("embed")
     commits = CommitLog(str(out), EMBED_COMMITS)
+    if previous is not None:  # a record written before a field existed holds that field's old meaning
+        previous = with_added_fields(previous)
     if previous is not None and previous != expected:
         differ = sorted(k for k in expected if previous.get(k) != expected[k])
         raise EmbedError(f"{out} already holds embeddings of another job (differs in: {', '.join(differ)}); "

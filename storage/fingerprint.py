@@ -6,7 +6,16 @@ import hashlib
 import json
 from typing import Any, Mapping
 
-__all__ = ["canonical_json", "digest", "digest_strings", "diff"]
+__all__ = ["ADDED_FIELDS", "canonical_json", "digest", "digest_strings", "diff", "with_added_fields"]
+
+# Fields added to fingerprints after stores existed, with the meaning of their absence: everything
+# written before ``compute_dtype`` was computed in float32. Comparisons fill them in on both sides,
+# so an old store resumes under the value it was made with and refuses any other.
+ADDED_FIELDS: dict[str, Any] = {"compute_dtype": "float32"}
+
+
+def with_added_fields(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    return {**ADDED_FIELDS, **fingerprint}
 
 
 def canonical_json(data: Any) -> str:

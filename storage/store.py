@@ -19,7 +19,7 @@ from .arrays import create_array, feature_compressor
 from .commits import CommitLog
 from .failures import read_failure_table, write_failure_table
 from .faults import fault_point
-from .fingerprint import diff, digest
+from .fingerprint import diff, digest, with_added_fields
 from .fsutil import atomic_write, filesystem, join
 from .image_policy import ImagePolicy
 from .locks import WriterLock
@@ -264,8 +264,9 @@ class FeatureStore:
         attrs = self.teacher_attrs(spec.name)
         if "fingerprint" not in attrs:
             return False
-        if digest(attrs["fingerprint"]) != spec.fingerprint_digest:
-            changes = "\n  ".join(diff(attrs["fingerprint"], spec.fingerprint)) or "(digests differ)"
+        stored, ours = with_added_fields(attrs["fingerprint"]), with_added_fields(spec.fingerprint)
+        if digest(stored) != digest(ours):
+            changes = "\n  ".join(diff(stored, ours)) or "(digests differ)"
             raise StoreError(
                 f"teacher '{spec.name}' already exists in {self.url} with another fingerprint:\n  {changes}\n"
                 f"Choose another --name, or write to a new store."

@@ -84,11 +84,21 @@ def run_lock(run: Path) -> Iterator[None]:
 
 # fields a resumed run may change: how long and how often, not what is trained
 RESUMABLE_CHANGES = {"run.steps", "run.log_every", "run.checkpoint_every", "run.keep_checkpoints", "run.threads",
-                     "run.device", "run.max_loss_ratio", "data.workers", "data.prefetch"}
+                     "run.device", "run.max_loss_ratio", "run.compile", "run.compile_backend", "data.workers",
+                     "data.prefetch"}
 
 
 class RunError(ValueError):
     pass
+
+
+def _recorded_config(path: Path) -> dict:
+    """A run's recorded config read through today's schema: fields added since it was written take
+    their defaults (what the run was trained with), so a newer version resumes an older run."""
+    try:
+        return tomllib.loads(dump_toml(TrainConfig.model_validate(tomllib.loads(path.read_text()))))
+    except ValueError as exc:  # pydantic's ValidationError and TOML errors are ValueErrors
+        raise RunError(f"{path}: the recorded config no longer validates ({str(exc).splitlines()[0]})") from None
 
 
 def run_fingerprint(store: FeatureStore, teachers: list[str]) -> dict:
@@ -116,7 +126,7 @@ def prepare_run(run: Path, cfg: TrainConfig, store_url: str, *, write: bool = Tr
         if changes:
             raise RunError(f"run {run} was trained on a store with another fingerprint ({recorded['url']}); "
                            f"{store_url} differs in: " + "; ".join(changes) + ". Use a new --out for this store.")
-        old, new = tomllib.loads(files.config.read_text()), tomllib.loads(cfg_text)
+        old, new = _recorded_config(files.config), tomllib.loads(cfg_text)
         for key in RESUMABLE_CHANGES:
             section, name = key.split(".")
             old.get(section, {}).pop(name, None)

@@ -74,6 +74,12 @@ def test_embed_rows_equal_direct_adapter_call_and_failures_are_recorded(dtype, i
     # a rerun finds every unit committed and computes nothing
     again = run_embed(refs, str(out), _cfg(dtype=dtype))
     assert again.skipped and again.images_computed == 0 and again.units_skipped == report.units_total
+    # a folder recorded before compute_dtype existed meant float32: it resumes as such, bf16 is refused
+    group = zarr.open_group(str(out), mode="r+")
+    group.attrs.update({"embed": {k: v for k, v in group.attrs["embed"].items() if k != "compute_dtype"}})
+    assert run_embed(refs, str(out), _cfg(dtype=dtype)).skipped
+    with pytest.raises(EmbedError, match="compute_dtype"):
+        run_embed(refs, str(out), _cfg(dtype=dtype, compute_dtype="bfloat16"))
     # another embedder in the same folder is refused, naming what differs
     with pytest.raises(EmbedError, match="embedder"):
         run_embed(refs, str(out), _cfg(dtype=dtype, embedder=TINY_VIT.replace("depth=2", "depth=1")))

@@ -173,3 +173,23 @@ def test_stored_targets_are_computed_in_the_asked_precision_and_never_mixed(tmp_
         run_cache(str(images), url, load_config(CacheConfig, None, {**small, "compute_dtype": "float32"}))
     again = run_cache(str(images), url, load_config(CacheConfig, None, {**small, "compute_dtype": "bfloat16"}))
     assert again.resumed and again.images_computed == 0
+
+
+def test_a_store_from_before_compute_dtype_resumes_as_float32_and_refuses_bf16(tmp_path, ray_local):
+    """Fingerprints written before ``compute_dtype`` existed mean float32: such a teacher resumes under
+    float32 (the old default) and refuses bf16, naming the field."""
+    import zarr
+
+    images = tmp_path / "images"
+    write_image_folder(images, bad=False)
+    url = str(tmp_path / "store")
+    small = {"teacher": TINY_VIT, "random_init": True, "name": "vit", "min_tokens": 16, "max_tokens": 64,
+             "shard_images": 4, "batch_size": 4, "phis": False}
+    run_cache(str(images), url, load_config(CacheConfig, None, small))
+    group = zarr.open_group(url, mode="r+")["teachers/vit"]
+    legacy = {k: v for k, v in group.attrs["fingerprint"].items() if k != "compute_dtype"}
+    group.attrs.update({"fingerprint": legacy})  # as the previous version wrote it
+    again = run_cache(str(images), url, load_config(CacheConfig, None, small))
+    assert again.resumed and again.images_computed == 0
+    with pytest.raises(StoreError, match="compute_dtype: 'float32' != 'bfloat16'"):
+        run_cache(str(images), url, load_config(CacheConfig, None, {**small, "compute_dtype": "bfloat16"}))

@@ -119,6 +119,13 @@ def test_another_store_fingerprint_or_config_is_refused(train_store, tmp_path):
     assert proc.returncode == 2 and "model.depth" in proc.stderr
     _train(train_store, run, "--steps", "2")  # more steps on the same store and config: resumes
     assert [s for s, _ in _losses(run)] == [0, 1]
+    # a run recorded by an older version, before run.compile existed, resumes with that field's default
+    config = run / "config.toml"
+    config.write_text("".join(ln for ln in config.read_text().splitlines(True) if not ln.startswith("compile")))
+    _train(train_store, run, "--steps", "3")
+    assert [s for s, _ in _losses(run)] == [0, 1, 2]
+    config.write_text(config.read_text().replace("[run]", "[run]\nno_such_field = 1"))
+    error_line(_train(train_store, run, "--steps", "4", check=False), "config.toml", "no longer validates")
 
 
 def test_bad_config_is_a_clear_error(train_store, tmp_path):
