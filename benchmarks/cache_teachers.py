@@ -128,7 +128,8 @@ def main() -> None:
         for key in args.teachers.split(","):
             spec, random_init = TEACHERS[key]
             cfg = load_config(CacheConfig, None, {"teacher": spec, "random_init": random_init, "name": key,
-                                                  "batch_size": args.batch_size, "threads": threads,
+                                                  "batch_size": args.batch_size,
+                                                  "threads": threads if args.device == "cpu" else None,
                                                   "device": args.device, "min_tokens": args.min_tokens,
                                                   "max_tokens": args.max_tokens})
             fresh = str(work / f"store-{key}")

@@ -9,7 +9,6 @@ actor owns whole write units (``storage.shards``), reads the stored pixels, runs
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,7 +26,7 @@ from storage.store import FeatureStore, StoreError, TeacherGroupSpec
 
 from .config import CacheConfig
 from .ingest import IngestReport, ingest_images, read_labels
-from .placement import Placement, cluster_gpus, resolve_placement
+from .placement import Placement, check_fits, cluster_resources, replica_threads, resolve_placement
 from .ray_cluster import ray_cluster
 from .runner import UnitJob
 from .sources import list_images
@@ -197,8 +196,10 @@ def run_cache(
     _check_not_inside(images, store_url)
     refs = list_images(images)
     labels = read_labels(cfg.labels, [r.source for r in refs]) if cfg.labels else None  # bad CSV: refused now
-    placement = resolve_placement(cfg.device, cfg.compute_dtype, cfg.gpus_per_worker, cfg.workers,
-                                  *cluster_gpus(cfg.ray_address))  # --device cuda without a GPU: refused now
+    # before any work: --device cuda without a GPU, or replicas the cluster cannot place, are refused now
+    gpus, cpus, where = cluster_resources(cfg.ray_address, cfg.num_cpus)
+    placement = resolve_placement(cfg.device, cfg.compute_dtype, cfg.gpus_per_worker, cfg.workers, gpus, where)
+    check_fits(placement, replica_threads(cfg.threads, cfg.num_cpus, placement.workers), cpus, where)
     t = time.perf_counter()
     # the driver builds the teacher once on CPU (fingerprint, dims, frozen heads, text embeddings), before
     # the store is created: a bad SPEC or weights file leaves no new store behind
@@ -253,8 +254,7 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, s
     from storage.phis import estimate_phis
 
     name, seconds = spec.name, {}
-    cpus = cfg.num_cpus or len(os.sched_getaffinity(0))
-    threads = cfg.threads or max(1, cpus // placement.workers)
+    threads = replica_threads(cfg.threads, cfg.num_cpus, placement.workers)
     # one writer of the images (and labels) at a time; taken before the cluster starts, so a second
     # writer is refused at once, and released as soon as they are written
     writes = not store.images_complete or (labels is not None and not np.array_equal(store.labels(), labels))

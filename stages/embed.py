@@ -24,7 +24,6 @@ function of its images, so the result equals an uninterrupted run. Bad images ne
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from storage.failures import count_reasons, write_failure_table
 from storage.fingerprint import digest, digest_strings, with_added_fields
 from storage.image_policy import ImagePolicy
 
-from .placement import cluster_gpus, resolve_placement
+from .placement import check_fits, cluster_resources, replica_threads, resolve_placement
 from .ray_cluster import ray_cluster
 from .runner import UnitJob
 from .sources import ImageRef, iter_decoded, printable_source
@@ -199,8 +198,10 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
     n, unit = len(sources), cfg.unit_images
     policy = _policy(cfg)
     seconds: dict[str, float] = {}
-    placement = resolve_placement(cfg.device, cfg.compute_dtype, cfg.gpus_per_worker, cfg.workers,
-                                  *cluster_gpus(cfg.ray_address))  # --device cuda without a GPU: refused now
+    # before any work: --device cuda without a GPU, or replicas the cluster cannot place, are refused now
+    gpus, cpus, where = cluster_resources(cfg.ray_address, cfg.num_cpus)
+    placement = resolve_placement(cfg.device, cfg.compute_dtype, cfg.gpus_per_worker, cfg.workers, gpus, where)
+    check_fits(placement, replica_threads(cfg.threads, cfg.num_cpus, placement.workers), cpus, where)
     t = time.perf_counter()
     teacher = build_teacher(**cfg.teacher_kwargs())  # the driver's copy, on CPU: dimension and fingerprint
     placement = placement.for_teacher(teacher)
@@ -236,9 +237,8 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
     report.skipped = not todo and bool(group.attrs.get("embed_complete"))
     t = time.perf_counter()
     if todo:
-        cpus = cfg.num_cpus or len(os.sched_getaffinity(0))
         workers = min(placement.workers, len(todo))
-        threads = cfg.threads or max(1, cpus // workers)
+        threads = replica_threads(cfg.threads, cfg.num_cpus, workers)
         with ray_cluster(cfg.ray_address, cfg.num_cpus):
             init = (str(out), {**cfg.teacher_kwargs(), **placement.teacher_kwargs()}, policy.to_dict(), cfg.dtype,
                     threads, (cfg.batch_size, cfg.batch_tokens), unit)

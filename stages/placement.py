@@ -12,10 +12,11 @@ one teacher group, while the same precision on another device resumes the same g
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 from typing import Literal
 
-__all__ = ["DeviceError", "Placement", "cluster_gpus", "resolve_placement"]
+__all__ = ["DeviceError", "Placement", "check_fits", "cluster_resources", "replica_threads", "resolve_placement"]
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -44,24 +45,32 @@ class Placement:
         return f"{self.device} {self.compute_dtype}, {self.workers} replica{'s' * (self.workers != 1)}{gpus}"
 
 
-def cluster_gpus(ray_address: str | None) -> tuple[float, str]:
-    """(GPUs of the cluster the job will run on, how to name it), without starting a cluster.
+def cluster_resources(ray_address: str | None, num_cpus: int | None = None) -> tuple[float, float, str]:
+    """(GPUs, CPUs of the cluster the job will run on, how to name it), without starting a cluster.
 
-    A running Ray (or ``--ray-address``) is asked for its GPU resources; otherwise the job starts an
-    embedded cluster, which detects what torch sees on this machine.
+    A running Ray (or ``--ray-address``) is asked for its resources; otherwise the job starts an
+    embedded cluster, which is given ``num_cpus`` (default: all) and the GPUs torch sees (``ray_cluster``).
     """
     import ray
 
     if ray.is_initialized():
-        return float(ray.cluster_resources().get("GPU", 0.0)), "the running Ray cluster"
+        r = ray.cluster_resources()
+        return float(r.get("GPU", 0.0)), float(r.get("CPU", 0.0)), "the running Ray cluster"
     if ray_address:
         from .ray_cluster import ray_cluster
 
         with ray_cluster(ray_address):
-            return float(ray.cluster_resources().get("GPU", 0.0)), f"the Ray cluster at {ray_address}"
+            r = ray.cluster_resources()
+            return float(r.get("GPU", 0.0)), float(r.get("CPU", 0.0)), f"the Ray cluster at {ray_address}"
     import torch
 
-    return float(torch.cuda.device_count() if torch.cuda.is_available() else 0), "this machine"
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return float(gpus), float(num_cpus or os.cpu_count() or 1), "this machine"
+
+
+def replica_threads(threads: int | None, num_cpus: int | None, workers: int) -> int:
+    """Torch threads per replica: as configured, else this machine's CPUs (or ``num_cpus``) shared out."""
+    return threads or max(1, (num_cpus or len(os.sched_getaffinity(0))) // workers)
 
 
 def resolve_placement(device: Device, compute_dtype: str | None, gpus_per_worker: float, workers: int | None,
@@ -86,5 +95,13 @@ def resolve_placement(device: Device, compute_dtype: str | None, gpus_per_worker
     if workers is not None and workers > fits:
         # an actor Ray cannot place would hold its units forever: refuse rather than hang
         raise DeviceError(f"--workers {workers} x --gpus-per-worker {gpus_per_worker:g} needs "
-                          f"{workers * gpus_per_worker:g} GPUs; {where} has {gpus:g}")
+                          f"{workers * gpus_per_worker:g} GPUs; {where} has {gpus:g} (or use --device cpu)")
     return Placement("cuda", compute_dtype, float(gpus_per_worker), workers or fits)
+
+
+def check_fits(placement: Placement, threads: int, cpus: float, where: str = "the cluster") -> None:
+    """Refuse replicas whose CPU request the cluster cannot grant all at once: an actor Ray cannot
+    place holds the units handed to it forever (``ray.util.ActorPool``), so the job would hang."""
+    if placement.workers * threads > cpus + 1e-9:
+        raise DeviceError(f"{placement.workers} replica(s) x {threads} CPU threads need {placement.workers * threads} "
+                          f"CPUs; {where} has {cpus:g}: lower --workers or the threads setting")

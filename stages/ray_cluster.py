@@ -29,7 +29,11 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iter
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        import torch
+
+        # the GPUs torch sees, so that placement (stages.placement.cluster_gpus) and Ray agree
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=gpus, **kwargs)
     try:
         yield
     finally:

@@ -269,7 +269,8 @@ class FeatureStore:
             changes = "\n  ".join(diff(stored, ours)) or "(digests differ)"
             raise StoreError(
                 f"teacher '{spec.name}' already exists in {self.url} with another fingerprint:\n  {changes}\n"
-                f"Choose another --name, or write to a new store."
+                f"Choose another --name, or write to a new store (for compute_dtype: pass the stored one with "
+                f"--compute-dtype)."
             )
         return bool(attrs.get("created", True))  # stores written before the flag existed were whole
 

@@ -39,6 +39,11 @@ def build_teacher(
         raise ValueError(f"compute dtype {compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU on this machine")
+    if str(device).startswith("cuda") and compute_dtype == "float32":
+        # float32 means float32: CUDA's default TF32 convolutions (cuDNN) would round inputs to 10 bits,
+        # unrecorded in the fingerprint. Process-wide; a teacher replica's process runs only the teacher.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     if parsed.library == "timm":
         from .timm_teacher import TimmTeacher as cls
     else:

@@ -55,12 +55,21 @@ def test_placement_refuses_what_the_cluster_cannot_serve(device, per_worker, wor
         resolve_placement(device, None, per_worker, workers, gpus)
 
 
+def test_replicas_the_cluster_cannot_place_are_refused_not_left_hanging():
+    from stages.placement import check_fits
+
+    p = resolve_placement("cuda", None, 1.0, None, 2)  # two replicas on two GPUs
+    check_fits(p, 8, 16)
+    with pytest.raises(DeviceError, match="2 replica\\(s\\) x 16 CPU threads need 32 CPUs; the cluster has 16"):
+        check_fits(p, 16, 16)  # each asks for every CPU: Ray would never place the second
+
+
 def test_replicas_ask_ray_for_gpus_and_fractions_share_one(tmp_path):
     """A real Ray cluster that declares one GPU: `--device auto` becomes CUDA, 0.5 GPU per replica
     places two replicas, and Ray gives both the same GPU (its CUDA_VISIBLE_DEVICES)."""
     script = textwrap.dedent("""
         import json, logging, os, ray
-        from stages.placement import cluster_gpus, resolve_placement
+        from stages.placement import check_fits, cluster_resources, resolve_placement
         from stages.runner import UnitJob
 
         class Probe:
@@ -71,8 +80,9 @@ def test_replicas_ask_ray_for_gpus_and_fractions_share_one(tmp_path):
                         "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
         ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level=logging.WARNING)
-        gpus, where = cluster_gpus(None)
+        gpus, cpus, where = cluster_resources(None)
         p = resolve_placement("auto", None, 0.5, None, gpus, where)
+        check_fits(p, 1, cpus, where)
         rows = list(UnitJob("probe", 4).run_actors(Probe, (), workers=p.workers, num_cpus=1,
                                                    num_gpus=p.gpus_per_worker))
         print(json.dumps({"gpus": gpus, "device": p.device, "workers": p.workers, "rows": rows}))

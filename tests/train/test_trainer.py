@@ -300,6 +300,13 @@ def test_eval_refuses_a_teacher_with_another_fingerprint(train_store, tmp_path):
                           env=ENV, timeout=300)
     error_line(proc, "teacher 'dino'", "model_kwargs.embed_dim")
     assert not (run / "eval.json").exists()
+    # the same teacher as an older version recorded it (no compute_dtype: float32) is the same teacher
+    legacy = {k: v for k, v in g.attrs["fingerprint"].items() if k != "compute_dtype"}
+    legacy["model_kwargs"] = zarr.open_group(train_store, mode="r")["teachers/dino"].attrs["fingerprint"]["model_kwargs"]
+    g.attrs.update({"fingerprint": legacy, "fingerprint_digest": digest(legacy)})
+    proc = subprocess.run([*PIPELINE, "eval", str(run), "--store", str(other), "--tasks", "knn", "--k", "5"],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_one_run_directory_holds_one_run_at_a_time(train_store, tmp_path):

@@ -61,11 +61,11 @@ _PROBED: dict[tuple[str, torch.dtype], bool] = {}
 def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``F.grouped_mm`` (forward, dX and dW layouts) runs for this device and dtype; probed once.
 
-    While torch.compile traces, the answer is the dtypes its shape function accepts (measured on
+    While torch.compile traces, it also needs the dtypes its shape function accepts (measured on
     torch 2.14: bf16 and fp16 only, although the eager CPU kernel also takes float32)."""
     key = (device_type, dtype)
-    if torch.compiler.is_compiling():
-        return hasattr(F, "grouped_mm") and dtype in (torch.bfloat16, torch.float16)
+    if torch.compiler.is_compiling():  # an eager probe's answer wins (a constant of the graph)
+        return _PROBED.get(key, True) and hasattr(F, "grouped_mm") and dtype in (torch.bfloat16, torch.float16)
     if key not in _PROBED:
         _PROBED[key] = _probe_grouped_mm(torch.device(device_type), dtype)
     return _PROBED[key]
