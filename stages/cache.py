@@ -26,7 +26,7 @@ from storage.store import FeatureStore, StoreError, TeacherGroupSpec
 
 from .config import CacheConfig
 from .ingest import IngestReport, ingest_images, read_labels
-from .placement import Placement, check_fits, cluster_resources, replica_threads, resolve_placement
+from .placement import Placement, place_job, replica_threads
 from .ray_cluster import ray_cluster
 from .runner import UnitJob
 from .sources import list_images
@@ -196,10 +196,7 @@ def run_cache(
     _check_not_inside(images, store_url)
     refs = list_images(images)
     labels = read_labels(cfg.labels, [r.source for r in refs]) if cfg.labels else None  # bad CSV: refused now
-    # before any work: --device cuda without a GPU, or replicas the cluster cannot place, are refused now
-    gpus, cpus, where = cluster_resources(cfg.ray_address, cfg.num_cpus)
-    placement = resolve_placement(cfg.device, cfg.compute_dtype, cfg.gpus_per_worker, cfg.workers, gpus, where)
-    check_fits(placement, replica_threads(cfg.threads, cfg.num_cpus, placement.workers), cpus, where)
+    placement = place_job(cfg)  # before any work: a device or replica request the cluster cannot serve
     t = time.perf_counter()
     # the driver builds the teacher once on CPU (fingerprint, dims, frozen heads, text embeddings), before
     # the store is created: a bad SPEC or weights file leaves no new store behind

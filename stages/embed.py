@@ -38,7 +38,7 @@ from storage.failures import count_reasons, write_failure_table
 from storage.fingerprint import digest, digest_strings, with_added_fields
 from storage.image_policy import ImagePolicy
 
-from .placement import check_fits, cluster_resources, replica_threads, resolve_placement
+from .placement import place_job, replica_threads
 from .ray_cluster import ray_cluster
 from .runner import UnitJob
 from .sources import ImageRef, iter_decoded, printable_source
@@ -198,10 +198,7 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
     n, unit = len(sources), cfg.unit_images
     policy = _policy(cfg)
     seconds: dict[str, float] = {}
-    # before any work: --device cuda without a GPU, or replicas the cluster cannot place, are refused now
-    gpus, cpus, where = cluster_resources(cfg.ray_address, cfg.num_cpus)
-    placement = resolve_placement(cfg.device, cfg.compute_dtype, cfg.gpus_per_worker, cfg.workers, gpus, where)
-    check_fits(placement, replica_threads(cfg.threads, cfg.num_cpus, placement.workers), cpus, where)
+    placement = place_job(cfg)  # before any work: a device or replica request the cluster cannot serve
     t = time.perf_counter()
     teacher = build_teacher(**cfg.teacher_kwargs())  # the driver's copy, on CPU: dimension and fingerprint
     placement = placement.for_teacher(teacher)

@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import Literal
 
-__all__ = ["DeviceError", "Placement", "check_fits", "cluster_resources", "replica_threads", "resolve_placement"]
+__all__ = ["DeviceError", "Placement", "check_fits", "cluster_resources", "place_job", "replica_threads",
+           "resolve_placement"]
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -105,3 +106,12 @@ def check_fits(placement: Placement, threads: int, cpus: float, where: str = "th
     if placement.workers * threads > cpus + 1e-9:
         raise DeviceError(f"{placement.workers} replica(s) x {threads} CPU threads need {placement.workers * threads} "
                           f"CPUs; {where} has {cpus:g}: lower --workers or the threads setting")
+
+
+def place_job(cfg) -> Placement:
+    """The placement of a teacher job's config (CacheConfig, CurateConfig), checked against its cluster
+    before any work: no GPU for --device cuda, or replicas the cluster cannot place, are refused."""
+    gpus, cpus, where = cluster_resources(cfg.ray_address, cfg.num_cpus)
+    placement = resolve_placement(cfg.device, cfg.compute_dtype, cfg.gpus_per_worker, cfg.workers, gpus, where)
+    check_fits(placement, replica_threads(cfg.threads, cfg.num_cpus, placement.workers), cpus, where)
+    return placement
