@@ -178,6 +178,18 @@ class LossConfig(StrictConfig):
     teacher_weights: dict[str, float] = Field(default_factory=dict, description="per-teacher multiplier (default 1)")
     phis: bool = Field(True, description="match summary and patches in PHI-S space where the store has statistics")
     router: float = Field(1.0, ge=0, description="multiplier on the MoE layers' router losses (summed over layers)")
+    arkd: float | dict[str, float] = Field(0.0, description="ARKD weight (AMoE Eq. 7) in each teacher's objective: "
+                                           "one number for every teacher or {teacher = weight}; 0 = off")
+
+    @model_validator(mode="after")
+    def _check_arkd(self) -> "LossConfig":
+        values = self.arkd.values() if isinstance(self.arkd, dict) else [self.arkd]
+        if any(not (v >= 0) or v == float("inf") for v in values):
+            raise ValueError(f"loss.arkd must be finite and >= 0, got {self.arkd}")
+        return self
+
+    def arkd_weight(self, teacher: str) -> float:
+        return self.arkd.get(teacher, 0.0) if isinstance(self.arkd, dict) else self.arkd
 
 
 class DataConfig(StrictConfig):

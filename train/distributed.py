@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["allreduce_grads", "barrier", "init_distributed", "rank_and_world", "resolve_device"]
+__all__ = ["allreduce_grads", "barrier", "gather_rows", "init_distributed", "rank_and_world", "resolve_device"]
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -57,3 +57,26 @@ def allreduce_grads(model: torch.nn.Module) -> None:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
         offset += n
+
+
+def gather_rows(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's ``rows`` [n_r, C] concatenated in rank order, and the world size.
+
+    Ranks may hold different row counts (packed microbatches), so the counts travel first and the
+    rows are padded to the largest. The result is detached except for this rank's own rows, which
+    stay attached to the graph: a loss over all rows back-propagates into this rank's part only,
+    and the ranks' summed gradients are that loss's whole gradient.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return rows, 1
+    counts = torch.zeros(world, dtype=torch.int64, device=rows.device)
+    counts[rank] = rows.shape[0]
+    dist.all_reduce(counts)
+    most = int(counts.max())
+    padded = rows.detach().new_zeros((most, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    pieces = [rows if r == rank else parts[r][: int(counts[r])] for r in range(world)]
+    return torch.cat(pieces), world

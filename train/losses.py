@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from .config import LossConfig
 
-__all__ = ["cosine_distance", "smooth_l1", "feature_distance", "per_image_mean", "distillation_terms"]
+__all__ = ["arkd_errors", "arkd_loss", "cosine_distance", "smooth_l1", "feature_distance", "per_image_mean", "distillation_terms",
+           "relational_terms", "relational_error"]
 
 
 def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -74,4 +75,79 @@ def distillation_terms(preds: dict[str, dict[str, torch.Tensor]], targets: dict[
                                                       cfg.registers_smooth_l1, cfg.smooth_l1_beta).mean(-1)
         for feature, values in per_image.items():
             terms[f"{teacher}/{feature}"] = w * values.sum()
+    return terms
+
+
+# ----------------------------------------------------------------------------- ARKD (AMoE Eq. 7)
+def _normalized_pdist(x: torch.Tensor) -> torch.Tensor:
+    """Pairwise distances ‖x_i − x_j‖₂ over i < j (``torch.pdist``'s order), divided by their mean."""
+    d = torch.pdist(x)
+    return d / d.mean().clamp_min(1e-12)
+
+
+def arkd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Asymmetric relational KD over the B images of a batch (AMoE §3.2, Eq. 7), in float32.
+
+    The extracted text lost Eq. 7's symbols; the project's reading (issue 13; change it only with an
+    argument in the README):
+
+        D^T_ij = ‖t_i − t_j‖₂, D^S_ij = ‖s_i − s_j‖₂ for i < j;  d = D / mean_{i<j}(D)   (each space its own scale)
+        m = median_{i<j} d^T_ij  (for an even count the lower middle value, as torch.median)
+        e_ij = max(0, d^S_ij − d^T_ij)   if d^T_ij ≤ m   (near: only pull together what the teacher holds close)
+        e_ij = max(0, d^T_ij − d^S_ij)   otherwise        (far: only push apart what the teacher holds apart)
+        L_ARKD = mean_{i<j} smoothL1_β=1(e_ij)   (0.5·e² for e < 1, e − 0.5 otherwise)
+
+    Scale-free in both spaces, so PHI-S (a scaled rotation plus a shift) leaves it unchanged. The
+    teacher side carries no gradient. Fewer than two images: 0 (still connected to ``student``).
+    """
+    if student.shape != teacher.shape or student.ndim != 2:
+        raise ValueError(f"arkd_loss needs [B, D] student and teacher of one shape, got {tuple(student.shape)} "
+                         f"and {tuple(teacher.shape)}")
+    if student.shape[0] < 2:
+        return student.float().sum() * 0.0
+    with torch.no_grad():
+        d_t = _normalized_pdist(teacher.float())
+    error = arkd_errors(_normalized_pdist(student.float()), d_t)
+    return F.smooth_l1_loss(error, torch.zeros_like(error), beta=1.0)
+
+
+def arkd_errors(d_s: torch.Tensor, d_t: torch.Tensor) -> torch.Tensor:
+    """One-sided errors e_ij of normalized pair distances (Eq. 7): near pairs (d^T ≤ median) count only
+    when the student holds them further apart, far pairs only when it holds them closer."""
+    near = d_t <= d_t.median()
+    return torch.where(near, (d_s - d_t).clamp_min(0), (d_t - d_s).clamp_min(0))
+
+
+def relational_error(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Mean |d^S − d^T| over the pairs (the two-sided relational error the README reports, no gradient)."""
+    with torch.no_grad():
+        return float((_normalized_pdist(student.float()) - _normalized_pdist(teacher.float())).abs().mean())
+
+
+def relational_terms(preds: dict[str, dict[str, torch.Tensor]], targets: dict[str, dict[str, torch.Tensor]],
+                     cfg: LossConfig, share: float, gather=None) -> dict[str, torch.Tensor]:
+    """``"<teacher>/arkd"``: w_t · λ_arkd · L_ARKD over the summaries of the images of every rank.
+
+    ``gather(rows)`` returns every rank's rows in rank order with this rank's rows still attached to the
+    graph (``train.distributed.gather_rows``; None: one process). Each rank then computes the same
+    loss and back-propagates it through its own rows only, so the summed gradients are the gradient of
+    L_ARKD over the whole batch; the value carried is 1/world of it (``share`` also splits it over
+    accumulation), so summing the logged terms over ranks gives it once. With gradient accumulation
+    the pairs are those of one microbatch slot over all ranks (the global batch when accumulation is 1):
+    pairs across microbatches would keep every microbatch's activations alive until the step ends.
+    """
+    weights = {t: cfg.arkd_weight(t) * cfg.teacher_weights.get(t, 1.0) for t in preds}
+    active = [t for t, w in weights.items() if w]
+    if not active:
+        return {}
+    live = torch.cat([preds[t]["summary"].float() for t in active] + [targets[t]["summary"].float() for t in active], 1)
+    every, world = (live, 1) if gather is None else gather(live)
+    terms, col = {}, 0
+    width = sum(preds[t]["summary"].shape[1] for t in active)
+    for t in active:
+        dim = preds[t]["summary"].shape[1]
+        loss = arkd_loss(every[:, col:col + dim], every[:, width + col:width + col + dim])
+        col += dim
+        # value loss/world, gradient of the whole loss: see the docstring
+        terms[f"{t}/arkd"] = weights[t] * share * (loss.detach() / world + (loss - loss.detach()))
     return terms

@@ -28,8 +28,8 @@ from .checkpoint import (fall_back_to_trusted, latest_checkpoint, load_checkpoin
                          save_checkpoint)
 from .config import OptimConfig, TrainConfig
 from .data import PlanStream, StoreBatches, make_loader
-from .distributed import allreduce_grads, barrier, rank_and_world, resolve_device
-from .losses import distillation_terms
+from .distributed import allreduce_grads, barrier, gather_rows, rank_and_world, resolve_device
+from .losses import distillation_terms, relational_terms
 from .metrics import MetricsLog
 from .model.distill import DistillModel, build_model
 from .moe import upcycle_model
@@ -207,6 +207,8 @@ def compute_terms(model: DistillModel, batch: dict, cfg: TrainConfig) -> tuple[d
         preds, out = model(batch["pixels"], layout, cfg.run.attention)
         terms = distillation_terms(preds, targets, layout.patch_image, layout.num_images, batch["global_images"],
                                    cfg.loss)
+        # ARKD over the summaries of every rank's microbatch in this accumulation slot (AMoE Eq. 7)
+        terms.update(relational_terms(preds, targets, cfg.loss, 1.0 / cfg.optim.accumulation, gather_rows))
         router = _router_term(out.aux, layout.num_images / batch["global_images"])
         if router is not None:
             terms["router"] = cfg.loss.router * router
