@@ -135,13 +135,20 @@ def dump_toml(config: BaseModel) -> str:
             return "[" + ", ".join(fmt(v) for v in value) + "]"
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    def emit(prefix: str, mapping: Mapping[str, Any]) -> list[str]:
-        flat = [f"{k} = {fmt(v)}" for k, v in mapping.items() if v is not None and not isinstance(v, Mapping)]
-        lines = ([f"[{prefix}]"] if prefix and flat else []) + flat
+    def tables(value: Any) -> bool:  # a non-empty list of mappings: an array of tables ([[a.b]])
+        return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, Mapping) for v in value)
+
+    def emit(prefix: str, mapping: Mapping[str, Any], header: str = "[{}]") -> list[str]:
+        flat = [f"{k} = {fmt(v)}" for k, v in mapping.items()
+                if v is not None and not isinstance(v, Mapping) and not tables(v)]
+        lines = ([header.format(prefix)] if prefix and (flat or header != "[{}]") else []) + flat
         for k, v in mapping.items():
+            name = f"{prefix}.{k}" if prefix else k
             if isinstance(v, Mapping):
-                sub = emit(f"{prefix}.{k}" if prefix else k, v)
-                lines += ([""] if lines else []) + sub
+                lines += ([""] if lines else []) + emit(name, v)
+            elif tables(v):
+                for item in v:
+                    lines += ([""] if lines else []) + emit(name, item, "[[{}]]")
         return lines
 
     return "\n".join(emit("", config.model_dump(mode="json"))) + "\n"

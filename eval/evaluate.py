@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from storage.fingerprint import diff, digest, with_added_fields
+from storage.fingerprint import diff_but_policy
 from storage.store import FeatureStore, StoreError
 from train.config import TrainConfig
 from train.distributed import resolve_device
@@ -89,11 +89,12 @@ def check_teachers(record: dict, url: str) -> None:
             raise EvalError(f"{url} has no complete teacher '{name}' (the run distils {', '.join(record['teachers'])})")
         if have[name] != trained[name]:
             try:
-                before = with_added_fields(FeatureStore.open(record["url"]).teacher_attrs(name)["fingerprint"])
-                now = with_added_fields(store.teacher_attrs(name)["fingerprint"])
-                if digest(before) == digest(now):
-                    continue  # the same teacher, recorded before a fingerprint field existed on one side
-                what = "; ".join(diff(before, now)) or "its fingerprint digest"
+                before = (record.get("teacher_fingerprints") or {}).get(name) or \
+                    FeatureStore.open(record["url"]).teacher_attrs(name)["fingerprint"]
+                changes = diff_but_policy(before, store.teacher_attrs(name)["fingerprint"])
+                if not changes:
+                    continue  # the same teacher: cached at another image size, or before a fingerprint field existed
+                what = "; ".join(changes)
             except (StoreError, KeyError, OSError):
                 what = f"fingerprint digest {have[name][:12]} != {trained[name][:12]}"
             raise EvalError(f"teacher '{name}' of {url} is not the one the run was trained on ({record['url']}): "

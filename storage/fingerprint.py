@@ -6,7 +6,8 @@ import hashlib
 import json
 from typing import Any, Mapping
 
-__all__ = ["ADDED_FIELDS", "canonical_json", "digest", "digest_strings", "diff", "with_added_fields"]
+__all__ = ["ADDED_FIELDS", "POLICY_FIELDS", "canonical_json", "digest", "digest_strings", "diff", "diff_but_policy",
+           "with_added_fields"]
 
 # Fields added to fingerprints after stores existed, with the meaning of their absence: everything
 # written before ``compute_dtype`` was computed in float32. Comparisons fill them in on both sides,
@@ -46,3 +47,15 @@ def diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[s
         elif canonical_json(va) != canonical_json(vb):
             keys.append(f"{name}: {va!r} != {vb!r}")
     return keys
+
+
+# A teacher cached under another image policy (a stage-2 store at a larger --max-tokens) is the same
+# teacher: its targets live in the same space, only the images' sizes differ.
+POLICY_FIELDS = ("image_policy",)
+
+
+def diff_but_policy(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """``diff`` of two teacher fingerprints, the image policy left out (and missing fields filled in)."""
+    def strip(fp: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in with_added_fields(fp).items() if k not in POLICY_FIELDS}
+    return diff(strip(a), strip(b))

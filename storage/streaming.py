@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["shuffled_order", "epoch_stream"]
+__all__ = ["shuffled_order", "epoch_stream", "mixture_stream"]
 
 
 def shuffled_order(num_rows: int, unit_rows: int, *, seed: int, epoch: int, buffer: int) -> Iterator[int]:
@@ -49,3 +49,26 @@ def epoch_stream(valid: np.ndarray, unit_rows: int, *, seed: int, buffer: int, s
             if valid[row]:
                 yield epoch, row
         epoch += 1
+
+
+def mixture_stream(streams: list[Iterator[tuple[int, int]]], weights: list[float], *, seed: int,
+                   block: int = 4096) -> Iterator[tuple[int, int, int]]:
+    """(source, epoch, row) forever: each item comes from source s with probability w_s / Σw.
+
+    The source of every position is drawn from its own seeded generator in blocks, so the interleaving
+    is a pure function of (seed, weights) and a resumed run replays it exactly; each source keeps its
+    own order (its own epochs), so a store drawn more often just cycles through its epochs faster.
+    One source: its stream as is.
+    """
+    if len(streams) != len(weights) or not streams or any(not (w > 0) for w in weights):
+        raise ValueError(f"a mixture needs one positive weight per source, got {weights}")
+    if len(streams) == 1:
+        for epoch, row in streams[0]:
+            yield 0, epoch, row
+        return
+    p = np.asarray(weights, np.float64) / float(np.sum(weights))
+    rng = np.random.default_rng([seed, 0x6D6978])  # "mix": apart from the per-source shuffles
+    while True:
+        for source in rng.choice(len(streams), size=block, p=p).tolist():
+            epoch, row = next(streams[source])
+            yield source, epoch, row

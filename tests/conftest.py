@@ -61,3 +61,18 @@ def train_store(tmp_path_factory) -> str:
         run_cache(str(root / "images"), url, cache_config(TINY_VIT, "dino", labels))
         run_cache(str(root / "images"), url, cache_config(TINY_SIGLIP, "siglip", labels))
     return url
+
+
+@pytest.fixture(scope="session")
+def stage2_store(train_store, tmp_path_factory) -> str:
+    """The images of ``train_store`` cached again at a larger size (AMoE stage 2) with the same "dino" teacher:
+    same fingerprint but for the image policy (min 16, max 96 tokens instead of 4 and 48)."""
+    from stages.cache import run_cache
+    from stages.ray_cluster import ray_cluster
+
+    root = Path(train_store).parent
+    url = str(tmp_path_factory.mktemp("stage2_store") / "store")
+    cfg = cache_config(TINY_VIT, "dino", root / "labels.csv").model_copy(update={"min_tokens": 16, "max_tokens": 96})
+    with ray_cluster(num_cpus=2):
+        run_cache(str(root / "images"), url, cfg)
+    return url

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from config import StrictConfig
 
 __all__ = ["DataConfig", "HeadConfig", "LossConfig", "ModelConfig", "MoEConfig", "OptimConfig", "PRESETS",
-           "RunConfig", "TrainConfig", "preset"]
+           "RunConfig", "StoreSource", "TrainConfig", "preset", "with_stores"]
 
 
 class MoEConfig(StrictConfig):
@@ -48,6 +48,8 @@ class ModelConfig(StrictConfig):
     """The student ViT: patch embedding, CLS + registers, pre-norm blocks with 2-D normalized RoPE."""
 
     preset: str | None = Field(None, description="named recipe: tiny, demo, amoe-dense, amoe, m2ot-b, tgr-ti, tgr-s, tgr-b")
+    init_from: str | None = Field(None, description="run directory whose latest weights (student, heads, routers, "
+                                  "target spaces) start this run with a new optimizer: AMoE's stage 2 from stage 1")
     patch_size: int = Field(16, gt=0)
     dim: int = Field(192, gt=0)
     depth: int = Field(4, gt=0)
@@ -192,8 +194,19 @@ class LossConfig(StrictConfig):
         return self.arkd.get(teacher, 0.0) if isinstance(self.arkd, dict) else self.arkd
 
 
+class StoreSource(StrictConfig):
+    """One store a run reads, and its share of the images (a ``[[data.stores]]`` table)."""
+
+    url: str = Field(min_length=1)
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="relative share of the images drawn")
+
+
 class DataConfig(StrictConfig):
-    teachers: list[str] | None = Field(None, description="teachers to distil (default: all in the store)")
+    stores: list[StoreSource] = Field(default_factory=list, description="stores read, mixed by weight (AMoE §3.4 "
+                                      "stage 2: high-resolution pool + stage-1 data); `pipeline train --store` fills "
+                                      "the URLs. All must hold the same teachers (fingerprints equal but for the "
+                                      "image policy)")
+    teachers: list[str] | None = Field(None, description="teachers to distil (default: all in the first store)")
     mode: Literal["packed", "padded"] = Field("packed", description="token-balanced packing or padded batches")
     seq_len: int = Field(512, gt=0, description="token slots per packed sequence")
     seqs_per_batch: int = Field(4, gt=0, description="packed sequences per microbatch (per rank)")
@@ -255,7 +268,31 @@ class TrainConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
+        if self.model.init_from and self.model.moe.upcycle_from:
+            raise ValueError("model.init_from and model.moe.upcycle_from both set: a run starts from one of them")
+        urls = [s.url for s in self.data.stores]
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"data.stores names a store twice: {urls}")
         self.model.moe_layer_ids()
         if self.model.moe.top_k > self.model.moe.experts:
             raise ValueError(f"model.moe.top_k ({self.model.moe.top_k}) exceeds model.moe.experts ({self.model.moe.experts})")
         return self
+
+
+def with_stores(cfg: TrainConfig, urls: str | list[str] | None) -> TrainConfig:
+    """``cfg`` reading the stores ``urls`` (from ``--store``), with the weights of its ``data.stores``.
+
+    Without URLs the config's own ``data.stores`` are used; with them, a config that lists stores must
+    list as many (its weights are kept, the URLs given win)."""
+    urls = [urls] if isinstance(urls, str) else list(urls or [])
+    given = cfg.data.stores
+    if not urls:
+        if not given:
+            raise ValueError("no store to train on: give --store (repeat it for a mixture) or [[data.stores]]")
+        return cfg
+    if given and len(given) != len(urls):
+        raise ValueError(f"{len(urls)} --store given but the config's data.stores lists {len(given)}: "
+                         "give one --store per [[data.stores]] entry (their weights are used)")
+    stores = [{"url": u, "weight": given[k].weight if given else 1.0} for k, u in enumerate(urls)]
+    data = {**cfg.data.model_dump(), "stores": stores}
+    return TrainConfig.model_validate({**cfg.model_dump(), "data": data})

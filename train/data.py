@@ -5,6 +5,11 @@ The main process turns the shuffled stream (``storage.streaming``) into microbat
 each plan. Because plans are a pure function of (store, config, seed), a run resumed at microbatch m
 replays the same plans from m on, and augmentation draws from an RNG keyed by (seed, microbatch,
 image slot), so the number of workers never changes what a step sees.
+
+A run may read several stores (a stage-2 mixture of high-resolution and stage-1 data): they are read
+as one (``StoreMix``), rows numbered store after store, and the plan stream draws each image's store
+by weight from a seeded stream (``storage.streaming.mixture_stream``), so the mixture is replayed as
+exactly as one store is.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ import numpy as np
 import torch
 
 from storage.image_policy import ImagePolicy
-from storage.reader import StoreReader, read_batch
-from storage.streaming import epoch_stream
+from storage.reader import ImageTargets, StoreReader, read_batch
+from storage.streaming import epoch_stream, mixture_stream
 
 from .config import DataConfig
 from .packing import Microbatch, build_layout, pack_stream, padded_stream, patchify
 
-__all__ = ["StepPlan", "PlanStream", "StoreBatches", "make_loader", "augment", "ordered_plans"]
+__all__ = ["StepPlan", "PlanStream", "StoreBatches", "StoreMix", "StorePart", "make_loader", "augment",
+           "ordered_plans"]
 
 
 @dataclass(frozen=True)
@@ -34,12 +40,27 @@ class StepPlan:
     global_images: int
 
 
+@dataclass(frozen=True)
+class StorePart:
+    """One store of a mixture: its rows ``start:stop`` in the concatenated row numbering, its write unit
+    (rows shuffled together) and its weight."""
+
+    start: int
+    stop: int
+    unit_rows: int
+    weight: float = 1.0
+
+
 class PlanStream:
-    """Microbatch plans of a run: shuffled, packed, split over ranks; replayable from any step."""
+    """Microbatch plans of a run: shuffled, packed, split over ranks; replayable from any step.
+
+    ``ok`` and ``grid`` cover every store of the run, concatenated in the order of ``parts`` (default:
+    one store, all rows, ``unit_rows``)."""
 
     def __init__(self, ok: np.ndarray, grid: np.ndarray, unit_rows: int, cfg: DataConfig, *, registers: int, seed: int,
-                 accumulation: int = 1, world: int = 1, rank: int = 0):
+                 accumulation: int = 1, world: int = 1, rank: int = 0, parts: list[StorePart] | None = None):
         self.ok, self.grid, self.unit_rows, self.cfg = ok, grid, unit_rows, cfg
+        self.parts = parts or [StorePart(0, len(ok), unit_rows)]
         self.prefix, self.seed = 1 + registers, seed
         self.accumulation, self.world, self.rank = accumulation, world, rank
         longest = int((grid[:, 0] * grid[:, 1])[ok].max()) + self.prefix if ok.any() else 0
@@ -50,8 +71,18 @@ class PlanStream:
     def tokens_of(self, row: int) -> int:
         return self.prefix + int(self.grid[row, 0]) * int(self.grid[row, 1])
 
+    def stream(self) -> Iterator[tuple[int, int]]:
+        """(epoch, row) in training order: one store's shuffled epochs, or several drawn by weight.
+
+        The first store keeps the run seed (a one-store run sees exactly the order it always had);
+        the others get seeds of their own."""
+        streams = [epoch_stream(self.ok[p.start:p.stop], p.unit_rows, seed=self.seed if k == 0 else self.seed + 7919 * k,
+                                buffer=self.cfg.shuffle_buffer) for k, p in enumerate(self.parts)]
+        for source, epoch, row in mixture_stream(streams, [p.weight for p in self.parts], seed=self.seed):
+            yield epoch, self.parts[source].start + row
+
     def microbatches(self) -> Iterator[Microbatch]:
-        stream = epoch_stream(self.ok, self.unit_rows, seed=self.seed, buffer=self.cfg.shuffle_buffer)
+        stream = self.stream()
         if self.cfg.mode == "padded":
             return padded_stream(stream, self.tokens_of, images=self.cfg.padded_images)
         return pack_stream(stream, self.tokens_of, seq_len=self.cfg.seq_len, seqs=self.cfg.seqs_per_batch,
@@ -107,19 +138,55 @@ def augment(pixels: np.ndarray, patches: dict[str, np.ndarray], grid: tuple[int,
             (gh, gw))
 
 
-class StoreBatches(torch.utils.data.Dataset):
-    """``dataset[StepPlan]`` -> a packed microbatch (pixels as uint8 patches, layout, raw float16 targets)."""
+class StoreMix:
+    """Several stores read as one: row r of store k is row ``parts[k].start + r`` here."""
 
-    def __init__(self, store_url: str, teachers: list[str], cfg: DataConfig, *, patch: int, registers: int, seed: int,
-                 train: bool = True):
-        self.store_url, self.teachers, self.cfg = store_url, teachers, cfg
+    def __init__(self, urls: list[str], teachers: list[str]):
+        self.readers = [StoreReader(u, teachers) for u in urls]
+        sizes = np.cumsum([0] + [len(r) for r in self.readers])
+        self.starts = sizes[:-1]
+        self.ok = np.concatenate([r.ok for r in self.readers])
+        self.grid = np.concatenate([r.grid for r in self.readers])
+
+    def __len__(self) -> int:
+        return len(self.ok)
+
+    def parts(self, weights: list[float] | None = None) -> list[StorePart]:
+        weights = weights or [1.0] * len(self.readers)
+        return [StorePart(int(s), int(s) + len(r), r.store.shard_images, w)
+                for s, r, w in zip(self.starts, self.readers, weights)]
+
+    def store_of(self, rows) -> np.ndarray:
+        return np.searchsorted(self.starts, np.asarray(rows, np.int64), side="right") - 1
+
+    def read(self, rows: list[int]) -> dict[int, ImageTargets]:
+        """Targets of ``rows`` (mixture numbering), one batched read per store."""
+        rows_arr = np.asarray(rows, np.int64)
+        store_of = self.store_of(rows_arr)
+        items = {}
+        for k in np.unique(store_of).tolist():
+            mine = rows_arr[store_of == k]
+            for it in read_batch(self.readers[k], (mine - self.starts[k]).tolist()):
+                items[int(it.index + self.starts[k])] = it
+        return items
+
+
+class StoreBatches(torch.utils.data.Dataset):
+    """``dataset[StepPlan]`` -> a packed microbatch (pixels as uint8 patches, layout, raw float16 targets).
+
+    ``store_url`` is one store or the list of a run's stores (rows numbered as in ``StoreMix``)."""
+
+    def __init__(self, store_url: str | list[str], teachers: list[str], cfg: DataConfig, *, patch: int, registers: int,
+                 seed: int, train: bool = True):
+        self.store_urls = [store_url] if isinstance(store_url, str) else list(store_url)
+        self.teachers, self.cfg = teachers, cfg
         self.patch, self.registers, self.seed, self.train = patch, registers, seed, train
-        self._reader: StoreReader | None = None
+        self._reader: StoreMix | None = None
 
     @property
-    def reader(self) -> StoreReader:
+    def reader(self) -> StoreMix:
         if self._reader is None:  # opened lazily: once per worker process
-            self._reader = StoreReader(self.store_url, self.teachers)
+            self._reader = StoreMix(self.store_urls, self.teachers)
         return self._reader
 
     def drop_reader(self) -> None:
@@ -132,7 +199,7 @@ class StoreBatches(torch.utils.data.Dataset):
     def __getitem__(self, plan: StepPlan) -> dict:
         mb = plan.microbatch
         rows = mb.rows
-        items = {it.index: it for it in read_batch(self.reader, rows)}
+        items = self.reader.read(rows)
         pixels, grids = [], []
         feats = {t: {"summary": [], "patches": [], "registers": []} for t in self.teachers}
         for slot, row in enumerate(rows):
@@ -172,6 +239,7 @@ class StoreBatches(torch.utils.data.Dataset):
             "step": plan.step,
             "global_images": plan.global_images,
             "real_tokens": int((layout.doc_ids >= 0).sum()),
+            "store_images": np.bincount(self.reader.store_of(rows), minlength=len(self.store_urls)).tolist(),
             "slots": int(layout.doc_ids.numel()),
         }
 

@@ -5,9 +5,13 @@ evaluation (``eval``), which is why it lives in ``train/`` and not in the CLI (t
 directories to ``pipeline/``, but ``eval`` must read them and may not import the CLI).
 
 A run directory is the unit researchers compare: ``config.toml`` (resolved, with the preset expanded),
-``store.json`` (the store it read and that store's fingerprint restricted to the run's teachers, so
-adding another teacher to a shared store does not invalidate older runs), ``metrics.jsonl``,
+``store.json`` (the stores it read, each with its fingerprint restricted to the run's teachers, so
+adding another teacher to a shared store does not invalidate older runs; the teachers' full
+fingerprints; and, for a run started from another, where it started), ``metrics.jsonl``,
 ``tensorboard/``, ``checkpoints/`` and, after ``pipeline eval``, ``eval.json``.
+
+``store.json`` keeps ``url`` and ``fingerprint`` (the first store's) for readers of one-store runs;
+``stores`` lists every store with its weight and fingerprint.
 """
 
 from __future__ import annotations
@@ -20,14 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from config import dump_toml
-from storage.fingerprint import diff
+from storage.fingerprint import diff, diff_but_policy, with_added_fields
 from storage.fsutil import filesystem
 from storage.locks import WriterLock
-from storage.store import FeatureStore
+from storage.store import FeatureStore, StoreError
 
 from .config import TrainConfig
 
-__all__ = ["RunDir", "RunError", "prepare_run", "run_fingerprint", "read_run", "run_lock"]
+__all__ = ["RunDir", "RunError", "init_source", "prepare_run", "run_fingerprint", "read_run", "run_lock",
+           "teacher_fingerprints"]
 
 
 @dataclass(frozen=True)
@@ -110,23 +115,109 @@ def run_fingerprint(store: FeatureStore, teachers: list[str]) -> dict:
     return {**fp, "teachers": {t: fp["teachers"][t] for t in teachers}}
 
 
-def prepare_run(run: Path, cfg: TrainConfig, store_url: str, *, write: bool = True) -> dict:
-    """Create or check ``run``: refuse another store fingerprint, or a config that changes what is trained."""
+def teacher_fingerprints(store: FeatureStore, teachers: list[str]) -> dict[str, dict]:
+    """The full fingerprint of each teacher (what ``store.json`` records, so later checks need no store)."""
+    return {t: with_added_fields(store.teacher_attrs(t)["fingerprint"]) for t in teachers}
+
+
+# model and head fields that do not change the weights' shapes or meaning: a run started from another
+# may set them anew (training-only router settings, the compute backend, where weights come from)
+INIT_FREE = {"preset", "init_from", "moe.backend", "moe.noise_std", "moe.load_balance_weight", "moe.z_loss_weight",
+             "moe.capacity_factor", "moe.upcycle_from", "moe.upcycle_noise"}
+
+
+def _architecture(cfg: TrainConfig) -> dict:
+    out = {"model": cfg.model.model_dump(mode="json"), "heads": cfg.heads.model_dump(mode="json")}
+    for key in INIT_FREE:
+        node = out["model"]
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node.pop(leaf, None)
+    return out
+
+
+def init_source(cfg: TrainConfig, teachers: list[str], fingerprints: dict[str, dict]) -> dict:
+    """Check that ``model.init_from`` names a run this one may start from; returns what to record.
+
+    Allowed when both distil the same teachers with fingerprints equal but for the image policy (AMoE
+    stage 2 caches stage 1's teachers at a larger size) and the student and heads have the same shape;
+    anything else is refused, naming what differs.
+    """
+    from .checkpoint import latest_checkpoint  # checkpoint imports this module
+
+    source = Path(cfg.model.init_from)
+    what = f"--init-from {source}"
+    try:
+        src_cfg, src_record = read_run(source)
+    except RunError as exc:
+        raise RunError(f"{what}: {exc}") from None
+    ckpt = latest_checkpoint(RunDir(source).checkpoints)
+    if ckpt is None:
+        raise RunError(f"{what}: the run has no checkpoint yet")
+    if sorted(src_record["teachers"]) != sorted(teachers):
+        raise RunError(f"{what}: it distils teachers {src_record['teachers']}, this run {teachers}")
+    src_fps = src_record.get("teacher_fingerprints")
+    if src_fps is None:  # recorded before store.json kept full fingerprints: read them from its store
+        try:
+            src_fps = teacher_fingerprints(FeatureStore.open(src_record["url"]), teachers)
+        except (StoreError, KeyError, OSError) as exc:
+            raise RunError(f"{what}: cannot read its store {src_record['url']} to compare the teachers ({exc})") from None
+    for t in teachers:
+        changes = diff_but_policy(src_fps[t], fingerprints[t])
+        if changes:
+            raise RunError(f"{what}: teacher '{t}' is not the same teacher in this run's store (beyond the image "
+                           "policy): " + "; ".join(changes))
+    changes = diff(_architecture(src_cfg), _architecture(cfg))
+    if changes:
+        raise RunError(f"{what}: the student or heads differ: " + "; ".join(changes))
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    return {"run": str(source.resolve()), "checkpoint": str(ckpt.resolve()), "step": int(step)}
+
+
+def _without_store_urls(config: dict) -> dict:
+    """A config as compared on resume: store URLs may change (a moved store), weights may not; a run
+    recorded before ``data.stores`` read its one store with weight 1."""
+    data = config.setdefault("data", {})
+    data["stores"] = [{k: v for k, v in s.items() if k != "url"} for s in data.get("stores") or [{"weight": 1.0}]]
+    return config
+
+
+def prepare_run(run: Path, cfg: TrainConfig, *, write: bool = True) -> dict:
+    """Create or check ``run`` for ``cfg`` (its ``data.stores`` set): refuse stores that do not hold the
+    same teachers, another store fingerprint, or a config that changes what is trained."""
     files = RunDir(run)
     if run.exists() and not files.store.exists() and any(p.name != files.lock.name for p in run.iterdir()):
         raise RunError(f"{run} is a non-empty folder and not a run directory: refusing to write into it "
                        "(use a new --out)")
-    store = FeatureStore.open(store_url)
-    teachers = cfg.data.teachers or store.teacher_names
-    fingerprint = run_fingerprint(store, teachers)
+    stores = [FeatureStore.open(s.url) for s in cfg.data.stores]
+    teachers = cfg.data.teachers or stores[0].teacher_names
+    fingerprints = [run_fingerprint(store, teachers) for store in stores]
+    full = teacher_fingerprints(stores[0], teachers)
+    for store in stores[1:]:
+        other = teacher_fingerprints(store, teachers)
+        for t in teachers:
+            changes = diff_but_policy(full[t], other[t])
+            if changes:
+                raise RunError(f"{store.url}: teacher '{t}' is not the one of {stores[0].url} (the stores of a run "
+                               "must cache the same teachers; only the image policy may differ): " + "; ".join(changes))
+    record = {"url": stores[0].url, "teachers": teachers, "fingerprint": fingerprints[0],
+              "stores": [{"url": s.url, "weight": s.weight, "fingerprint": fp}
+                         for s, fp in zip(cfg.data.stores, fingerprints)],
+              "teacher_fingerprints": full}
     cfg_text = dump_toml(cfg)
     if files.store.exists():
         recorded = json.loads(files.store.read_text())
-        changes = diff(recorded["fingerprint"], fingerprint)
-        if changes:
-            raise RunError(f"run {run} was trained on a store with another fingerprint ({recorded['url']}); "
-                           f"{store_url} differs in: " + "; ".join(changes) + ". Use a new --out for this store.")
-        old, new = _recorded_config(files.config), tomllib.loads(cfg_text)
+        before = recorded.get("stores") or [{"url": recorded["url"], "fingerprint": recorded["fingerprint"]}]
+        if len(before) != len(stores):
+            raise RunError(f"run {run} was trained on {len(before)} store(s), this command gives {len(stores)}. "
+                           "Use a new --out for another mixture.")
+        for old, store, fp in zip(before, stores, fingerprints):
+            changes = diff(old["fingerprint"], fp)
+            if changes:
+                raise RunError(f"run {run} was trained on a store with another fingerprint ({old['url']}); "
+                               f"{store.url} differs in: " + "; ".join(changes) + ". Use a new --out for this store.")
+        old, new = _without_store_urls(_recorded_config(files.config)), _without_store_urls(tomllib.loads(cfg_text))
         for key in RESUMABLE_CHANGES:
             section, name = key.split(".")
             old.get(section, {}).pop(name, None)
@@ -135,11 +226,15 @@ def prepare_run(run: Path, cfg: TrainConfig, store_url: str, *, write: bool = Tr
         if changed:
             raise RunError(f"run {run} exists with another config: " + "; ".join(changed)
                            + ". Use a new --out to train another config.")
+        if "init_from" in recorded:  # where it started stays what it was, whatever the source run did since
+            record["init_from"] = recorded["init_from"]
+    elif cfg.model.init_from:
+        record["init_from"] = init_source(cfg, teachers, full)
     if write:
         run.mkdir(parents=True, exist_ok=True)
         files.config.write_text(cfg_text)
-        files.store.write_text(json.dumps({"url": store_url, "teachers": teachers, "fingerprint": fingerprint}, indent=1))
-    return {"teachers": teachers, "fingerprint": fingerprint}
+        files.store.write_text(json.dumps(record, indent=1))
+    return record
 
 
 def read_run(run: Path) -> tuple[TrainConfig, dict]:

@@ -26,7 +26,7 @@ from storage.store import FeatureStore
 
 from .checkpoint import (fall_back_to_trusted, latest_checkpoint, load_checkpoint, load_weights, mark_trusted,
                          save_checkpoint)
-from .config import OptimConfig, TrainConfig
+from .config import OptimConfig, TrainConfig, with_stores
 from .data import PlanStream, StoreBatches, make_loader
 from .distributed import allreduce_grads, barrier, gather_rows, rank_and_world, resolve_device
 from .losses import distillation_terms, relational_terms
@@ -61,27 +61,35 @@ class StepTotals:
     real_tokens: int
     data_wait: float
     aux: list[dict]
+    store_images: list[int] = field(default_factory=list)  # images drawn from each store of a mixture
 
 
-def train(cfg: TrainConfig, store_url: str, run: Path, *, fingerprint_meta: dict | None = None,
-          on_step: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train (or resume) the run in ``run`` on ``store_url``; the caller has checked the fingerprint."""
+def train(cfg: TrainConfig, store_url: str | list[str] | None, run: Path, *, fingerprint_meta: dict | None = None,
+          on_step: Callable[[dict], None] | None = None, init_checkpoint: str | None = None) -> TrainResult:
+    """Train (or resume) the run in ``run`` on ``store_url`` (one store, several, or None: the config's
+    ``data.stores``); the caller has checked the fingerprints (``rundir.prepare_run``).
+
+    The model's structure and target spaces come from the first store; a run started from another
+    (``model.init_from``; ``init_checkpoint`` is the checkpoint ``prepare_run`` recorded) takes that
+    run's weights and target spaces, so its heads keep predicting in the space they learned.
+    """
+    cfg = with_stores(cfg, store_url)
     rank, world = rank_and_world()
     device = resolve_device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    store = FeatureStore.open(store_url)
+    store = FeatureStore.open(cfg.data.stores[0].url)
     teachers = cfg.data.teachers or store.teacher_names
     if not teachers:
-        raise ValueError(f"{store_url} has no teacher: run cache-teachers first")
+        raise ValueError(f"{store.url} has no teacher: run cache-teachers first")
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, store, teachers).to(device)
     if cfg.run.compile:  # in place: the state dict (checkpoints, upcycling) keeps its names
         model.compile(backend=cfg.run.compile_backend)
     opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
                             eps=cfg.optim.eps, fused=device.type == "cuda")
-    start, best = _resume(model, opt, run, cfg)
-    batches = _batches(cfg, store_url, store, teachers, start, rank, world)
+    start, best = _resume(model, opt, run, cfg, init_checkpoint)
+    batches = _batches(cfg, teachers, start, rank, world)
     log = MetricsLog(run, start, enabled=rank == 0)
     history: list[dict] = []
     t_begin = time.perf_counter()
@@ -141,13 +149,23 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _resume(model: DistillModel, opt: torch.optim.Optimizer, run: Path, cfg: TrainConfig) -> tuple[int, float]:
-    """The step to start from and the lowest loss so far: the last checkpoint's, else 0 (upcycled from a
-    dense run when asked)."""
+def _resume(model: DistillModel, opt: torch.optim.Optimizer, run: Path, cfg: TrainConfig,
+            init_checkpoint: str | None) -> tuple[int, float]:
+    """The step to start from and the lowest loss so far: the last checkpoint's, else 0 (from another
+    run's weights, or upcycled from a dense run, when asked)."""
     latest = latest_checkpoint(RunDir(run).checkpoints)
     if latest is not None:
         meta = load_checkpoint(latest, model, opt)
         return int(meta["step"]), float(meta.get("best_loss", math.inf))
+    if cfg.model.init_from:  # a new optimizer state: only the weights (and target spaces) carry over
+        source = Path(init_checkpoint) if init_checkpoint else latest_checkpoint(RunDir(Path(cfg.model.init_from)).checkpoints)
+        if source is None or not source.is_dir():
+            raise ValueError(f"model.init_from: no checkpoint {source or ''} in {cfg.model.init_from}")
+        try:
+            load_checkpoint(source, model)
+        except ValueError as exc:
+            raise ValueError(f"model.init_from: {exc}") from None
+        return 0, math.inf
     if cfg.model.moe.upcycle_from:
         try:
             dense = load_weights(Path(cfg.model.moe.upcycle_from))
@@ -157,14 +175,15 @@ def _resume(model: DistillModel, opt: torch.optim.Optimizer, run: Path, cfg: Tra
     return 0, math.inf
 
 
-def _batches(cfg: TrainConfig, store_url: str, store: FeatureStore, teachers: list[str], start: int, rank: int,
-             world: int) -> Iterator[dict]:
-    """This rank's microbatches from ``start`` on: plans made here, loaded by DataLoader workers."""
-    dataset = StoreBatches(store_url, teachers, cfg.data, patch=cfg.model.patch_size,
+def _batches(cfg: TrainConfig, teachers: list[str], start: int, rank: int, world: int) -> Iterator[dict]:
+    """This rank's microbatches from ``start`` on: plans made here (the stores mixed by weight), loaded
+    by DataLoader workers."""
+    dataset = StoreBatches([s.url for s in cfg.data.stores], teachers, cfg.data, patch=cfg.model.patch_size,
                            registers=cfg.model.registers, seed=cfg.run.seed)
-    plans = PlanStream(dataset.reader.ok, dataset.reader.grid, store.shard_images, cfg.data,
-                       registers=cfg.model.registers, seed=cfg.run.seed, accumulation=cfg.optim.accumulation,
-                       world=world, rank=rank)
+    mix = dataset.reader
+    parts = mix.parts([s.weight for s in cfg.data.stores])
+    plans = PlanStream(mix.ok, mix.grid, parts[0].unit_rows, cfg.data, registers=cfg.model.registers,
+                       seed=cfg.run.seed, accumulation=cfg.optim.accumulation, world=world, rank=rank, parts=parts)
     dataset.drop_reader()
     return iter(make_loader(dataset, plans.steps(start), cfg.data))
 
@@ -226,6 +245,8 @@ def _accumulate(model: DistillModel, batches: Iterator[dict], cfg: TrainConfig, 
         if batch["step"] != step:
             raise RuntimeError(f"data plan out of sync: got step {batch['step']}, training step {step}")
         totals.real_tokens += batch["real_tokens"]
+        totals.store_images = [a + b for a, b in zip(totals.store_images or [0] * len(batch["store_images"]),
+                                                     batch["store_images"])]
         terms, out = compute_terms(model, batch, cfg)
         torch.stack(list(terms.values())).sum().backward()
         for k, v in terms.items():
@@ -241,12 +262,13 @@ def _reduce(totals: StepTotals, world: int, device: torch.device) -> StepTotals:
     """
     names = list(totals.losses)
     values = torch.stack([totals.losses[k] for k in names])
-    tokens = torch.tensor(float(totals.real_tokens), dtype=torch.float64, device=device)
-    if world > 1:  # the token count as a device tensor: NCCL cannot reduce CPU tensors
+    counts = torch.tensor([float(totals.real_tokens), *map(float, totals.store_images)], dtype=torch.float64,
+                          device=device)
+    if world > 1:  # the counts as a device tensor: NCCL cannot reduce CPU tensors
         dist.all_reduce(values)
-        dist.all_reduce(tokens)
+        dist.all_reduce(counts)
     totals.losses = dict(zip(names, values.tolist()))
-    totals.real_tokens = int(tokens.item())
+    totals.real_tokens, *totals.store_images = [int(c) for c in counts.tolist()]
     return totals
 
 
@@ -294,6 +316,8 @@ def _record(step: int, lr: float, grad_norm: float, totals: StepTotals, seconds:
     return {"step": step, "loss": sum(totals.losses.values()), **{f"loss/{k}": v for k, v in totals.losses.items()},
             "lr": lr, "grad_norm": grad_norm, "tokens_per_s": totals.real_tokens / seconds,
             "data_wait": totals.data_wait / seconds, "step_time": seconds, "real_tokens": totals.real_tokens,
+            **({f"data/store{k}_images": n for k, n in enumerate(totals.store_images)}
+               if len(totals.store_images) > 1 else {}),
             **_routing_metrics(totals.aux)}
 
 

@@ -118,6 +118,6 @@ def _train_and_evaluate(out: Path, train_store: Path, eval_store: Path, steps: i
     run = out / "run"
     config = out / "train.toml"
     config.write_text(dump_toml(TrainConfig.model_validate(DEMO_TRAIN)))
-    train(store=str(train_store), out=run, config=config, model=None, steps=steps, set_=None)
+    train(store=[str(train_store)], out=run, config=config, model=None, steps=steps, init_from=None, set_=None)
     evaluate(run=run, store=str(eval_store), bank=None, tasks="knn", k=20, temperature=0.07, device="cpu")
     write_report(run, extra={"command": "pipeline demo", "train store": str(train_store), "eval store": str(eval_store)})
