@@ -3,7 +3,7 @@
 ``evaluate_run`` loads the run's latest checkpoint through ``train.model`` (never the training loop),
 extracts features from each store a task reads (once per store), runs the tasks and merges their
 entries into ``RUN/eval.json``: every task owns one top-level key (``knn`` today), next to
-``checkpoint_step`` and the student-teacher ``cosine`` on the evaluated store. Further tasks
+``checkpoint_step``, the student-teacher ``cosine`` and ``relational_error`` on the evaluated store. Further tasks
 (zero-shot, retrieval, dense probes, ensembling, CKA) are one function each in ``TASKS``.
 """
 
@@ -21,6 +21,7 @@ from storage.fingerprint import diff_but_policy
 from storage.store import FeatureStore, StoreError
 from train.config import TrainConfig
 from train.distributed import resolve_device
+from train.losses import relational_error
 from train.rundir import RunDir, read_run
 
 from .features import StoreFeatures, extract_features, load_trained
@@ -75,6 +76,19 @@ def knn_task(ctx: EvalContext, k: int = 20, temperature: float = 0.07) -> dict:
 TASKS: dict[str, Callable[..., dict]] = {"knn": knn_task}
 
 
+def relational_errors(feats: StoreFeatures, most: int = 4096, seed: int = 0) -> dict[str, float]:
+    """Per head: mean |d^S − d^T| of the mean-normalized pairwise distances between images (ARKD's view of
+    geometry, AMoE suppl. §7), over the store's images (a seeded sample of ``most`` when there are more)."""
+    n = len(feats.rows)
+    pick = np.sort(np.random.default_rng(seed).choice(n, most, replace=False)) if n > most else np.arange(n)
+    out = {}
+    for name, teacher in feats.features.items():
+        if name.startswith("teacher/") and f"student/{name[8:]}" in feats.features:
+            student = feats.features[f"student/{name[8:]}"]
+            out[name[8:]] = relational_error(torch.from_numpy(student[pick]), torch.from_numpy(teacher[pick]))
+    return out
+
+
 def check_teachers(record: dict, url: str) -> None:
     """Refuse a store whose teachers are not the ones the run was trained on (same name, other targets).
 
@@ -120,6 +134,7 @@ def evaluate_run(run: Path, store: str, tasks: list[str] | tuple[str, ...] = ("k
     for task in tasks:
         result[task] = TASKS[task](ctx, **(options or {}).get(task, {}))
     result["cosine"] = ctx.features(store).cosine
+    result["relational_error"] = relational_errors(ctx.features(store))
     path = RunDir(run).eval
     previous = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps({**previous, **result}, indent=1))

@@ -63,6 +63,10 @@ class ModelConfig(StrictConfig):
     qkv_bias: bool = True
     registers: int = Field(4, ge=0)
     rope_base: float = Field(100.0, gt=1)
+    rope_coords: Literal["normalized", "patches"] = Field(
+        "normalized", description="RoPE positions: normalized to [-1, 1] per image (AMoE suppl. §8, resolution-free) or "
+        "patches from the centre / (rope_ref_grid/2) (ablation: positions grow with the grid)")
+    rope_ref_grid: int = Field(16, gt=0, description="the grid side that spans [-1, 1] when rope_coords = patches")
     pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     moe: MoEConfig = MoEConfig()

@@ -169,3 +169,25 @@ def test_router_losses_are_summed_over_moe_layers(train_store):
     share = batch["layout"].num_images / batch["global_images"]
     assert len(per_layer) == 3
     assert float(terms["router"]) == pytest.approx(0.5 * sum(per_layer) * share, rel=1e-6)
+
+
+def test_rope_patch_coordinates_ablation_counts_patches_from_the_centre():
+    """``rope_coords = "patches"``: a token's position is its offset from the image centre in patches over
+    rope_ref_grid / 2 (a naive loop here), so the same patch offset gets the same angle at every size."""
+    from train.config import ModelConfig
+    from train.model.vit import Student
+    from train.packing import build_layout
+
+    layout = build_layout([[(2, 3), (4, 4)], [(1, 1)]], seq_len=40, registers=1)
+    student = Student(ModelConfig(preset="tiny", registers=1, rope_coords="patches", rope_ref_grid=8))
+    got = student.rope_coords(layout)
+    want = torch.zeros_like(layout.coords)
+    k = 0
+    for gh, gw in layout.grids.tolist():
+        for y in range(gh):
+            for x in range(gw):
+                want[layout.patch_pos[k]] = torch.tensor([(y + 0.5 - gh / 2) / 4, (x + 0.5 - gw / 2) / 4])
+                k += 1
+    torch.testing.assert_close(got, want)
+    normal = Student(ModelConfig(preset="tiny", registers=1))
+    assert torch.equal(normal.rope_coords(layout), layout.coords)

@@ -180,6 +180,7 @@ def test_eval_writes_knn_for_student_heads_and_teachers_and_report(train_store, 
     # the queries are the bank: no image votes for itself (tests/train/test_values.py checks the values)
     assert ev["knn"]["self_excluded"] is True
     assert {"dino/summary", "dino/patches", "dino/registers", "siglip/summary", "siglip/patches"} <= set(ev["cosine"])
+    assert set(ev["relational_error"]) == {"dino", "siglip"} and all(0 < v < 2 for v in ev["relational_error"].values())
     proc = subprocess.run([*PIPELINE, "report", str(run)], capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0 and (run / "loss.png").stat().st_size > 1000
     text = (run / "report.md").read_text()

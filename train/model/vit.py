@@ -77,6 +77,15 @@ class Student(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
+    def rope_coords(self, layout: PackedLayout) -> torch.Tensor:
+        """The layout's per-image normalized coordinates (AMoE suppl. §8), or, for the ablation
+        ``rope_coords = "patches"``, the same positions in patch units from the image centre divided by
+        ``rope_ref_grid / 2``: a grid larger than the reference then reaches angles never seen in training."""
+        if self.cfg.rope_coords == "normalized":
+            return layout.coords
+        scale = layout.grids.to(layout.coords.dtype)[layout.patch_image] / self.cfg.rope_ref_grid  # [T, 2]
+        return layout.coords.index_put((layout.patch_pos,), layout.coords[layout.patch_pos] * scale)
+
     def forward(self, pixels: torch.Tensor, layout: PackedLayout, attention: str = "auto") -> StudentOutput:
         """``pixels`` [T, 3·p·p] uint8 or float in [0, 1], patch rows in ``layout.patch_pos`` order."""
         S, L = layout.doc_ids.shape
@@ -88,7 +97,7 @@ class Student(nn.Module):
         seq = seq.index_copy(0, layout.cls_pos, self.cls_token.expand(B, D).to(seq.dtype))
         if R:
             seq = seq.index_copy(0, layout.reg_pos.reshape(-1), self.reg_tokens.repeat(B, 1).to(seq.dtype))
-        rope = self.rope(layout.coords.reshape(S, L, 2))
+        rope = self.rope(self.rope_coords(layout).reshape(S, L, 2))
         mask = document_mask(layout.doc_ids, attention)
         tokens = TokenGroups.from_doc_ids(layout.doc_ids)
         x, aux = seq.reshape(S, L, D), []
