@@ -9,9 +9,9 @@ from train.model import Student
 from train.moe import MoEMLP, upcycle_model
 
 
-def _counts(preset: str) -> tuple[int, int]:
+def _counts(preset: str | ModelConfig) -> tuple[int, int]:
     with torch.device("meta"):
-        model = Student(ModelConfig(preset=preset))
+        model = Student(ModelConfig(preset=preset) if isinstance(preset, str) else preset)
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     for m in model.modules():
@@ -21,15 +21,18 @@ def _counts(preset: str) -> tuple[int, int]:
     return total, total - inactive
 
 
-def test_amoe_parameter_counts_by_hand():
+def _amoe_by_hand() -> tuple[int, int]:
     d, heads, hd, depth, E, k, h = 768, 8, 128, 18, 28, 6, 384
     attn = d * 3 * heads * hd + 3 * heads * hd + 2 * hd + heads * hd * d + d  # qkv(+bias), qk RMSNorm, proj(+bias)
     norms = 2 * d  # two RMSNorms (weight only)
     router = d * E  # no bias
     expert = d * 2 * h + h * d  # gated: [gate | up] then down, no biases
     stem = (3 * 16 * 16) * d + d + d + 4 * d + d  # patch embed, CLS, 4 registers, final RMSNorm
-    total = stem + depth * (attn + norms + router + E * expert)
-    active = stem + depth * (attn + norms + router + k * expert)
+    return stem + depth * (attn + norms + router + E * expert), stem + depth * (attn + norms + router + k * expert)
+
+
+def test_amoe_parameter_counts_by_hand():
+    total, active = _amoe_by_hand()
     assert _counts("amoe") == (total, active)
     assert (round(total / 1e9, 2), round(active / 1e9, 2)) == (0.50, 0.15)
 
@@ -135,3 +138,41 @@ def test_tgr_presets_counted_by_hand():
         total = dense + 3 * (d * 8 + 8 * mlp - mlp)  # three dense MLPs become 8 experts and a router
         active = dense + 3 * (d * 8 + 2 * mlp - mlp)
         assert _counts(name) == (total, active), name
+
+
+def test_the_amoe_run_files_state_the_paper_runs_and_build_the_preset_student():
+    """configs/amoe: stage 1 then stage 2 from it, on stores of the same two teachers at 256 and 768 px."""
+    from pathlib import Path
+
+    import open_clip
+    import timm
+
+    from config import load_config
+    from stages.config import CacheConfig, CurateConfig
+    from stages.teachers.spec import parse_spec
+    from train.config import TrainConfig, with_stores
+
+    root = Path(__file__).parents[2] / "configs" / "amoe"
+    stage1, stage2 = (with_stores(load_config(TrainConfig, root / f"stage{k}.toml", {}), None) for k in (1, 2))
+    for cfg in (stage1, stage2):
+        assert _counts(cfg.model) == _amoe_by_hand()  # built on the meta device
+        assert cfg.loss.arkd == 1.0 and cfg.heads.share and cfg.data.max_images_per_seq == 16
+        assert (cfg.optim.schedule, cfg.optim.warmup_steps) == ("linear", 500)
+    assert stage1.run.steps == 50_000 and stage2.run.steps == 90_000
+    assert stage2.model.init_from == "runs/amoe-stage1" and stage1.model.init_from is None
+    assert [s.url for s in stage2.data.stores] == ["stores/hires-768", "stores/openlvd200m-256"]
+    assert stage1.data.stores[0].url == stage2.data.stores[1].url  # stage 2 mixes stage-1 data back in
+    assert stage1.data.seq_len >= 256 + 5 and stage2.data.seq_len >= 2304 + 5  # a full-size image fits
+    assert stage1.data.seqs_per_batch * (stage1.data.seq_len // (256 + 5)) == 24  # "a per-rank batch size of 24"
+    caches = {f.stem: load_config(CacheConfig, f, {}) for f in sorted(root.glob("cache-*.toml"))}
+    assert len(caches) == 4
+    for name, cache in caches.items():
+        spec = parse_spec(cache.teacher)
+        known = timm.list_models() if spec.library == "timm" else open_clip.list_models()
+        assert spec.model in known, name
+        assert cache.max_tokens == (256 if name.endswith("stage1") else 2304), name
+    for teacher in ("dinov3", "siglip2"):  # stage 2 may --init-from stage 1: only the image policy differs
+        a, b = (caches[f"cache-{teacher}-stage{k}"].model_dump() for k in (1, 2))
+        assert {k for k in a if a[k] != b[k]} == {"max_tokens"}
+    curate = load_config(CurateConfig, root / "curate.toml", {})
+    assert curate.levels == [20_000_000, 500_000, 50_000, 20_000] and curate.target == 200_000_000
