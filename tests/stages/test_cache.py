@@ -21,7 +21,6 @@ from stages.cache import FeatureOverflowError, check_range, run_cache
 from stages.teachers import build_teacher
 from storage import layout as L
 from storage.image_policy import ImagePolicy
-from storage.phis import PhisTransform
 from storage.store import FeatureStore, StoreError
 
 from cache_helpers import TINY_CNN, TINY_VIT, store_arrays, write_image_folder

@@ -19,7 +19,6 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from train.moe import MoEMLP, fine_grained_hidden  # noqa: E402
 from train.moe.ops import gather_rows, grouped_gemm, make_plan, scatter_combine  # noqa: E402
