@@ -101,7 +101,7 @@ def test_store_layout_and_features_equal_library(spec, image_folder, tmp_path, r
 def test_second_teacher_leaves_first_untouched_and_conflicts_are_refused(image_folder, tmp_path, ray_local):
     folder, _ = image_folder
     url = str(tmp_path / "store")
-    first = run_cache(str(folder), url, _cfg(TINY_VIT, name="vit"))
+    run_cache(str(folder), url, _cfg(TINY_VIT, name="vit"))
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "store" / "teachers" / "vit").rglob("*") if p.is_file()}
     second = run_cache(str(folder), url, _cfg(TINY_CNN, name="cnn"))
     assert second.ingest.skipped
