@@ -80,9 +80,17 @@ def distillation_terms(preds: dict[str, dict[str, torch.Tensor]], targets: dict[
 
 # ----------------------------------------------------------------------------- ARKD (AMoE Eq. 7)
 def _normalized_pdist(x: torch.Tensor) -> torch.Tensor:
-    """Pairwise distances ‖x_i − x_j‖₂ over i < j (``torch.pdist``'s order), divided by their mean."""
-    d = torch.pdist(x)
-    return d / d.mean().clamp_min(1e-12)
+    """Pairwise distances ‖x_i − x_j‖₂ over i < j (``torch.pdist``'s order), divided by their mean.
+
+    From the Gram matrix in float64: O(B²) memory forward and backward (``torch.pdist``'s CUDA backward
+    allocates B²·D floats: gigabytes for a global batch of hundreds of images), and float64 keeps
+    |x_i|² + |x_j|² − 2·x_i·x_j accurate for close pairs. A zero distance gets a zero gradient."""
+    x = x.double()
+    sq = (x * x).sum(-1)
+    i, j = torch.triu_indices(len(x), len(x), offset=1, device=x.device)
+    d2 = sq[i] + sq[j] - 2.0 * (x @ x.T)[i, j]
+    d = torch.sqrt(d2.clamp_min(1e-30))
+    return (d / d.mean().clamp_min(1e-12)).float()
 
 
 def arkd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -97,8 +105,8 @@ def arkd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         e_ij = max(0, d^T_ij − d^S_ij)   otherwise        (far: only push apart what the teacher holds apart)
         L_ARKD = mean_{i<j} smoothL1_β=1(e_ij)   (0.5·e² for e < 1, e − 0.5 otherwise)
 
-    Scale-free in both spaces, so PHI-S (a scaled rotation plus a shift) leaves it unchanged. The
-    teacher side carries no gradient. Fewer than two images: 0 (still connected to ``student``).
+    Scale-free in both spaces, so isotropic PHI-S (a scaled rotation plus a shift) leaves it unchanged
+    (a legacy PCA-whitened space would not). The teacher side carries no gradient. Fewer than two images: 0 (still connected to ``student``).
     """
     if student.shape != teacher.shape or student.ndim != 2:
         raise ValueError(f"arkd_loss needs [B, D] student and teacher of one shape, got {tuple(student.shape)} "

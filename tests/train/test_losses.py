@@ -191,3 +191,17 @@ def test_rope_patch_coordinates_ablation_counts_patches_from_the_centre():
     torch.testing.assert_close(got, want)
     normal = Student(ModelConfig(preset="tiny", registers=1))
     assert torch.equal(normal.rope_coords(layout), layout.coords)
+
+
+def test_a_loaded_feature_space_applies_its_loaded_statistics_and_identity_is_exact():
+    """A run started from another (or evaluated on a store without PHI-S files) normalizes with the
+    checkpoint's statistics, not with the identity its own store would give."""
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=(50, 8)) * 3 + 1, dtype=torch.float32)
+    xd = x.numpy().astype(np.float64)
+    phis = FeatureSpace(PhisTransform.from_moments(xd.mean(0), np.cov(xd, rowvar=False), len(xd)), 8)
+    plain = FeatureSpace(None, 8)
+    assert torch.equal(plain.normalize(x), x) and torch.equal(plain.denormalize(x), x)
+    plain.load_state_dict(phis.state_dict())
+    torch.testing.assert_close(plain.normalize(x), phis.normalize(x))
+    assert not torch.allclose(plain.normalize(x), x)

@@ -22,7 +22,11 @@ __all__ = ["FeatureSpace", "TeacherTargets", "load_teacher_targets"]
 
 
 class FeatureSpace(nn.Module):
-    """y = (x − μ)·Wᵀ into PHI-S space and x = y·Uᵀ + μ back; the identity without statistics."""
+    """y = (x − μ)·Wᵀ into PHI-S space and x = y·Uᵀ + μ back; the identity without statistics.
+
+    The buffers are always applied (identity buffers give x exactly): a checkpoint's spaces are what
+    a loaded model uses, even when the store it was rebuilt from has no statistics (a run started
+    ``--init-from`` a run with PHI-S, or evaluated on a store cached without them)."""
 
     def __init__(self, transform: PhisTransform | None, dim: int):
         super().__init__()
@@ -36,14 +40,10 @@ class FeatureSpace(nn.Module):
         self.register_buffer("unwhiten", torch.as_tensor(unwhiten, dtype=torch.float32))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.method == "identity":
-            return x.float()
         with torch.autocast(x.device.type, enabled=False):  # in float32 also inside a bf16 forward
             return (x.to(self.mean.dtype) - self.mean) @ self.whiten.T
 
     def denormalize(self, y: torch.Tensor) -> torch.Tensor:
-        if self.method == "identity":
-            return y.float()
         with torch.autocast(y.device.type, enabled=False):
             return y.to(self.mean.dtype) @ self.unwhiten.T + self.mean
 
