@@ -71,6 +71,8 @@ def _describe(error: ValidationError) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'")
+        elif err["type"] == "value_error" and isinstance(err.get("input"), Mapping):  # a check across fields
+            lines.append(str(err["msg"]).removeprefix("Value error, "))
         else:
             lines.append(f"bad value for '{key}': {err['msg']} (got {err.get('input')!r})")
     return "; ".join(lines)

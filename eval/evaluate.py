@@ -85,7 +85,8 @@ def relational_errors(feats: StoreFeatures, most: int = 4096, seed: int = 0) -> 
     for name, teacher in feats.features.items():
         if name.startswith("teacher/") and f"student/{name[8:]}" in feats.features:
             student = feats.features[f"student/{name[8:]}"]
-            out[name[8:]] = relational_error(torch.from_numpy(student[pick]), torch.from_numpy(teacher[pick]))
+            out[name[8:]] = (relational_error(torch.from_numpy(student[pick]), torch.from_numpy(teacher[pick]))
+                             if len(pick) >= 2 else None)  # no pair: nothing to compare (JSON has no NaN)
     return out
 
 

@@ -49,6 +49,10 @@ def extract_features(model, store_url: str, cfg: TrainConfig, teachers: list[str
     ds = StoreBatches(store_url, teachers, data_cfg, patch=cfg.model.patch_size, registers=cfg.model.registers,
                       seed=0, train=False)
     reader = ds.reader
+    longest = int((reader.grid[:, 0] * reader.grid[:, 1])[reader.ok].max(initial=0)) + 1 + cfg.model.registers
+    if longest > data_cfg.seq_len:  # a store cached larger than the run trained on (stage-2 size): longer sequences
+        data_cfg = data_cfg.model_copy(update={"seq_len": longest})
+        ds.cfg = data_cfg
     plans = list(ordered_plans(reader.ok, reader.grid, data_cfg, cfg.model.registers))
     ds.drop_reader()
     feats: dict[str, list[np.ndarray]] = {}

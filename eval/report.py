@@ -74,7 +74,7 @@ def write_report(run: Path, extra: dict | None = None) -> Path:
         if ev.get("relational_error"):
             lines += ["", "## Relational error on the evaluation store (mean |d^S − d^T| of mean-normalized pair "
                       "distances; 0 = the teacher's geometry)", "", "| head | relational error |", "|---|---|"]
-            lines += [f"| {k} | {v:.3f} |" for k, v in sorted(ev["relational_error"].items())]
+            lines += [f"| {k} | {'n/a' if v is None else f'{v:.3f}'} |" for k, v in sorted(ev["relational_error"].items())]
         lines.append("")
     path = run / "report.md"
     path.write_text("\n".join(lines))

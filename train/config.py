@@ -9,11 +9,12 @@ table, which ``tests/train/test_paper_defaults.py`` holds against these presets.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from config import StrictConfig
+from config import StrictConfig, load_config
 
 __all__ = ["DataConfig", "HeadConfig", "LossConfig", "ModelConfig", "MoEConfig", "OptimConfig", "PRESETS",
            "RunConfig", "StoreSource", "TrainConfig", "preset", "with_stores"]
@@ -274,9 +275,9 @@ class TrainConfig(StrictConfig):
     def _check(self) -> "TrainConfig":
         if self.model.init_from and self.model.moe.upcycle_from:
             raise ValueError("model.init_from and model.moe.upcycle_from both set: a run starts from one of them")
-        urls = [s.url for s in self.data.stores]
+        urls = [s.url if "://" in s.url else os.path.normpath(s.url) for s in self.data.stores]
         if len(set(urls)) != len(urls):
-            raise ValueError(f"data.stores names a store twice: {urls}")
+            raise ValueError(f"data.stores names a store twice: {[s.url for s in self.data.stores]}")
         self.model.moe_layer_ids()
         if self.model.moe.top_k > self.model.moe.experts:
             raise ValueError(f"model.moe.top_k ({self.model.moe.top_k}) exceeds model.moe.experts ({self.model.moe.experts})")
@@ -299,4 +300,4 @@ def with_stores(cfg: TrainConfig, urls: str | list[str] | None) -> TrainConfig:
                          "give one --store per [[data.stores]] entry (their weights are used)")
     stores = [{"url": u, "weight": given[k].weight if given else 1.0} for k, u in enumerate(urls)]
     data = {**cfg.data.model_dump(), "stores": stores}
-    return TrainConfig.model_validate({**cfg.model_dump(), "data": data})
+    return load_config(TrainConfig, None, {**cfg.model_dump(), "data": data})  # ConfigError: one line, the key

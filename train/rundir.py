@@ -147,7 +147,7 @@ def init_source(cfg: TrainConfig, teachers: list[str], fingerprints: dict[str, d
     from .checkpoint import latest_checkpoint  # checkpoint imports this module
 
     source = Path(cfg.model.init_from)
-    what = f"--init-from {source}"
+    what = f"--init-from / model.init_from {source}"
     try:
         src_cfg, src_record = read_run(source)
     except RunError as exc:
@@ -193,6 +193,11 @@ def prepare_run(run: Path, cfg: TrainConfig, *, write: bool = True) -> dict:
     stores = [FeatureStore.open(s.url) for s in cfg.data.stores]
     teachers = cfg.data.teachers or stores[0].teacher_names
     fingerprints = [run_fingerprint(store, teachers) for store in stores]
+    for field, table in (("loss.arkd", cfg.loss.arkd), ("loss.teacher_weights", cfg.loss.teacher_weights)):
+        unknown = sorted(set(table) - set(teachers)) if isinstance(table, dict) else []
+        if unknown:
+            raise RunError(f"{field} names teacher(s) {', '.join(unknown)} that the run does not distil "
+                           f"(teachers: {', '.join(teachers)})")
     full = teacher_fingerprints(stores[0], teachers)
     for store in stores[1:]:
         other = teacher_fingerprints(store, teachers)

@@ -39,8 +39,12 @@ def train(
         cfg = with_stores(cfg, store)
         rank, world = init_distributed()
         with run_lock(out) if rank == 0 else contextlib.nullcontext():  # one run per directory at a time
-            meta = prepare_run(out, cfg, write=rank == 0)
+            # rank 0 decides (fingerprints, where an --init-from run starts) and writes store.json; the
+            # other ranks then read that record, so every rank starts from the same checkpoint
+            meta = prepare_run(out, cfg) if rank == 0 else None
             barrier()
+            if rank != 0:
+                meta = prepare_run(out, cfg, write=False)
             result = _train(cfg, out, meta, rank)
     if rank == 0:
         resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""

@@ -130,13 +130,14 @@ def test_stage_two_starts_from_stage_one_weights_and_records_it(train_store, sta
     from train.rundir import read_run
     from train.trainer import batch_to_device, compute_terms
     from train.checkpoint import load_checkpoint
+    from train.losses import arkd_loss
     from storage.store import FeatureStore
 
     stage1 = tmp_path / "stage1"
     _train(stage1, "--store", train_store, "--steps", "3")
     stage2 = tmp_path / "stage2"
     _train(stage2, "--store", stage2_store, "--store", train_store, "--init-from", str(stage1), "--steps", "1",
-           "--set", "data.seq_len=160")
+           "--set", "data.seq_len=160", "--set", "loss.arkd=0.5")
     record = json.loads((stage2 / "store.json").read_text())
     assert record["init_from"]["run"] == str(stage1.resolve()) and record["init_from"]["step"] == 3
     # independent of the trainer's loading: the stage-1 checkpoint's loss on stage 2's first microbatch,
@@ -149,14 +150,21 @@ def test_stage_two_starts_from_stage_one_weights_and_records_it(train_store, sta
     torch.manual_seed(123)
     model = build_model(cfg, FeatureStore.open(stage2_store), ["dino"])
     load_checkpoint(latest_checkpoint(stage1 / "checkpoints"), model)
+    batch = batch_to_device(ds[plan], torch.device("cpu"))
     with torch.no_grad():
-        terms, _ = compute_terms(model.eval(), batch_to_device(ds[plan], torch.device("cpu")), cfg)
+        terms, _ = compute_terms(model.eval(), batch, cfg)
+        preds, _ = model(batch["pixels"], batch["layout"])  # ARKD from the model's own outputs, not the trainer's terms
+        target = model.spaces["dino"]["summary"].normalize(batch["targets"]["dino"]["summary"])
+        arkd = 0.5 * float(arkd_loss(preds["dino"]["summary"], target))
     first = _records(stage2)[0]
     assert first["loss"] == pytest.approx(float(sum(terms.values())), rel=1e-5)
+    assert arkd > 0 and first["loss/dino/arkd"] == pytest.approx(arkd, rel=1e-4)
     # stage 2 trains its own optimizer from the loaded weights: the PHI-S spaces stay stage 1's
     w1 = load_file(str(latest_checkpoint(stage1 / "checkpoints") / "model.safetensors"))
     w2 = load_file(str(latest_checkpoint(stage2 / "checkpoints") / "model.safetensors"))
     assert torch.equal(w1["spaces.dino.patches.whiten"], w2["spaces.dino.patches.whiten"])
+    own = build_model(cfg, FeatureStore.open(stage2_store), ["dino"]).state_dict()["spaces.dino.patches.whiten"]
+    assert not torch.allclose(own, w2["spaces.dino.patches.whiten"])  # the stage-2 store's own statistics differ
     assert not torch.equal(w1["student.patch_embed.weight"], w2["student.patch_embed.weight"])
 
 
@@ -176,6 +184,8 @@ def test_init_from_and_mixtures_refuse_other_teachers_or_students(train_store, s
         (["--store", stage2_store, "--init-from", str(tmp_path / "nowhere")], "not a run directory"),
         (["--store", stage2_store, "--store", str(other)], "teacher 'dino' is not the one of"),
         (["--store", stage2_store, "--init-from", str(stage1), "--set", "model.moe.upcycle_from=x"], "both set"),
+        (["--store", stage2_store, "--set", "loss.arkd.nope=1.0"], "loss.arkd names teacher(s) nope"),
+        (["--store", stage2_store, "--store", stage2_store + "/"], "names a store twice"),
     ]
     for k, (args, message) in enumerate(cases):
         proc = _train(tmp_path / f"refused{k}", *args, "--steps", "1", check=False)
@@ -183,3 +193,11 @@ def test_init_from_and_mixtures_refuse_other_teachers_or_students(train_store, s
         assert proc.returncode == 2 and message in text, (args, text)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not (tmp_path / f"refused{k}").exists()
+
+    # evaluation takes the same view: a teacher cached at another size is the same teacher, another is refused
+    from eval.evaluate import EvalError, evaluate_run
+
+    result = evaluate_run(stage1, stage2_store, ["knn"], bank=stage2_store, device="cpu")
+    assert result["knn"]["query_images"] > 0 and set(result["relational_error"]) == {"dino"}
+    with pytest.raises(EvalError, match="weights.sha256"):
+        evaluate_run(stage1, str(other), ["knn"], device="cpu")
