@@ -18,8 +18,8 @@ from ..console import console, errors, progress, user_errors
 def train(
     out: Annotated[Path, typer.Option("--out", help="run directory (created; an existing one is resumed)")],
     store: Annotated[Optional[list[str]], typer.Option(
-        "--store", help="feature store written by cache-teachers; repeat it to mix several (weights: "
-                        "[[data.stores]] in --config, else equal)")] = None,
+        "--store", help="feature store written by cache-teachers; repeat it to mix several (weights: the "
+                        "data.stores tables of --config, else equal)")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file with TrainConfig sections")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="student preset: tiny, demo, amoe-dense, amoe, m2ot-b")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="optimizer steps")] = None,
