@@ -80,7 +80,8 @@ class TeacherWorker:
     """
 
     def __init__(self, store_url: str, name: str, teacher_kwargs: dict, dtype: str, threads: int,
-                 batch: tuple[int, int | None], token_offsets: np.ndarray, pixel_offsets: np.ndarray):
+                 batch: tuple[int, int | None], token_offsets: np.ndarray, pixel_offsets: np.ndarray,
+                 layers: tuple[int, ...] = ()):
         import torch
 
         from .teachers import build_teacher
@@ -97,6 +98,11 @@ class TeacherWorker:
         self.shard_rows = int(self.group[L.PATCHES].shards[0])
         self.ok = self.store.image_array(L.OK)[:]
         self.commits = self.store.teacher_commits(name)
+        # what each unit still needs: the teacher's own arrays and each requested layer commit separately,
+        # so layers added to a complete teacher leave its other arrays untouched
+        self.main_done = self.commits.committed()
+        self.layer_logs = {k: self.store.layer_commits(name, k) for k in layers}
+        self.layer_done = {k: log.committed() for k, log in self.layer_logs.items()}
         overlap = self.teacher.device.type == "cuda"
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") if overlap else None
         self.pending: Future | None = None
@@ -110,15 +116,17 @@ class TeacherWorker:
         blobs = [blob[int(self.pixel_offsets[i]) - lo: int(self.pixel_offsets[i + 1]) - lo] for i in keys]
         return dict(zip(keys, self.decoder.map(ImagePolicy.decode, blobs)))
 
-    def _forward(self, images: dict[int, np.ndarray]) -> dict[int, tuple]:
-        """Per image: (summary [D], patches [gh*gw, D], registers [R, D] or None), float32."""
+    def _forward(self, images: dict[int, np.ndarray], layers: list[int]) -> dict[int, tuple]:
+        """Per image: (summary [D], patches [gh*gw, D], registers [R, D] or None, {k: [gh*gw, Dk]}), float32."""
         results = {}
-        for keys, out in self.teacher.forward_images(images, self.batch_size, self.batch_tokens):
+        for keys, out in self.teacher.forward_images(images, self.batch_size, self.batch_tokens, layers):
             summary = out.summary.float().numpy()
             patches = out.patches.float().reshape(len(keys), -1, out.patches.shape[-1]).numpy()
             registers = None if out.registers is None else out.registers.float().numpy()
+            maps = {k: v.float().reshape(len(keys), -1, v.shape[-1]).numpy() for k, v in out.layers.items()}
             for j, i in enumerate(keys):
-                results[i] = (summary[j], patches[j], None if registers is None else registers[j])
+                results[i] = (summary[j], patches[j], None if registers is None else registers[j],
+                              {k: v[j] for k, v in maps.items()})
         return results
 
     def run_unit(self, unit: int) -> dict:
@@ -126,20 +134,53 @@ class TeacherWorker:
         i0, i1 = self.plan.image_range(unit)
         r0, r1 = self.plan.owned_rows(unit, self.tokens, self.shard_rows)
         w0, w1 = self.plan.work_range(unit, [self.tokens], [self.shard_rows])
+        main = unit not in self.main_done
+        layers = [k for k, done in self.layer_done.items() if unit not in done]
         images = self._decode(w0, w1)
         t1 = time.perf_counter()
-        results = self._forward(images)
+        results = self._forward(images, layers)
         t2 = time.perf_counter()
         self._wait_for_write()  # at most one unit in flight: bounded memory
         if self.writer is None:
-            self._write(unit, i0, i1, r0, r1, results)
+            self._write(unit, i0, i1, r0, r1, results, main, layers)
         else:
-            self.pending = self.writer.submit(self._write, unit, i0, i1, r0, r1, results)
+            self.pending = self.writer.submit(self._write, unit, i0, i1, r0, r1, results, main, layers)
         return {"unit": unit, "images": sum(1 for i in results if i0 <= i < i1), "tokens": r1 - r0,
                 "decode_s": t1 - t0, "forward_s": t2 - t1, "write_s": time.perf_counter() - t2,
                 "images_forward": len(results)}
 
-    def _write(self, unit: int, i0: int, i1: int, r0: int, r1: int, results: dict) -> None:
+    def _write(self, unit: int, i0: int, i1: int, r0: int, r1: int, results: dict, main: bool = True,
+               layers: list[int] = ()) -> None:
+        """The unit's rows of what it still needs (the teacher's arrays, layers), then their commit markers:
+        each layer's, then the teacher's."""
+        g = self.group
+        for k in layers:
+            array = g[L.layer_path(k)]
+            self.store.clear_rows(array, r0, r1)
+            if r1 > r0:
+                array[r0:r1] = check_range(self._rows(results, r0, r1, lambda res: res[3][k]), self.dtype, self.name,
+                                           L.layer_path(k))
+        if main:
+            self._write_main(unit, i0, i1, r0, r1, results)
+        info = {"images": [i0, i1], "rows": [r0, r1], "host": platform.node()}
+        for k in layers:
+            self.layer_logs[k].commit(unit, info)
+        if main:
+            self.commits.commit(unit, info)
+
+    def _rows(self, results: dict, r0: int, r1: int, pick: Callable[[tuple], np.ndarray]) -> np.ndarray:
+        """Flat token rows ``r0:r1`` gathered from the per-image arrays ``pick(results[image])``."""
+        j = int(np.searchsorted(self.tokens, r0, "right")) - 1
+        rows, cursor = [], r0
+        while cursor < r1:
+            start, stop = int(self.tokens[j]), int(self.tokens[j + 1])
+            if stop > start:
+                rows.append(pick(results[j])[cursor - start: min(stop, r1) - start])
+                cursor = min(stop, r1)
+            j += 1
+        return np.concatenate(rows)
+
+    def _write_main(self, unit: int, i0: int, i1: int, r0: int, r1: int, results: dict) -> None:
         g, n = self.group, i1 - i0
         end = i1 + 1 if unit == self.plan.num_units - 1 else i1
         for name, (a, b) in {L.SUMMARY: (i0, i1), L.REGISTERS: (i0, i1), L.OFFSETS: (i0, end), L.PATCHES: (r0, r1)}.items():
@@ -157,17 +198,8 @@ class TeacherWorker:
             g[L.REGISTERS][i0:i1] = check_range(registers, self.dtype, self.name, L.REGISTERS)
         g[L.OFFSETS][i0:end] = self.tokens[i0:end]
         if r1 > r0:
-            j0 = int(np.searchsorted(self.tokens, r0, "right")) - 1
-            rows, cursor, j = [], r0, j0
-            while cursor < r1:
-                start, stop = int(self.tokens[j]), int(self.tokens[j + 1])
-                if stop > start:
-                    patch = results[j][1]
-                    rows.append(patch[cursor - start : min(stop, r1) - start])
-                    cursor = min(stop, r1)
-                j += 1
-            g[L.PATCHES][r0:r1] = check_range(np.concatenate(rows), self.dtype, self.name, L.PATCHES)
-        self.commits.commit(unit, {"images": [i0, i1], "rows": [r0, r1], "host": platform.node()})
+            g[L.PATCHES][r0:r1] = check_range(self._rows(results, r0, r1, lambda res: res[1]), self.dtype, self.name,
+                                              L.PATCHES)
 
     def _wait_for_write(self) -> None:
         if self.pending is not None:
@@ -209,7 +241,7 @@ def run_cache(
     fingerprint = {**teacher.fingerprint(), "image_policy": policy.to_dict(), "student_patch_size": cfg.patch_size,
                    "dtype": cfg.dtype, "compute_dtype": placement.compute_dtype}
     spec = TeacherGroupSpec(name, teacher.summary_dim, teacher.embed_dim, teacher.num_registers, cfg.dtype, fingerprint)
-    extras = _TeacherExtras.of(teacher, cfg)
+    extras = _TeacherExtras.of(teacher, cfg)  # also refuses --layers the teacher does not have, before any work
     del teacher  # the actors build their own replicas
     build_s = time.perf_counter() - t
     store = FeatureStore.open_or_create(store_url, policy, created_by=_created_by())
@@ -228,6 +260,8 @@ class _TeacherExtras:
     heads_config: dict
     resampled: bool
     text: tuple[list[str], np.ndarray] | None
+    layer_dims: dict[int, int] = field(default_factory=dict)  # requested layers/<k> and their widths
+    layer_rule: str = ""
 
     @classmethod
     def of(cls, teacher, cfg: CacheConfig) -> "_TeacherExtras":
@@ -239,7 +273,9 @@ class _TeacherExtras:
             with torch.inference_mode():
                 text = (prompts, teacher.encode_text(prompts).float().numpy())
         heads = {k: v.detach().cpu().float().numpy() for k, v in teacher.heads().items()}
-        return cls(heads, teacher.heads_config(), bool(teacher.resampled), text)
+        dims = teacher.layer_dims(cfg.layers) if cfg.layers else {}
+        return cls(heads, teacher.heads_config(), bool(teacher.resampled), text, dims,
+                   teacher.layer_rule() if dims else "")
 
 
 def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, spec: TeacherGroupSpec,
@@ -274,13 +310,19 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, s
                                  heads=(extras.heads, extras.heads_config))
         if extras.text is not None:
             store.write_text(name, cfg.text_set, extras.text[1], extras.text[0])
+        was_complete = resumed and bool(store.teacher_attrs(name).get("complete"))
+        if extras.layer_dims:
+            store.create_layers(name, extras.layer_dims, extras.layer_rule)
 
         plan: ShardPlan = store.plan()
-        job = UnitJob(f"teacher {name}", plan.num_units, store.teacher_commits(name).committed(), progress)
+        done = store.teacher_commits(name).committed()  # a unit is done when it and each requested layer are
+        for k in extras.layer_dims:
+            done &= store.layer_commits(name, k).committed()
+        job = UnitJob(f"teacher {name}", plan.num_units, done, progress)
         report = CacheReport(store.url, name, ingest, plan.num_units, plan.num_units - len(job.todo), resumed=resumed,
                              placement=placement.describe())
         init = (store.url, name, {**cfg.teacher_kwargs(), **placement.teacher_kwargs()}, cfg.dtype, threads,
-                (cfg.batch_size, cfg.batch_tokens), ray.put(tokens), ray.put(pixel_offsets))
+                (cfg.batch_size, cfg.batch_tokens), ray.put(tokens), ray.put(pixel_offsets), tuple(extras.layer_dims))
         for result in job.run_actors(TeacherWorker, init, workers=placement.workers, num_cpus=threads,
                                      num_gpus=placement.gpus_per_worker):
             report.images_computed += result["images"]
@@ -290,7 +332,10 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, s
                 seconds[key] = seconds.get(key, 0.0) + result[key]
         seconds["teacher"] = time.perf_counter() - t
 
-    if cfg.phis:
+    if extras.layer_dims:
+        store.complete_layers(name, list(extras.layer_dims))
+    phis_done = was_complete and all(store.exists(f"{L.TEACHERS}/{name}/{L.PHIS}/{f}.npz") for f in L.PHIS_FEATURES)
+    if cfg.phis and not phis_done:  # a complete teacher that only gained layers keeps its statistics
         t = time.perf_counter()
         group = store.teacher_group(name)
         ok = store.image_array(L.OK)[:]

@@ -48,6 +48,9 @@ class CacheConfig(_ModelSource):
     image_format: Literal["png", "jpeg", "webp"] = "png"
     image_quality: int = Field(95, ge=1, le=100)
     labels: str | None = Field(None, description="CSV with columns path,label: stored as the labels array")
+    layers: list[int] = Field(default_factory=list, description="teacher blocks k (1-based; a CNN's feature stages) "
+                              "whose tokens are also cached as layers/<k> (routing supervision, CKA); adding layers "
+                              "to a cached teacher computes only them")
     text_prompts: str | None = Field(None, description="text file, one prompt per line, encoded into text/<text_set>")
     text_set: str = "prompts"
     # job layout

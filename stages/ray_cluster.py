@@ -33,7 +33,8 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iter
 
         # the GPUs torch sees, so that placement (stages.placement.cluster_gpus) and Ray agree
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=gpus, **kwargs)
+        # an embedded cluster serves this machine only: its servers listen on loopback, not on every interface
+        ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=gpus, _node_ip_address="127.0.0.1", **kwargs)
     try:
         yield
     finally:

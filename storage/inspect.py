@@ -86,6 +86,10 @@ def describe_store(url: str) -> dict:
             "compression_ratio": logical / on_disk if on_disk else None,
             "heads": sorted(k for k, _ in g[L.HEADS].arrays()) if L.HEADS in g else [],
             "text": sorted(k for k, _ in g[L.TEXT].arrays()) if L.TEXT in g else [],
+            "layers": {str(k): {"dim": int((ta.get("layer_dims") or {}).get(str(k), 0)),
+                                "complete": int(k) in ta.get("layers", []),
+                                "units_committed": len(store.layer_commits(name, int(k)).committed())}
+                       for k in sorted((ta.get("layer_dims") or {}), key=int)},
             "phis": {f: _phis_facts(store, name, f) for f in L.PHIS_FEATURES},
         }
     out["teachers"] = teachers

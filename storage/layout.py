@@ -23,7 +23,12 @@ SUMMARY = "summary"  # [N, D]
 PATCHES = "patches"  # [T, D]
 OFFSETS = "offsets"  # [N+1] int64
 REGISTERS = "registers"  # [N, R, D]
-LAYERS = "layers"  # layers/<k> [T, Dk]
+LAYERS = "layers"  # layers/<k> [T, Dk]: block k (1-based) of the teacher, rows aligned with patches
+
+
+def layer_path(k: int) -> str:
+    """``layers/<k>``: the array of block ``k``'s tokens inside a teacher group."""
+    return f"{LAYERS}/{int(k)}"
 HEADS = "heads"  # heads/<param> frozen teacher parts (e.g. SigLIP2 attention pool)
 PHIS = "phis"  # phis/<feature>.npz
 TEXT = "text"  # text/<set> [P, D_text]

@@ -10,7 +10,7 @@ rows, and pointing at ``pipeline inspect --verify``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,6 +30,7 @@ class ImageTargets:
     patches: dict[str, np.ndarray]  # teacher -> [gh*gw, D]
     registers: dict[str, np.ndarray]  # teacher -> [R, D] where present
     label: int = -1
+    layers: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # teacher -> {k: [gh*gw, Dk]} asked for
 
     @property
     def nbytes(self) -> int:
@@ -38,7 +39,9 @@ class ImageTargets:
 
 
 class StoreReader:
-    def __init__(self, url: str, teachers: list[str] | None = None):
+    """``layers`` names the cached teacher layers to read with each image (``{teacher: [k, ...]}``)."""
+
+    def __init__(self, url: str, teachers: list[str] | None = None, layers: dict[str, list[int]] | None = None):
         self.store = FeatureStore.open(url)
         if not self.store.images_complete:
             raise StoreError(f"{url}: images are not complete (an interrupted cache-teachers?)")
@@ -59,6 +62,15 @@ class StoreReader:
         for name in self.teachers:
             g = self.store.teacher_group(name)
             self.arrays[name] = {k: g[k] for k in (L.SUMMARY, L.PATCHES, L.REGISTERS) if k in g}
+        self.layers: dict[str, dict[int, object]] = {}
+        for name, ks in (layers or {}).items():
+            complete = set(self.store.teacher_attrs(name).get("layers", [])) if name in self.arrays else set()
+            missing = [k for k in ks if k not in complete]
+            if missing:
+                raise StoreError(f"{url}: teacher '{name}' has no complete layers {missing} (complete: "
+                                 f"{sorted(complete) or 'none'}); cache them with `pipeline cache-teachers ... --name "
+                                 f"{name} --layers {','.join(map(str, missing))}`")
+            self.layers[name] = {k: self.store.teacher_group(name)[L.layer_path(k)] for k in ks}
 
     def _whole(self, name: str, array) -> np.ndarray:
         return self.select(name, array, slice(None), np.arange(array.shape[0]) if array.shape[0] else np.zeros(0, int))
@@ -149,6 +161,9 @@ def read_batch(reader: StoreReader, indices) -> list[ImageTargets]:
         regs = (reader.select(f"{name}/{L.REGISTERS}", arrays[L.REGISTERS], (sidx, slice(None), slice(None)), sidx)
                 if L.REGISTERS in arrays else None)
         per_teacher[name] = (summary, patches, regs)
+    per_layer = {name: {k: np.split(reader.select(f"{name}/{L.layer_path(k)}", array, (rows, slice(None)), rows), tok_split)
+                        for k, array in arrays.items()}
+                 for name, arrays in reader.layers.items()}
     out: list[ImageTargets | None] = [None] * len(idx)
     for k, pos in enumerate(order):
         i = int(sidx[k])
@@ -159,6 +174,7 @@ def read_batch(reader: StoreReader, indices) -> list[ImageTargets]:
             summary={n: v[0][k] for n, v in per_teacher.items()},
             patches={n: v[1][k] for n, v in per_teacher.items()},
             registers={n: v[2][k] for n, v in per_teacher.items() if v[2] is not None},
+            layers={n: {layer: maps[k] for layer, maps in per.items()} for n, per in per_layer.items()},
             label=int(reader.labels[i]) if reader.labels is not None else -1,
         )
     return out

@@ -110,6 +110,11 @@ class FeatureStore:
         """Commit markers of one teacher's units (``teachers/<name>/_commits``)."""
         return CommitLog(self.url, f"{L.TEACHERS}/{name}/{L.COMMITS}")
 
+    def layer_commits(self, name: str, k: int) -> CommitLog:
+        """Commit markers of one cached teacher layer's units (``teachers/<name>/_commits/layers/<k>``):
+        a layer added to a complete teacher is written and resumed on its own, without touching the rest."""
+        return CommitLog(self.url, f"{L.TEACHERS}/{name}/{L.COMMITS}/{L.layer_path(k)}")
+
     def lock(self, what: str) -> WriterLock:
         """The writer lock of ``"images"`` or ``"teacher-<name>"`` (``_locks/<what>.lock``)."""
         label = "the images" if what == "images" else f"teacher '{what.removeprefix('teacher-')}'"
@@ -328,6 +333,30 @@ class FeatureStore:
         g.attrs.update({"created": True})
         self.repair_teacher_index()
         return g
+
+    def create_layers(self, name: str, dims: dict[int, int], rule: str) -> None:
+        """Create the arrays ``layers/<k>`` [T, Dk] missing for ``dims`` with the chunks and shards of ``patches``
+        (so a unit owns the same rows of each); ``layer_dims`` records every width and ``layer_rule`` what
+        they hold. ``layers`` (the complete ones) is only extended by ``complete_layers``."""
+        g = self.teacher_group(name)
+        patches = g[L.PATCHES]
+        dtype = str(patches.dtype)
+        group = g.require_group(L.LAYERS)
+        for k, dim in dims.items():
+            if str(k) in group:
+                if group[str(k)].shape[1] != dim:
+                    raise StoreError(f"{self.url}: teachers/{name}/{L.layer_path(k)} has width {group[str(k)].shape[1]}, "
+                                     f"the teacher gives {dim}")
+                continue
+            create_array(group, str(k), shape=(patches.shape[0], dim), dtype=dtype,
+                         chunks=(patches.chunks[0], dim), shards=(patches.shards[0], dim),
+                         compressor=feature_compressor(dtype), fill_value=0)
+        known = {str(k): int(v) for k, v in (g.attrs.get("layer_dims") or {}).items()}
+        g.attrs.update({"layer_dims": {**known, **{str(k): int(v) for k, v in dims.items()}}, "layer_rule": rule})
+
+    def complete_layers(self, name: str, layers: list[int]) -> None:
+        g = self.teacher_group(name)
+        g.attrs.update({"layers": sorted(set(int(k) for k in g.attrs.get("layers", [])) | set(layers))})
 
     def write_heads(self, name: str, tensors: dict[str, np.ndarray], config: dict) -> None:
         g = self.teacher_group(name).require_group(L.HEADS)

@@ -25,6 +25,9 @@ def cache_teachers(
     min_tokens: Annotated[Optional[int], typer.Option("--min-tokens", help="fewest student tokens per image")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="most student tokens per image")] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV path,label stored as the labels array")] = None,
+    layers: Annotated[Optional[str], typer.Option(
+        "--layers", help="also cache these teacher blocks (1-based, comma-separated, e.g. 8,10,12) as layers/<k>; "
+                         "on a cached teacher only they are computed")] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="join this Ray cluster")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="teacher actors (default: one per GPU share on CUDA, 1 on CPU)")] = None,
     device: Device = None,
@@ -42,6 +45,11 @@ def cache_teachers(
         "ray_address": ray_address, "workers": workers, **accelerator_flags(device, compute_dtype, gpus_per_worker),
     }
     with user_errors(store):
+        if layers is not None:
+            try:
+                given["layers"] = [int(k) for k in layers.split(",") if k.strip()]
+            except ValueError:
+                raise ValueError(f"--layers {layers!r}: give block numbers separated by commas, e.g. 8,10,12") from None
         cfg = load_cli_config(CacheConfig, config, given, set_)
         with progress() as bar:
             report = run_cache(images, store, cfg, on_progress=phase_reporter(bar))

@@ -61,6 +61,11 @@ def inspect_store(
             _mb(t["bytes_per_image"]), f"{t['bytes_per_token']:.0f} B", ratio, _mb(t["phis_bytes"]), phis,
         )
     console.print(table)
+    for name, t in facts["teachers"].items():
+        layers = [f"{k} ({v['dim']}-d" + (")" if v["complete"] else f", {v['units_committed']} units, incomplete)")
+                  for k, v in t.get("layers", {}).items()]
+        if layers:
+            console.print(f"{name}: layers {', '.join(layers)}")
 
 
 def _verify(store: str) -> None:

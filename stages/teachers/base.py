@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -19,6 +19,7 @@ __all__ = [
     "TeacherOutput",
     "attention_pool_config",
     "check_pixels",
+    "forward_with_layers",
     "freeze",
     "library_versions",
     "resize_pixels",
@@ -39,6 +40,7 @@ class TeacherOutput:
     summary: torch.Tensor  # [B, Ds] float32: CLS / pooled pre-logits / attention-pool output
     patches: torch.Tensor  # [B, gh, gw, D] float32 on the student grid
     registers: torch.Tensor | None  # [B, R, D] float32 where the model has register tokens
+    layers: dict[int, torch.Tensor] = field(default_factory=dict)  # k -> [B, gh, gw, Dk]: block k's tokens
 
 
 class Teacher(ABC):
@@ -70,8 +72,27 @@ class Teacher(ABC):
                               enabled=self.compute_dtype != "float32")
 
     @abstractmethod
-    def forward(self, pixels: torch.Tensor, grid: tuple[int, int]) -> TeacherOutput:
-        """pixels: uint8 [B, 3, H, W] RGB with H = gh·P, W = gw·P; the adapter applies its own input rule."""
+    def forward(self, pixels: torch.Tensor, grid: tuple[int, int], layers: Sequence[int] = ()) -> TeacherOutput:
+        """pixels: uint8 [B, 3, H, W] RGB with H = gh·P, W = gw·P; the adapter applies its own input rule.
+
+        ``layers``: blocks k (counted from 1, as the papers do: 12 = the last block of a 12-block ViT) whose
+        output tokens come back on the student grid in ``TeacherOutput.layers``, from the same forward."""
+
+    def layer_dims(self, layers: Sequence[int]) -> dict[int, int]:
+        """Width of each requested layer (sorted); refuses a layer the model does not have."""
+        depth, widths = self.layer_widths()
+        bad = [k for k in layers if not 1 <= int(k) <= depth]
+        if bad:
+            raise ValueError(f"teacher {self.spec} has layers 1..{depth} (blocks, counted from 1); got {bad}")
+        return {int(k): widths[int(k) - 1] for k in sorted(set(layers))}
+
+    def layer_widths(self) -> tuple[int, list[int]]:
+        """(number of cacheable layers, width of each): blocks of a ViT, feature stages of a CNN."""
+        raise ValueError(f"teacher {self.spec} does not expose intermediate layers")
+
+    def layer_rule(self) -> str:
+        """What ``layers/<k>`` holds, written next to the arrays (the fingerprint of the other arrays is unchanged)."""
+        return "output tokens of block k (1-based), before the final norm, on the student grid"
 
     @abstractmethod
     def fingerprint(self) -> dict:
@@ -99,21 +120,33 @@ class Teacher(ABC):
             h, w = pixels.shape[-2:]
             yield keys, pixels, (h // p, w // p)
 
-    def forward_images(self, images: Mapping[int, np.ndarray], batch_size: int, max_tokens: int | None = None
-                       ) -> Iterator[tuple[list[int], TeacherOutput]]:
+    def forward_images(self, images: Mapping[int, np.ndarray], batch_size: int, max_tokens: int | None = None,
+                       layers: Sequence[int] = ()) -> Iterator[tuple[list[int], TeacherOutput]]:
         """The teacher over policy-sized images, batch by batch, without autograd: ``(keys, output)`` per batch.
 
         The one batching loop of cache-teachers and embedding (their benchmark times the same ``batches``).
         """
         for keys, pixels, grid in self.batches(images, batch_size, max_tokens):
             with torch.inference_mode():
-                out = self.forward(pixels, grid)
+                out = self.forward(pixels, grid, layers) if layers else self.forward(pixels, grid)
             yield keys, out
 
     @staticmethod
-    def _output(summary, patches, registers) -> TeacherOutput:
+    def _output(summary, patches, registers, layers: dict[int, torch.Tensor] | None = None) -> TeacherOutput:
         cpu = lambda t: None if t is None else t.detach().to("cpu", torch.float32).contiguous()  # noqa: E731
-        return TeacherOutput(cpu(summary), cpu(patches), cpu(registers))
+        return TeacherOutput(cpu(summary), cpu(patches), cpu(registers), {k: cpu(v) for k, v in (layers or {}).items()})
+
+
+def forward_with_layers(module: torch.nn.Module, x: torch.Tensor, layers: Sequence[int]
+                        ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """``module.forward_features(x)`` and, from the same pass, the maps ``[B, D, h, w]`` of blocks (or
+    feature stages) ``layers`` (1-based) through timm's ``forward_intermediates`` (un-normed, prefix tokens
+    dropped); without layers only ``forward_features``."""
+    if not layers:
+        return module.forward_features(x), {}
+    order = sorted(set(int(k) for k in layers))
+    final, maps = module.forward_intermediates(x, indices=[k - 1 for k in order], norm=False, output_fmt="NCHW")
+    return final, dict(zip(order, maps))
 
 
 def size_batches(shapes: Mapping[int, tuple], batch_size: int, max_tokens: int | None = None,

@@ -21,10 +21,12 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
-from .base import (RESAMPLE_RULE, RESIZE_RULE, Teacher, TeacherOutput, attention_pool_config, check_pixels, freeze,
+from .base import (RESAMPLE_RULE, RESIZE_RULE, Teacher, TeacherOutput, attention_pool_config, check_pixels,
+                   forward_with_layers, freeze,
                    library_versions, resize_pixels, seeded, to_student_grid)
 from .spec import ModelSpec
 from .weights import file_sha256, load_state_dict, load_strict
@@ -168,17 +170,22 @@ class OpenClipTeacher(Teacher):
                 raise ValueError(f"open_clip:{self.name}: unsupported image head layer {name!r}")
         return int(dim)
 
+    def layer_widths(self) -> tuple[int, list[int]]:
+        """The blocks of the timm trunk (all of its width)."""
+        return len(self.trunk.blocks), [self.embed_dim] * len(self.trunk.blocks)
+
     @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor, grid: tuple[int, int]) -> TeacherOutput:
+    def forward(self, pixels: torch.Tensor, grid: tuple[int, int], layers: Sequence[int] = ()) -> TeacherOutput:
         check_pixels(pixels, grid, self.patch_size)
         x = resize_pixels(pixels.to(self.device), self.image_size, self.mean, self.std)
         with self.autocast():
-            feats = self.trunk.forward_features(x)  # [B, prefix + h·w, D], after the trunk's final norm
+            feats, maps = forward_with_layers(self.trunk, x, layers)  # [B, prefix + h·w, D], after the final norm
             # = encode_image(x, normalize=False), without running the trunk twice
             summary = self.model.visual.head(self.trunk.forward_head(feats))
         tokens = feats.float()[:, self.prefix:].reshape(len(x), *self.native_grid, -1)
         patches, _ = to_student_grid(tokens, grid)
-        return self._output(summary, patches, None)
+        layer_tokens = {k: to_student_grid(m.float().permute(0, 2, 3, 1), grid)[0] for k, m in maps.items()}
+        return self._output(summary, patches, None, layer_tokens)
 
     def heads(self) -> dict[str, torch.Tensor]:
         out = {}

@@ -9,11 +9,12 @@ map is resampled onto the student grid (``resampled=True``, written into the fin
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
-from .base import (RESAMPLE_RULE, RESIZE_RULE, Teacher, TeacherOutput, check_pixels, freeze, library_versions,
-                   resize_pixels, seeded, to_student_grid)
+from .base import (RESAMPLE_RULE, RESIZE_RULE, Teacher, TeacherOutput, check_pixels, forward_with_layers, freeze,
+                   library_versions, resize_pixels, seeded, to_student_grid)
 from .spec import ModelSpec
 from .weights import (file_sha256, is_lite_package_state, load_state_dict, load_strict, map_by_order,
                       packaged_lite_weights)
@@ -111,13 +112,25 @@ class TimmTeacher(Teacher):
     def input_size(self, grid: tuple[int, int]) -> tuple[int, int]:
         return self.fixed_size or (grid[0] * self.stride, grid[1] * self.stride)
 
+    def layer_widths(self) -> tuple[int, list[int]]:
+        """A ViT's blocks (all of its width) or a CNN's feature stages (their channel counts)."""
+        if self.is_vit:
+            return len(self.model.blocks), [self.embed_dim] * len(self.model.blocks)
+        return len(self.model.feature_info), [int(f["num_chs"]) for f in self.model.feature_info]
+
+    def layer_rule(self) -> str:
+        if self.is_vit:
+            return super().layer_rule()
+        return ("output of feature stage k (1-based, timm feature_info order) on the student grid by "
+                f"{RESAMPLE_RULE} (a stage of reduction r is (native stride / r) x the grid)")
+
     @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor, grid: tuple[int, int]) -> TeacherOutput:
+    def forward(self, pixels: torch.Tensor, grid: tuple[int, int], layers: Sequence[int] = ()) -> TeacherOutput:
         check_pixels(pixels, grid, self.patch_size)
         size = self.input_size(grid)
         x = resize_pixels(pixels.to(self.device), size, self.mean, self.std)
         with self.autocast():
-            feats = self.model.forward_features(x)
+            feats, maps = forward_with_layers(self.model, x, layers)
             # DINOv3 in timm pools 'avg'; its global embedding is the CLS token, as for token-pool ViTs
             cls_token = self.is_vit and self.has_cls
             summary = feats[:, 0] if cls_token else self.model.forward_head(feats, pre_logits=True)
@@ -133,7 +146,8 @@ class TimmTeacher(Teacher):
         if tuple(tokens.shape[1:3]) != native:
             raise RuntimeError(f"timm:{self.name} gave a {tuple(tokens.shape[1:3])} map for input {size}, expected {native}")
         patches, _ = to_student_grid(tokens, grid)
-        return self._output(summary, patches, registers)
+        layer_tokens = {k: to_student_grid(m.float().permute(0, 2, 3, 1), grid)[0] for k, m in maps.items()}
+        return self._output(summary, patches, registers, layer_tokens)
 
     def fingerprint(self) -> dict:
         return {

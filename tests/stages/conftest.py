@@ -23,6 +23,7 @@ def ray_local():
 
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()

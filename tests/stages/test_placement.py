@@ -79,7 +79,8 @@ def test_replicas_ask_ray_for_gpus_and_fractions_share_one(tmp_path):
                 return {"unit": unit, "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                         "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
-        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1")
         gpus, cpus, where = cluster_resources(None)
         p = resolve_placement("auto", None, 0.5, None, gpus, where)
         check_fits(p, 1, cpus, where)

@@ -178,21 +178,28 @@ def test_init_from_and_mixtures_refuse_other_teachers_or_students(train_store, s
     fp["weights"] = {**fp["weights"], "sha256": "0" * 64}
     g.attrs["fingerprint"] = fp
     g.attrs["fingerprint_digest"] = "f" * 64
-    cases = [
-        (["--store", str(other), "--init-from", str(stage1)], "teacher 'dino' is not the same teacher"),
-        (["--store", stage2_store, "--init-from", str(stage1), "--set", "model.depth=3"], "model.depth"),
-        (["--store", stage2_store, "--init-from", str(tmp_path / "nowhere")], "not a run directory"),
-        (["--store", stage2_store, "--store", str(other)], "teacher 'dino' is not the one of"),
-        (["--store", stage2_store, "--init-from", str(stage1), "--set", "model.moe.upcycle_from=x"], "both set"),
-        (["--store", stage2_store, "--set", "loss.arkd.nope=1.0"], "loss.arkd names teacher(s) nope"),
-        (["--store", stage2_store, "--store", stage2_store + "/"], "names a store twice"),
-    ]
-    for k, (args, message) in enumerate(cases):
-        proc = _train(tmp_path / f"refused{k}", *args, "--steps", "1", check=False)
-        text = " ".join(proc.stderr.split())
-        assert proc.returncode == 2 and message in text, (args, text)
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert not (tmp_path / f"refused{k}").exists()
+    from config import load_cli_config
+    from train.rundir import prepare_run
+
+    def refused(run, stores, *sets, init=stage1):
+        with pytest.raises(ValueError) as exc:  # from the config checks or from prepare_run
+            cfg = load_cli_config(TrainConfig, None, {"model.preset": "tiny", "model.init_from": init and str(init)},
+                                  ['data.teachers=["dino"]', *sets])
+            prepare_run(tmp_path / run, with_stores(cfg, stores))
+        assert not (tmp_path / run).exists()
+        return " ".join(str(exc.value).split())
+
+    assert "teacher 'dino' is not the same teacher" in refused("a", [str(other)])
+    assert "model.depth" in refused("b", [stage2_store], "model.depth=3")
+    assert "not a run directory" in refused("c", [stage2_store], init=tmp_path / "nowhere")
+    assert "teacher 'dino' is not the one of" in refused("d", [stage2_store, str(other)], init=None)
+    assert "both set" in refused("e", [stage2_store], "model.moe.upcycle_from=x")
+    assert "loss.arkd names teacher(s) nope" in refused("f", [stage2_store], "loss.arkd.nope=1.0", init=None)
+    assert "names a store twice" in refused("g", [stage2_store, stage2_store + "/"], init=None)
+    # through the command: one line, exit code 2, nothing written
+    proc = _train(tmp_path / "refused", "--store", str(other), "--init-from", str(stage1), "--steps", "1", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "is not the same teacher" in proc.stderr and not (tmp_path / "refused").exists()
 
     # evaluation takes the same view: a teacher cached at another size is the same teacher, another is refused
     from eval.evaluate import EvalError, evaluate_run
