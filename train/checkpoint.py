@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file
 
 from storage.faults import fault_point
 
-from .rundir import RunDir
 
 __all__ = ["fall_back_to_trusted", "latest_checkpoint", "load_checkpoint", "load_weights", "mark_trusted",
            "save_checkpoint"]
 
+CHECKPOINTS = "checkpoints"  # a run directory's checkpoint folder (``rundir.RunDir.checkpoints``)
 MODEL = "model.safetensors"
 STATE = "optim.pt"
 META = "state.json"
@@ -116,7 +116,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 def load_weights(source: Path) -> dict[str, torch.Tensor]:
     """The model weights of a run directory (its latest checkpoint), a ``checkpoints/`` folder or one checkpoint."""
     source = Path(source)
-    ckpt = latest_checkpoint(RunDir(source).checkpoints) or latest_checkpoint(source) or source
+    ckpt = latest_checkpoint(source / CHECKPOINTS) or latest_checkpoint(source) or source
     if not (ckpt / MODEL).is_file():
         raise ValueError(f"no checkpoint found in {source} (a run directory or checkpoint dir)")
     return load_file(str(ckpt / MODEL))

@@ -29,6 +29,7 @@ from storage.fsutil import filesystem
 from storage.locks import WriterLock
 from storage.store import FeatureStore, StoreError
 
+from .checkpoint import CHECKPOINTS, latest_checkpoint
 from .config import TrainConfig
 
 __all__ = ["RunDir", "RunError", "init_source", "prepare_run", "run_fingerprint", "read_run", "run_lock",
@@ -59,7 +60,7 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS
 
     @property
     def eval(self) -> Path:
@@ -144,8 +145,6 @@ def init_source(cfg: TrainConfig, teachers: list[str], fingerprints: dict[str, d
     stage 2 caches stage 1's teachers at a larger size) and the student and heads have the same shape;
     anything else is refused, naming what differs.
     """
-    from .checkpoint import latest_checkpoint  # checkpoint imports this module
-
     source = Path(cfg.model.init_from)
     what = f"--init-from / model.init_from {source}"
     try:
