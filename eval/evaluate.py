@@ -73,7 +73,20 @@ def knn_task(ctx: EvalContext, k: int = 20, temperature: float = 0.07) -> dict:
             "query_images": int(qm.sum()), "classes": int(len(np.unique(queries.labels[qm]))), "top1": top1}
 
 
-TASKS: dict[str, Callable[..., dict]] = {"knn": knn_task}
+def routing_task(ctx: EvalContext, max_images: int = 512, min_tokens: int = 16) -> dict:
+    """Where an MoE student's tokens go on the evaluated store (``eval.routing``), with CKA heatmaps as PNGs."""
+    from .routing import plot_cka, routing_analysis
+
+    try:
+        entry = routing_analysis(ctx.run, ctx.store, ctx.cfg, ctx.teachers, ctx.model, ctx.device,
+                                 max_images=max_images, min_tokens=min_tokens)
+    except ValueError as exc:
+        raise EvalError(f"{ctx.run}: {exc}") from None
+    entry["plots"] = [p.name for p in plot_cka(entry, ctx.run)]
+    return entry
+
+
+TASKS: dict[str, Callable[..., dict]] = {"knn": knn_task, "routing": routing_task}
 
 
 def relational_errors(feats: StoreFeatures, most: int = 4096, seed: int = 0) -> dict[str, float]:

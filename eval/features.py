@@ -22,7 +22,7 @@ from train.losses import per_image_mean
 from train.model import build_model
 from train.rundir import RunDir
 
-__all__ = ["StoreFeatures", "extract_features", "load_trained"]
+__all__ = ["StoreFeatures", "extract_features", "load_trained", "ordered_batches"]
 
 
 @dataclass
@@ -42,23 +42,32 @@ def load_trained(run: Path, store_url: str, cfg: TrainConfig, teachers: list[str
     return model.to(device).eval(), meta
 
 
-@torch.no_grad()
-def extract_features(model, store_url: str, cfg: TrainConfig, teachers: list[str], device: torch.device,
-                     *, with_student: bool = True) -> StoreFeatures:
+def ordered_batches(store_url: str, cfg: TrainConfig, teachers: list[str], max_images: int | None = None):
+    """The store's usable images (the first ``max_images``) once, in store order, packed as the run packs
+    them (no augmentation; sequences lengthened for a store cached larger than the run's ``seq_len``)."""
     data_cfg = cfg.data.model_copy(update={"flip": False, "crop": False, "mode": "packed"})
     ds = StoreBatches(store_url, teachers, data_cfg, patch=cfg.model.patch_size, registers=cfg.model.registers,
                       seed=0, train=False)
     reader = ds.reader
-    longest = int((reader.grid[:, 0] * reader.grid[:, 1])[reader.ok].max(initial=0)) + 1 + cfg.model.registers
+    ok = reader.ok.copy()
+    if max_images is not None:
+        ok[np.flatnonzero(ok)[max_images:]] = False
+    longest = int((reader.grid[:, 0] * reader.grid[:, 1])[ok].max(initial=0)) + 1 + cfg.model.registers
     if longest > data_cfg.seq_len:  # a store cached larger than the run trained on (stage-2 size): longer sequences
         data_cfg = data_cfg.model_copy(update={"seq_len": longest})
         ds.cfg = data_cfg
-    plans = list(ordered_plans(reader.ok, reader.grid, data_cfg, cfg.model.registers))
+    plans = list(ordered_plans(ok, reader.grid, data_cfg, cfg.model.registers))
     ds.drop_reader()
+    return make_loader(ds, plans, data_cfg)
+
+
+@torch.no_grad()
+def extract_features(model, store_url: str, cfg: TrainConfig, teachers: list[str], device: torch.device,
+                     *, with_student: bool = True) -> StoreFeatures:
     feats: dict[str, list[np.ndarray]] = {}
     rows, labels = [], []
     cos_sum: dict[str, float] = {}
-    for batch in make_loader(ds, plans, data_cfg):
+    for batch in ordered_batches(store_url, cfg, teachers):
         rows.append(batch["rows"].numpy())
         labels.append(batch["labels"].numpy())
         for t in teachers:

@@ -53,9 +53,13 @@ def write_report(run: Path, extra: dict | None = None) -> Path:
                   f"(first {records[0]['loss']:.4f})",
                   f"- second half of the run: {tok:.0f} real tokens/s, data wait {100 * wait:.1f}% of step time", "",
                   "![loss](loss.png)", "", "![loss terms](loss_terms.png)", ""]
+        entropy = sorted(k for k in records[-1] if k.startswith("moe/") and k.endswith("_entropy"))
+        if entropy:  # both normalized forms, per MoE layer (1 = uniform)
+            _plot(records, entropy, run / "routing_entropy.png", "normalized routing entropy per MoE layer", log=False)
+            lines += ["![routing entropy](routing_entropy.png)", ""]
     ev_path = RunDir(run).eval
-    if ev_path.exists():
-        ev = json.loads(ev_path.read_text())
+    ev = json.loads(ev_path.read_text()) if ev_path.exists() else {}
+    if "knn" in ev:
         knn = ev["knn"]
         top1 = knn["top1"]
         teachers = sorted(k.split("/", 1)[1] for k in top1 if k.startswith("teacher/"))
@@ -76,6 +80,26 @@ def write_report(run: Path, extra: dict | None = None) -> Path:
                       "distances; 0 = the teacher's geometry)", "", "| head | relational error |", "|---|---|"]
             lines += [f"| {k} | {'n/a' if v is None else f'{v:.3f}'} |" for k, v in sorted(ev["relational_error"].items())]
         lines.append("")
+    if "routing" in ev:
+        lines += _routing_lines(ev["routing"])
     path = run / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _routing_lines(routing: dict) -> list[str]:
+    """Per MoE block: tokens per expert, stability, teacher affinity and CKA (eval/routing.py), and the heatmaps."""
+    lines = ["## Routing", "", f"Top-1 experts of the patch tokens of {routing['images']} images; "
+             f"stability against {routing['compared_with'] or 'no earlier checkpoint'}.", ""]
+    for layer, entry in routing["layers"].items():
+        experts = len(entry["tokens"])
+        lines += [f"### MoE block {layer}" + (f" ({100 * entry['stability']:.1f}% of tokens changed expert)"
+                                            if entry.get("stability") is not None else ""), "",
+                  "| | " + " | ".join(f"e{e}" for e in range(experts)) + " |", "|---|" + "---|" * experts,
+                  "| tokens | " + " | ".join(map(str, entry["tokens"])) + " |"]
+        for name, values in [*(("cosine " + t, v) for t, v in entry["affinity"].items()),
+                             *(("CKA " + k, v) for k, v in entry["cka"].items())]:
+            lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
+        lines.append("")
+    lines += [f"![CKA]({p})" for p in routing.get("plots", [])] + [""]
+    return lines

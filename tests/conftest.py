@@ -50,7 +50,7 @@ def cache_config(teacher: str, name: str, labels: Path):
 
 @pytest.fixture(scope="session")
 def train_store(tmp_path_factory) -> str:
-    """Store URL with teachers "dino" (registers) and "siglip" (frozen attention pool in heads/)."""
+    """Store URL with teachers "dino" (registers, layers 1 and 2 cached) and "siglip" (frozen attention pool in heads/)."""
     from stages.cache import run_cache
     from stages.ray_cluster import ray_cluster
 
@@ -58,7 +58,8 @@ def train_store(tmp_path_factory) -> str:
     labels = write_train_images(root / "images")
     url = str(root / "store")
     with ray_cluster(num_cpus=2):
-        run_cache(str(root / "images"), url, cache_config(TINY_VIT, "dino", labels))
+        # with its two blocks cached as layers/1, layers/2 (routing analysis; the patches are unchanged by them)
+        run_cache(str(root / "images"), url, cache_config(TINY_VIT, "dino", labels).model_copy(update={"layers": [1, 2]}))
         run_cache(str(root / "images"), url, cache_config(TINY_SIGLIP, "siglip", labels))
     return url
 

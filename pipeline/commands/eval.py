@@ -1,4 +1,5 @@
-"""`pipeline eval RUN --store EVAL_STORE --tasks knn`: kNN of student, heads and teachers -> RUN/eval.json."""
+"""`pipeline eval RUN --store EVAL_STORE --tasks knn,routing`: kNN of student, heads and teachers, and the routing
+analysis of an MoE student -> RUN/eval.json."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="run directory written by `pipeline train`")],
     store: Annotated[str, typer.Option("--store", help="labelled store to evaluate on (queries)")],
     bank: Annotated[Optional[str], typer.Option("--bank", help="labelled store of kNN neighbours (default: the run's training store)")] = None,
-    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated: knn")] = "knn",
+    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated: knn, routing (MoE students: "
+                                                    "experts' tokens, stability, teacher affinity, CKA)")] = "knn",
     k: Annotated[Optional[int], typer.Option("--k", help="kNN neighbours (default 20)")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="kNN vote weight exp(sim / T) (default 0.07)")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
@@ -28,6 +30,29 @@ def evaluate(
                               options={"knn": knn})
     if "knn" in result:
         _print(result, result["teachers"])
+    if "routing" in result:
+        _print_routing(result["routing"])
+
+
+def _print_routing(routing: dict) -> None:
+    from rich.table import Table
+
+    against = ", ".join(routing["teacher_layers"]) or "no cached teacher layer"
+    table = Table(title=f"routing over {routing['images']} images (top-1 experts; CKA vs {against})")
+    for col in ("MoE block", "tokens per expert", "changed since previous checkpoint", "best-predicted teacher per expert",
+                "max CKA per expert"):
+        table.add_column(col)
+    for layer, entry in routing["layers"].items():
+        best = []
+        for e in range(len(entry["tokens"])):
+            scores = {t: v[e] for t, v in entry["affinity"].items() if v[e] is not None}
+            best.append(max(scores, key=scores.get) if scores else "-")
+        cka = [max((v[e] for v in entry["cka"].values() if v[e] is not None), default=None)
+               for e in range(len(entry["tokens"]))]
+        stability = entry.get("stability")
+        table.add_row(layer, " ".join(map(str, entry["tokens"])), "-" if stability is None else f"{100 * stability:.1f}%",
+                      " ".join(best), " ".join("-" if v is None else f"{v:.2f}" for v in cka))
+    console.print(table)
 
 
 def _print(result: dict, teachers: list[str]) -> None:
