@@ -154,7 +154,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                                        renormalize=False, noise_std=0.0, load_balance_weight=0.01,
                                        z_loss_weight=0.0)),
                    heads=dict(share=False),
-                   loss=dict(summary_cos=1.0, summary_smooth_l1=1.0, patches_cos=1.0, patches_smooth_l1=1.0),
+                   loss=dict(summary_cos=1.0, summary_smooth_l1=1.0, patches_cos=1.0, patches_smooth_l1=1.0,
+                             tas=0.5),  # Eq. 10: L_dist + λ1·L_tas + λ2·L_lb, λ1 = 0.5
                    optim=dict(lr=2e-4, schedule="cosine", clip_grad=1.0,
                               warmup_steps=12511)),  # 10 epochs of ImageNet-1K at the batch of 1,024
     # TGR-MoE (supplement Table S1), the three DeiT widths
@@ -185,6 +186,8 @@ class LossConfig(StrictConfig):
     teacher_weights: dict[str, float] = Field(default_factory=dict, description="per-teacher multiplier (default 1)")
     phis: bool = Field(True, description="match summary and patches in PHI-S space where the store has statistics")
     router: float = Field(1.0, ge=0, description="multiplier on the MoE layers' router losses (summed over layers)")
+    tas: float = Field(0.0, ge=0, allow_inf_nan=False, description="λ1 of M²oT's Teacher-Aware Specialization loss "
+                       "(Eq. 8, 10; the paper: 0.5), summed over the token-choice MoE layers; 0 = off")
     arkd: float | dict[str, float] = Field(0.0, description="ARKD weight (AMoE Eq. 7) in each teacher's objective: "
                                            "one number for every teacher or {teacher = weight}; 0 = off")
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .config import LossConfig
 
-__all__ = ["arkd_errors", "arkd_loss", "cosine_distance", "smooth_l1", "feature_distance", "per_image_mean", "distillation_terms",
+__all__ = ["arkd_errors", "arkd_loss", "tas_loss", "cosine_distance", "smooth_l1", "feature_distance", "per_image_mean", "distillation_terms",
            "relational_terms", "relational_error"]
 
 
@@ -159,3 +159,26 @@ def relational_terms(preds: dict[str, dict[str, torch.Tensor]], targets: dict[st
         # value loss/world, gradient of the whole loss: see the docstring
         terms[f"{t}/arkd"] = weights[t] * share * (loss.detach() / world + (loss - loss.detach()))
     return terms
+
+
+# ----------------------------------------------------------------------------- TAS (M²oT Eq. 8)
+def tas_loss(expert_out: torch.Tensor, router_logits: torch.Tensor, topk_idx: torch.Tensor, pi: torch.Tensor,
+             targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Teacher-Aware Specialization loss of one MoE layer (M²oT §4.2, Eq. 8) over tokens that have targets.
+
+        L_tas = E_x[ Σ_{e ∈ top-k(x)} softmax(r(x))_e · ‖φ(x, e) − T̄(x, e)‖₁ ],  T̄(x, e) = Σ_i π(x, e, T_i) · T_i(x)
+
+    expert_out [T, k, d]: φ(x, e) of each chosen expert; router_logits [T, E]: r(x); topk_idx [T, k];
+    pi [T, E, N]: the teacher-aware router's distribution over teachers per expert (``train.moe.tas``);
+    targets [N, T, d]: each teacher's target of the token in the experts' width; weights [T]: the
+    token's share of E_x. Reconstruction: ‖·‖₁ is taken as the mean over the d channels (the sum would
+    grow with the width and change what λ1 = 0.5 means), and E_x as each image's mean over its patch
+    tokens averaged over the global batch (AMoE's per-image normalization: ``weights`` = 1 / (N_i · B)).
+    The softmax is Eq. 8's, whatever score the router gates with; gradients reach the experts, the
+    router and π.
+    """
+    probs = router_logits.float().softmax(-1).gather(1, topk_idx)  # [T, k]
+    mix = pi.gather(1, topk_idx.unsqueeze(-1).expand(-1, -1, pi.shape[-1]))  # [T, k, N]
+    target = torch.einsum("tkn,ntd->tkd", mix, targets.float())
+    error = (expert_out.float() - target).abs().mean(-1)  # [T, k]
+    return ((probs * error).sum(-1) * weights).sum()

@@ -228,6 +228,9 @@ def compute_terms(model: DistillModel, batch: dict, cfg: TrainConfig) -> tuple[d
                                    cfg.loss)
         # ARKD over the summaries of every rank's microbatch in this accumulation slot (AMoE Eq. 7)
         terms.update(relational_terms(preds, targets, cfg.loss, 1.0 / cfg.optim.accumulation, gather_rows))
+        if cfg.loss.tas:  # M²oT Eq. 10: L_dist + λ1·L_tas + λ2·L_lb
+            terms["tas"] = cfg.loss.tas * model.tas_loss(out, layout, {t: f["patches"] for t, f in targets.items()},
+                                                         batch["global_images"])
         router = _router_term(out.aux, layout.num_images / batch["global_images"])
         if router is not None:
             terms["router"] = cfg.loss.router * router

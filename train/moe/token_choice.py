@@ -47,6 +47,7 @@ class MoEMLP(nn.Module):
             dim, num_experts, top_k, score_func=score_func, renormalize=renormalize, noise_std=noise_std, init_std=init_std
         )
         self.experts = ExpertBank(dim, hidden_dim, num_experts, activation, bias, init_std)
+        self.keep_expert_outputs = False  # set by a model trained with TAS (train.moe.tas)
 
     def forward(self, x: torch.Tensor, tokens: TokenGroups | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``x [..., d] -> (y [..., d], aux)``; only the real rows named by ``tokens`` are routed (all when None).
@@ -54,7 +55,8 @@ class MoEMLP(nn.Module):
         Groups do not matter to token choice: every token picks its experts alone.
         aux: ``router_loss`` (= lb_weight * load_balance_loss + z_weight * z_loss), the two raw losses,
         ``router_logits`` [T, E] (with grad, for routing distillation), and detached metrics
-        ``expert_usage_entropy``, ``token_routing_entropy``, ``expert_fraction`` [E], ``expert_idx`` [T, k].
+        ``expert_usage_entropy``, ``token_routing_entropy``, ``expert_fraction`` [E], ``expert_idx`` [T, k];
+        with ``keep_expert_outputs``, also ``moe_input`` [T, d] and ``expert_out`` [T, k, d] (each choice's output).
         """
         if tokens is not None:
             y, aux = self.forward(tokens.gather(x))
@@ -71,6 +73,10 @@ class MoEMLP(nn.Module):
         aux["router_loss"] = self.load_balance_weight * aux["load_balance_loss"] + self.z_loss_weight * aux["z_loss"]
         aux["router_logits"] = route.logits
         aux["expert_idx"] = route.topk_idx.detach()
+        if self.keep_expert_outputs:  # M²oT's TAS loss compares each chosen expert's own output with a target
+            aux["moe_input"] = flat
+            aux["expert_out"] = y_sorted.new_empty(y_sorted.shape).index_copy(0, plan.order, y_sorted).reshape(
+                flat.shape[0], self.top_k, -1)
         return out.reshape(shape), aux
 
     def extra_repr(self) -> str:
