@@ -81,7 +81,7 @@ def cache_stores(work: Path) -> dict[str, str]:
     return stores
 
 
-def train_run(run: Path, stores: list[str], steps: int, **sections) -> dict:
+def train_run(folder: Path, stores: list[str], steps: int, **sections) -> dict:
     """A run through the same functions `pipeline train` calls; resumed when it exists."""
     from train.config import TrainConfig, with_stores
     from train.rundir import prepare_run
@@ -92,11 +92,11 @@ def train_run(run: Path, stores: list[str], steps: int, **sections) -> dict:
         cfg[section] = {**cfg.get(section, {}), **fields}
     cfg["run"]["steps"] = steps
     config = with_stores(TrainConfig.model_validate(cfg), stores)
-    meta = prepare_run(run, config)
+    meta = prepare_run(folder, config)
     t0 = time.perf_counter()
-    result = train(config, None, run, fingerprint_meta={"store_fingerprint": meta["fingerprint"]},
+    result = train(config, None, folder, fingerprint_meta={"store_fingerprint": meta["fingerprint"]},
                    init_checkpoint=(meta.get("init_from") or {}).get("checkpoint"))
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return {"seconds": time.perf_counter() - t0, "tokens_per_s": result.tokens_per_s,
             "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"]}
 
