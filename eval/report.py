@@ -98,6 +98,7 @@ def _routing_lines(routing: dict) -> list[str]:
                   "| | " + " | ".join(f"e{e}" for e in range(experts)) + " |", "|---|" + "---|" * experts,
                   "| tokens | " + " | ".join(map(str, entry["tokens"])) + " |"]
         for name, values in [*(("cosine " + t, v) for t, v in entry["affinity"].items()),
+                             *(("TAS π " + t, v) for t, v in entry.get("tas_pi", {}).items()),
                              *(("CKA " + k, v) for k, v in entry["cka"].items())]:
             lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
         lines.append("")

@@ -9,6 +9,8 @@ For every token-choice MoE layer of the student, over the patch tokens of the st
 - ``affinity[teacher]``: per expert, the mean cosine between that teacher's head prediction and its
   target over the tokens routed to the expert: which teacher's targets each expert's tokens are best
   predicted for (M²oT's expert-teacher specialization, for any run);
+- ``tas_pi[teacher]`` (runs with TAS): per expert, the mean weight the teacher-aware router π gives the
+  teacher for that expert over its tokens (M²oT's own view of which teacher an expert serves);
 - ``cka["<teacher>/<k>"]``: per expert, linear CKA (AMoE Eq. 8, ``eval.cka``) between the MoE layer's
   input at the tokens routed to it and the same tokens of the teacher's cached block k
   (``layers/<k>``, aligned with the patches), for every complete cached layer; none for an expert
@@ -121,6 +123,11 @@ def routing_analysis(run: Path, store_url: str, cfg: TrainConfig, teachers: list
                          for name, feats in data["teacher_layers"].items()}}
         if len(models) > 1:
             entry["stability"] = float((data["top1"][1][i] != top1).mean()) if len(top1) else None
+        if str(i) in getattr(model, "tas", {}):  # M²oT's own view: π's teacher weights for each expert
+            with torch.no_grad():
+                pi = model.tas[str(i)].weights(torch.from_numpy(data["hidden"][i]).to(device)).cpu().numpy()
+            entry["tas_pi"] = {t: [float(pi[m, e, n].mean()) if m.any() else None for e, m in enumerate(masks)]
+                               for n, t in enumerate(model.tas[str(i)].teachers)}
         out["layers"][str(i)] = entry
     return out
 

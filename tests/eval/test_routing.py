@@ -14,7 +14,7 @@ from storage import layout as L
 from storage.store import FeatureStore
 
 
-def _train(store: str, run, moe: dict | None, steps: int = 2):
+def _train(store: str, run, moe: dict | None, steps: int = 2, tas: float = 0.0):
     """A run through the functions `pipeline train` calls, a checkpoint after every step (two kept)."""
     from train.config import TrainConfig, with_stores
     from train.rundir import prepare_run
@@ -22,8 +22,8 @@ def _train(store: str, run, moe: dict | None, steps: int = 2):
 
     cfg = with_stores(TrainConfig.model_validate({
         "model": {"preset": "tiny", **({"moe": moe} if moe else {})},
-        "data": {"seq_len": 160, "seqs_per_batch": 2, "workers": 0, "teachers": ["dino"]},
-        "optim": {"warmup_steps": 1, "lr": 3e-3},
+        "data": {"seq_len": 160, "seqs_per_batch": 2, "workers": 0},
+        "optim": {"warmup_steps": 1, "lr": 3e-3}, "loss": {"tas": tas},
         "run": {"steps": steps, "log_every": 1, "threads": 1, "checkpoint_every": 1, "keep_checkpoints": 2}}), store)
     prepare_run(run, cfg)
     train(cfg, None, run)
@@ -38,10 +38,11 @@ def _per_image(run, store_url: str, images: int, block: int):
     from train.packing import Microbatch
     from train.rundir import read_run
 
-    cfg, _ = read_run(run)
-    model = build_model(cfg, FeatureStore.open(store_url), ["dino"])
+    cfg, record = read_run(run)
+    model = build_model(cfg, FeatureStore.open(store_url), record["teachers"])
     load_checkpoint(latest_checkpoint(run / "checkpoints"), model)
     model.eval()
+    _per_image.model = model
     ds = StoreBatches(store_url, ["dino"], cfg.data, patch=16, registers=cfg.model.registers, seed=0, train=False)
     mlp = model.student.blocks[block].mlp
     seen = {}
@@ -62,7 +63,7 @@ def _per_image(run, store_url: str, images: int, block: int):
 def test_routing_counts_cka_and_stability_equal_a_per_image_recomputation(train_store, tmp_path):
     run = tmp_path / "moe"
     moe = {"layers": "all", "experts": 3, "top_k": 2, "backend": "loop"}
-    _train(train_store, run, moe)
+    _train(train_store, run, moe, tas=0.5)
     result = evaluate_run(run, train_store, ["routing"], device="cpu", options={"routing": {"max_images": 12,
                                                                                              "min_tokens": 4}})
     routing = result["routing"]
@@ -84,6 +85,13 @@ def test_routing_counts_cka_and_stability_equal_a_per_image_recomputation(train_
         else:
             assert entry["cka"]["dino/2"][e] is None
     assert all(0.0 <= v <= 1.0 for v in (entry["stability"], routing["layers"]["0"]["stability"]))
+    with torch.no_grad():  # π: for each expert, a distribution over the two teachers
+        pi = _per_image.model.tas["1"].weights(torch.from_numpy(hidden)).numpy()
+    for e in range(3):
+        if (top1 == e).any():
+            for n, t in enumerate(["dino", "siglip"]):
+                assert entry["tas_pi"][t][e] == pytest.approx(float(pi[top1 == e, e, n].mean()), rel=1e-5)
+            assert entry["tas_pi"]["dino"][e] + entry["tas_pi"]["siglip"][e] == pytest.approx(1.0)
     assert all(v is None or -1.0 <= v <= 1.0 for v in entry["affinity"]["dino"])
     assert (run / "routing_cka_block1.png").stat().st_size > 1000
     assert "routing" in json.loads((run / "eval.json").read_text())
