@@ -87,6 +87,8 @@ def main() -> None:
 
 
 def tables(out: dict) -> str:
+    from eval.routing import best_teachers
+
     runs = out["runs"]
     rows = [[name, r["distill_loss"], r["knn"]["student/cls"], *(r["knn"][f"student/{t}"] for t in TEACHERS)]
             for name, r in runs.items()]
@@ -95,10 +97,7 @@ def tables(out: dict) -> str:
     routing_rows = []
     for name in ("moe", "moe_tas"):
         for block, entry in runs[name]["routing"]["layers"].items():
-            best = []
-            for e in range(len(entry["tokens"])):
-                scores = {t: v[e] for t, v in entry["affinity"].items() if v[e] is not None}
-                best.append(max(scores, key=scores.get) if scores else "-")
+            best = best_teachers(entry)
             cka = {k: sum(x for x in v if x is not None) / max(1, sum(x is not None for x in v))
                    for k, v in entry["cka"].items()}
             routing_rows.append([name, block, " ".join(map(str, entry["tokens"])), entry.get("stability"),

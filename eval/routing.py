@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from storage.reader import StoreReader, read_batch
 from storage.store import FeatureStore
-from train.checkpoint import load_checkpoint
+from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.config import TrainConfig
 from train.model import build_model
 from train.moe import MoEMLP
@@ -39,7 +39,7 @@ from train.rundir import RunDir
 from .cka import linear_cka
 from .features import ordered_batches
 
-__all__ = ["collect_routing", "routing_analysis"]
+__all__ = ["best_teachers", "collect_routing", "plot_cka", "routing_analysis"]
 
 
 def _moe_blocks(model) -> list[int]:
@@ -134,12 +134,19 @@ def routing_analysis(run: Path, store_url: str, cfg: TrainConfig, teachers: list
 
 def _previous_checkpoint(run: Path) -> Path | None:
     """The checkpoint before the latest one, when the run kept it."""
-    from train.checkpoint import latest_checkpoint
-
     latest = latest_checkpoint(RunDir(run).checkpoints)
     kept = sorted(p for p in RunDir(run).checkpoints.glob("step_*") if p.is_dir() and (p / "state.json").exists())
     earlier = [p for p in kept if latest is not None and p.name < latest.name]
     return earlier[-1] if earlier else None
+
+
+def best_teachers(entry: dict) -> list[str]:
+    """Per expert of one layer's routing entry: the teacher whose targets its tokens are best predicted for."""
+    best = []
+    for e in range(len(entry["tokens"])):
+        scores = {t: v[e] for t, v in entry["affinity"].items() if v[e] is not None}
+        best.append(max(scores, key=scores.get) if scores else "-")
+    return best
 
 
 def plot_cka(routing: dict, run: Path) -> list[Path]:

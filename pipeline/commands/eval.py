@@ -37,16 +37,15 @@ def evaluate(
 def _print_routing(routing: dict) -> None:
     from rich.table import Table
 
+    from eval.routing import best_teachers
+
     against = ", ".join(routing["teacher_layers"]) or "no cached teacher layer"
     table = Table(title=f"routing over {routing['images']} images (top-1 experts; CKA vs {against})")
     for col in ("MoE block", "tokens per expert", "changed since previous checkpoint", "best-predicted teacher per expert",
                 "max CKA per expert"):
         table.add_column(col)
     for layer, entry in routing["layers"].items():
-        best = []
-        for e in range(len(entry["tokens"])):
-            scores = {t: v[e] for t, v in entry["affinity"].items() if v[e] is not None}
-            best.append(max(scores, key=scores.get) if scores else "-")
+        best = best_teachers(entry)
         cka = [max((v[e] for v in entry["cka"].values() if v[e] is not None), default=None)
                for e in range(len(entry["tokens"]))]
         stability = entry.get("stability")

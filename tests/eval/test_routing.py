@@ -31,7 +31,7 @@ def _train(store: str, run, moe: dict | None, steps: int = 2, tas: float = 0.0):
 
 def _per_image(run, store_url: str, images: int, block: int):
     """Each image run alone (no packing) through the latest checkpoint: the MoE block's input and the
-    router's top-1 at its patch tokens, from a hook and a direct router call."""
+    router's top-1 at its patch tokens, from a hook and a direct router call; and the loaded model."""
     from train.checkpoint import latest_checkpoint, load_checkpoint
     from train.data import StepPlan, StoreBatches
     from train.model import build_model
@@ -42,7 +42,6 @@ def _per_image(run, store_url: str, images: int, block: int):
     model = build_model(cfg, FeatureStore.open(store_url), record["teachers"])
     load_checkpoint(latest_checkpoint(run / "checkpoints"), model)
     model.eval()
-    _per_image.model = model
     ds = StoreBatches(store_url, ["dino"], cfg.data, patch=16, registers=cfg.model.registers, seed=0, train=False)
     mlp = model.student.blocks[block].mlp
     seen = {}
@@ -57,7 +56,7 @@ def _per_image(run, store_url: str, images: int, block: int):
             top1.append(mlp.router(x).logits.argmax(-1).numpy())
         hidden.append(x.numpy())
     hook.remove()
-    return np.concatenate(hidden), np.concatenate(top1)
+    return np.concatenate(hidden), np.concatenate(top1), model
 
 
 def test_routing_counts_cka_and_stability_equal_a_per_image_recomputation(train_store, tmp_path):
@@ -72,7 +71,7 @@ def test_routing_counts_cka_and_stability_equal_a_per_image_recomputation(train_
     ok, grid = store.image_array(L.OK)[:], store.image_array(L.GRID)[:]
     first = np.flatnonzero(ok)[:12]
     total = int((grid[first, 0] * grid[first, 1]).sum())
-    hidden, top1 = _per_image(run, train_store, 12, block=1)
+    hidden, top1, model = _per_image(run, train_store, 12, block=1)
     entry = routing["layers"]["1"]
     assert sum(entry["tokens"]) == total and entry["tokens"] == np.bincount(top1, minlength=3).tolist()
     g = store.teacher_group("dino")
@@ -86,7 +85,7 @@ def test_routing_counts_cka_and_stability_equal_a_per_image_recomputation(train_
             assert entry["cka"]["dino/2"][e] is None
     assert all(0.0 <= v <= 1.0 for v in (entry["stability"], routing["layers"]["0"]["stability"]))
     with torch.no_grad():  # π: for each expert, a distribution over the two teachers
-        pi = _per_image.model.tas["1"].weights(torch.from_numpy(hidden)).numpy()
+        pi = model.tas["1"].weights(torch.from_numpy(hidden)).numpy()
     for e in range(3):
         if (top1 == e).any():
             for n, t in enumerate(["dino", "siglip"]):
