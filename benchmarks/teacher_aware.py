@@ -1,5 +1,5 @@
 """Measure the teacher-aware MoE pieces on the demo's real data: dense vs MoE at equal active parameters,
-MoE with and without M²oT's TAS, and what the routing analysis sees.
+MoE with and without M²oT's TAS, plain routing vs TGR-MoE, and what the routing analysis sees.
 
     .venv/bin/python benchmarks/teacher_aware.py [--work DIR] [--steps 300]
 
@@ -11,12 +11,17 @@ optimizer and seed in every run:
 - dense: the ``demo`` student (4 blocks, width 192, MLP 768);
 - MoE: M²oT's layout on it (MoE on every other block, 4 experts, top-2, fine-grained so the active
   parameters equal the dense student's);
-- MoE + TAS: the same with ``loss.tas = 0.5`` (M²oT Eq. 10).
+- MoE + TAS: the same with ``loss.tas = 0.5`` (M²oT Eq. 10);
+- MoE + TGR: the same with ``model.moe.guide = "tgr"`` (TGR-MoE's defaults: teacher routers on lite0's
+  cached stages 4 and 5 for MoE blocks 1 and 3, λ_distill 5, λ_load and λ_ent 0.005, teacher-router
+  noise 1.0), and its upper bound (``model.moe.tgr.routes = "teacher"``; evaluated, as any run, with
+  the student router routing).
 
-Reported: the distillation loss (mean of the last 10 logged steps, the TAS and router terms left
-out), kNN on held-out digits, and the routing analysis on them (tokens per expert, share that
-changed expert over the last 50 steps, best-predicted teacher per expert, mean per-expert CKA
-against the teachers' stage 4 and 5).
+Reported: the distillation loss (mean of the first 50 steps' logged records, and of the last 10; the
+TAS, router and guide terms left out), kNN on held-out digits, the routing entropies logged in the
+last 10 records, and the routing analysis on the held-out digits (tokens per expert, the share that
+changed expert between consecutive checkpoints 50 steps apart, best-predicted teacher per expert,
+mean per-expert CKA against the teachers' stage 4 and 5).
 """
 
 from __future__ import annotations
@@ -52,10 +57,23 @@ def add_layers(stores: dict[str, str], work: Path) -> None:
                 run_cache(listing, stores[split], cfg)
 
 
-def distill_loss(run: Path, last: int = 10) -> float:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-last:]
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def distill_loss(run: Path, last: int = 10, before: int | None = None) -> float:
+    """Mean distillation loss (the teachers' terms only) of the last ``last`` records, or of those before step ``before``."""
+    records = _records(run)
+    records = [r for r in records if r["step"] < before] if before is not None else records[-last:]
     terms = [sum(v for k, v in r.items() if k.startswith("loss/") and k.count("/") == 2) for r in records]
     return sum(terms) / len(terms)
+
+
+def logged_means(run: Path, keys: tuple[str, ...], last: int = 10) -> dict[str, float]:
+    """Per MoE block, the mean of each logged ``moe/<i>/<key>`` over the last ``last`` records."""
+    records = _records(run)[-last:]
+    names = sorted({k for r in records for k in r if k.startswith("moe/") and k.split("/")[2] in keys})
+    return {k: sum(r[k] for r in records) / len(records) for k in names}
 
 
 def main() -> None:
@@ -69,18 +87,23 @@ def main() -> None:
     cache_s = time.perf_counter() - t0
     runs = args.work / "teacher_aware"
     lo = [stores["train_lo"]]
-    every = {"run": {"checkpoint_every": max(1, args.steps - 50), "keep_checkpoints": 2}}
+    every = {"run": {"checkpoint_every": 50, "keep_checkpoints": max(2, args.steps // 50)}}
     out: dict = {"steps": args.steps, "layers_seconds": cache_s, "runs": {}}
     configs = {"dense": {}, "moe": {"model": {"moe": MOE}},
-               "moe_tas": {"model": {"moe": MOE}, "loss": {"tas": 0.5}}}
+               "moe_tas": {"model": {"moe": MOE}, "loss": {"tas": 0.5}},
+               "moe_tgr": {"model": {"moe": {**MOE, "guide": "tgr"}}},
+               "moe_tgr_upper": {"model": {"moe": {**MOE, "guide": "tgr", "tgr": {"routes": "teacher"}}}}}
     from eval.evaluate import evaluate_run
 
     for name, sections in configs.items():
         info = train_run(runs / name, lo, args.steps, **{**every, **sections})
         tasks = ["knn"] + (["routing"] if name != "dense" else [])
         ev = evaluate_run(runs / name, stores["heldout_lo"], tasks, bank=stores["train_lo"], device="cpu")
-        out["runs"][name] = {**info, "distill_loss": distill_loss(runs / name), "knn": ev["knn"]["top1"],
-                             "routing": ev.get("routing")}
+        out["runs"][name] = {**info, "distill_loss": distill_loss(runs / name),
+                             "early_distill_loss": distill_loss(runs / name, before=50), "knn": ev["knn"]["top1"],
+                             "routing": ev.get("routing"),
+                             "logged": logged_means(runs / name, ("expert_usage_entropy", "token_routing_entropy",
+                                                                  "guide_agreement"))}
     out["seconds"] = time.perf_counter() - t0
     write_results("teacher_aware", out, tables(out))
     print(tables(out))
@@ -104,7 +127,23 @@ def tables(out: dict) -> str:
                                  " ".join(best), ", ".join(f"{k} {v:.2f}" for k, v in sorted(cka.items()))])
     text += ["### Routing on the held-out digits (top-1 experts)", "",
              md_table(["run", "MoE block", "tokens per expert", "changed expert (last 50 steps)",
-                       "best-predicted teacher per expert", "mean CKA per teacher layer"], routing_rows)]
+                       "best-predicted teacher per expert", "mean CKA per teacher layer"], routing_rows), ""]
+    tgr = [n for n in ("moe", "moe_tgr", "moe_tgr_upper") if n in runs]
+    rows = [[n, runs[n]["early_distill_loss"], runs[n]["distill_loss"], runs[n]["knn"]["student/cls"]] for n in tgr]
+    text += [f"### Plain routing vs TGR-MoE ({out['steps']} steps)", "",
+             md_table(["run", "distillation loss (steps 0-49)", "distillation loss (last 10 steps)", "kNN CLS"], rows), ""]
+    rows = []
+    for n in tgr:
+        for block, entry in runs[n]["routing"]["layers"].items():
+            logged = runs[n]["logged"]
+            changed = " ".join(f"{100 * h['changed']:.0f}%" for h in entry.get("stability_history", []))
+            rows.append([n, block, logged.get(f"moe/{block}/expert_usage_entropy"),
+                         logged.get(f"moe/{block}/token_routing_entropy"), changed,
+                         logged.get(f"moe/{block}/guide_agreement", "-"), " ".join(map(str, entry["tokens"]))])
+    text += ["#### Routing per MoE block", "",
+             md_table(["run", "MoE block", "expert-usage entropy (training, last 10)", "token entropy (training, last 10)",
+                       "changed expert between checkpoints (50-100, ..., 250-300)", "top-1 agreement with the teacher "
+                       "router (training)", "held-out tokens per expert"], rows)]
     return "\n".join(text)
 
 

@@ -19,7 +19,7 @@ from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.config import TrainConfig
 from train.data import StoreBatches, make_loader, ordered_plans
 from train.losses import per_image_mean
-from train.model import build_model
+from train.model import TRAINING_ONLY, build_model
 from train.rundir import RunDir
 
 __all__ = ["StoreFeatures", "extract_features", "load_trained", "ordered_batches"]
@@ -38,7 +38,7 @@ def load_trained(run: Path, store_url: str, cfg: TrainConfig, teachers: list[str
     if ckpt is None:
         raise FileNotFoundError(f"{run} has no checkpoint yet")
     model = build_model(cfg, FeatureStore.open(store_url), teachers)
-    meta = load_checkpoint(ckpt, model)
+    meta = load_checkpoint(ckpt, model, ignore=TRAINING_ONLY)
     return model.to(device).eval(), meta
 
 

@@ -97,6 +97,10 @@ def _routing_lines(routing: dict) -> list[str]:
                                             if entry.get("stability") is not None else ""), "",
                   "| | " + " | ".join(f"e{e}" for e in range(experts)) + " |", "|---|" + "---|" * experts,
                   "| tokens | " + " | ".join(map(str, entry["tokens"])) + " |"]
+        history = entry.get("stability_history") or []
+        if len(history) > 1:  # changed expert between each pair of consecutive kept checkpoints
+            lines[-4:-4] = ["Tokens that changed expert, between consecutive checkpoints: " + ", ".join(
+                f"{h['since']}→{h['step']} {100 * h['changed']:.1f}%" for h in history if h["changed"] is not None), ""]
         for name, values in [*(("cosine " + t, v) for t, v in entry["affinity"].items()),
                              *(("TAS π " + t, v) for t, v in entry.get("tas_pi", {}).items()),
                              *(("CKA " + k, v) for k, v in entry["cka"].items())]:

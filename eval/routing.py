@@ -5,7 +5,9 @@ For every token-choice MoE layer of the student, over the patch tokens of the st
 
 - ``tokens``: how many tokens have expert e as their top-1 (the largest router score);
 - ``stability``: the share of tokens whose top-1 expert differs between the run's latest checkpoint
-  and the one before it (TGR-MoE's routing-stability question; absent when only one is kept);
+  and the one before it (TGR-MoE's routing-stability question; absent when only one is kept), and
+  ``stability_history``: the same share between every pair of consecutive kept checkpoints
+  (``run.keep_checkpoints`` decides how far back it reaches);
 - ``affinity[teacher]``: per expert, the mean cosine between that teacher's head prediction and its
   target over the tokens routed to the expert: which teacher's targets each expert's tokens are best
   predicted for (M²oT's expert-teacher specialization, for any run);
@@ -31,7 +33,7 @@ from storage.reader import StoreReader, read_batch
 from storage.store import FeatureStore
 from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.config import TrainConfig
-from train.model import build_model
+from train.model import TRAINING_ONLY, build_model
 from train.moe import MoEMLP
 from train.moe.groups import TokenGroups
 from train.rundir import RunDir
@@ -102,11 +104,15 @@ def routing_analysis(run: Path, store_url: str, cfg: TrainConfig, teachers: list
     store = FeatureStore.open(store_url)
     layers = {t: list(store.teacher_attrs(t).get("layers", [])) for t in teachers}
     layers = {t: ks for t, ks in layers.items() if ks}
-    models, previous = [model], _previous_checkpoint(run)
-    if previous is not None:
+    earlier = _earlier_checkpoints(run)  # newest first
+    models = [model]
+    for path in earlier:
         other = build_model(cfg, store, teachers)
-        load_checkpoint(previous, other)
+        load_checkpoint(path, other, ignore=TRAINING_ONLY)
         models.append(other.to(device).eval())
+    previous = earlier[0] if earlier else None
+    latest = latest_checkpoint(RunDir(run).checkpoints)
+    steps = [_step(latest) if latest is not None else None] + [_step(p) for p in earlier]
     data = collect_routing(models, store_url, cfg, teachers, device, max_images, layers)
     experts = model.student.blocks[blocks[0]].mlp.num_experts
     out = {"images": int(min(max_images, int(store.image_array("ok")[:].sum()))), "min_tokens": min_tokens,
@@ -122,7 +128,11 @@ def routing_analysis(run: Path, store_url: str, cfg: TrainConfig, teachers: list
                                 for m in masks]
                          for name, feats in data["teacher_layers"].items()}}
         if len(models) > 1:
-            entry["stability"] = float((data["top1"][1][i] != top1).mean()) if len(top1) else None
+            changed = [float((data["top1"][j + 1][i] != data["top1"][j][i]).mean()) if len(top1) else None
+                       for j in range(len(models) - 1)]
+            entry["stability"] = changed[0]
+            entry["stability_history"] = [{"step": steps[j], "since": steps[j + 1], "changed": changed[j]}
+                                          for j in reversed(range(len(changed)))]
         if str(i) in getattr(model, "tas", {}):  # M²oT's own view: π's teacher weights for each expert
             with torch.no_grad():
                 pi = model.tas[str(i)].weights(torch.from_numpy(data["hidden"][i]).to(device)).cpu().numpy()
@@ -132,12 +142,15 @@ def routing_analysis(run: Path, store_url: str, cfg: TrainConfig, teachers: list
     return out
 
 
-def _previous_checkpoint(run: Path) -> Path | None:
-    """The checkpoint before the latest one, when the run kept it."""
+def _earlier_checkpoints(run: Path) -> list[Path]:
+    """The kept checkpoints before the latest one, newest first."""
     latest = latest_checkpoint(RunDir(run).checkpoints)
     kept = sorted(p for p in RunDir(run).checkpoints.glob("step_*") if p.is_dir() and (p / "state.json").exists())
-    earlier = [p for p in kept if latest is not None and p.name < latest.name]
-    return earlier[-1] if earlier else None
+    return [p for p in reversed(kept) if latest is not None and p.name < latest.name]
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step_"))
 
 
 def best_teachers(entry: dict) -> list[str]:

@@ -34,7 +34,8 @@ class ImageTargets:
 
     @property
     def nbytes(self) -> int:
-        parts = [self.pixels, *self.summary.values(), *self.patches.values(), *self.registers.values()]
+        parts = [self.pixels, *self.summary.values(), *self.patches.values(), *self.registers.values(),
+                 *(a for per in self.layers.values() for a in per.values())]
         return int(sum(p.nbytes for p in parts))
 
 

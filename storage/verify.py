@@ -2,8 +2,8 @@
 
 A unit is damaged when a chunk (or shard) it wrote is missing, or when reading its rows fails (the
 crc32c checksum every array carries does not match, a shard is truncated). ``repair=True``
-un-commits the damaged units (removing their markers) and marks what they belong to as not
-complete, so that rerunning ``cache-teachers`` with the same images and teacher computes exactly
+un-commits the damaged units (removing their markers) and marks what they belong to (the images,
+a teacher, one cached layer of a teacher) as not complete, so that rerunning ``cache-teachers`` with the same images and teacher computes exactly
 those units again; until then readers refuse the damaged parts instead of reading them as data.
 """
 
@@ -126,6 +126,16 @@ def verify_store(url: str, *, repair: bool = False) -> VerifyReport:
                 r0, r1 = plan.owned_rows(unit, tokens, int(g[L.PATCHES].shards[0]))
                 reasons.append(_check(store, checks, f"{name}/patches", g[L.PATCHES], r0, r1))
             report.damaged += [Damage(part, unit, r) for r in reasons if r]
+        for k in sorted(int(k) for k in (g.attrs.get("layer_dims") or {})):  # cached layers commit on their own
+            if L.LAYERS not in g or str(k) not in g[L.LAYERS] or tokens is None:
+                continue
+            arr = g[L.LAYERS][str(k)]
+            for unit in sorted(store.layer_commits(name, k).committed()):
+                report.units_checked += 1
+                r0, r1 = plan.owned_rows(unit, tokens, int(arr.shards[0]))
+                reason = _check(store, checks, f"{name}/{L.layer_path(k)}", arr, r0, r1)
+                if reason:
+                    report.damaged.append(Damage(f"teacher {name} layer {k}", unit, reason))
     if repair and report.damaged:
         _uncommit(store, report)
     return report
@@ -142,4 +152,13 @@ def _uncommit(store: FeatureStore, report: VerifyReport) -> None:
             for unit in units:
                 store.teacher_commits(name).uncommit(unit)
             store.teacher_group(name).attrs.update({"complete": False})
+        layers = store.teacher_group(name).attrs.get("layers", [])
+        for k in list(layers):
+            units = report.units(f"teacher {name} layer {k}")
+            for unit in units:
+                store.layer_commits(name, k).uncommit(unit)
+            if units:  # readers refuse the layer (naming --layers) until cache-teachers rewrites those units
+                layers = [j for j in layers if j != k]
+        if layers != store.teacher_group(name).attrs.get("layers", []):
+            store.teacher_group(name).attrs.update({"layers": layers})
     report.repaired = True

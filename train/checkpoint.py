@@ -101,9 +101,14 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path if (path / META).exists() else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load weights (strict) and, given an optimizer, its state and the RNG; returns the metadata."""
-    missing, unexpected = model.load_state_dict(load_file(str(path / MODEL)), strict=False)
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                    ignore: tuple[str, ...] = ()) -> dict:
+    """Load weights (strict but for names starting with an ``ignore`` prefix, neither loaded nor required)
+    and, given an optimizer, its state and the RNG; returns the metadata."""
+    state = {k: v for k, v in load_file(str(path / MODEL)).items() if not k.startswith(ignore)} if ignore else \
+        load_file(str(path / MODEL))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(ignore)] if ignore else missing
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if optimizer is not None:

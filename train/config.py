@@ -16,8 +16,33 @@ from pydantic import Field, model_validator
 
 from config import StrictConfig, load_config
 
-__all__ = ["DataConfig", "HeadConfig", "LossConfig", "ModelConfig", "MoEConfig", "OptimConfig", "PRESETS",
+__all__ = ["DataConfig", "GuideConfig", "HeadConfig", "LossConfig", "ModelConfig", "MoEConfig", "OptimConfig", "PRESETS",
            "RunConfig", "StoreSource", "TrainConfig", "preset", "with_stores"]
+
+
+class GuideConfig(StrictConfig):
+    """TGR-MoE's teacher-guided routing (supplement Eq. S1–S3, Table S1), on when ``model.moe.guide = "tgr"``.
+
+    A teacher router per guided MoE block reads the cached features of a teacher layer for the same
+    tokens (``cache-teachers --layers``); every field has a default that works on any store with
+    cached layers. Reconstructions: ``train/moe/guide.py``."""
+
+    teacher: str | None = Field(None, description="teacher whose cached layers the teacher routers read "
+                                "(default: the first of the run's teachers with cached layers)")
+    layers: dict[int, int] | None = Field(None, description="student MoE block (0-based, as moe.layers) -> cached "
+                                          "teacher layer (1-based, as --layers); default: the MoE blocks spread "
+                                          "evenly over the cached layers, in order (Table S1: {8,10,12} -> {8,10,12})")
+    routes: Literal["student", "teacher"] = Field(
+        "student", description="who routes in training: student (TGR-MoE) or teacher (the upper bound of §5.3: the "
+        "student router learns only by distillation and routes at inference)")
+    distill: float = Field(5.0, ge=0, allow_inf_nan=False, description="λ_distill on Σ_layers KL(teacher ‖ student) "
+                           "per token (Eq. S2)")
+    load_balance: float = Field(0.005, ge=0, allow_inf_nan=False, description="λ_load on the teacher routers' load "
+                                "balancing, summed over layers (Eq. S1)")
+    entropy: float = Field(0.005, ge=0, allow_inf_nan=False, description="λ_ent on the teacher routers' mean "
+                           "normalized token entropy (minimized: confident teacher routing)")
+    noise_std: float = Field(1.0, ge=0, allow_inf_nan=False, description="Gaussian noise on the teacher router's "
+                             "logits in training (Table S1: 1.0)")
 
 
 class MoEConfig(StrictConfig):
@@ -43,6 +68,9 @@ class MoEConfig(StrictConfig):
     upcycle_from: str | None = Field(None, description="dense run directory or checkpoint to upcycle (M²oT §4.1)")
     upcycle_noise: float = Field(0.0, ge=0, description="noise std (relative) added to each expert copy")
     bias: bool = True
+    guide: Literal["none", "tgr"] = Field("none", description="tgr: TGR-MoE's teacher routers on cached teacher "
+                                          "layers supervise the student's routers (settings: model.moe.tgr)")
+    tgr: GuideConfig = GuideConfig()
 
 
 class ModelConfig(StrictConfig):
@@ -122,11 +150,13 @@ _AMOE_RECIPE = dict(heads=dict(share=True), optim=dict(schedule="linear", warmup
 def _tgr(dim: int, heads: int) -> dict[str, dict[str, Any]]:
     """TGR-MoE Table S1: a DeiT of width ``dim``, 12 blocks, MoE on blocks {8, 10, 12} (1-based), V-MoE routing
     (8 experts, top-2; supplement §A and C.3), noise 1.0, load balancing 0.005 summed over layers, no z-loss;
-    AdamW lr 5e-4, betas (0.9, 0.999), eps 1e-8, weight decay 0.05, cosine, 5 warmup epochs."""
+    teacher-guided routing on (``model.moe.tgr``'s defaults are Table S1's; the V-MoE baseline is
+    ``model.moe.guide = "none"``); AdamW lr 5e-4, betas (0.9, 0.999), eps 1e-8, weight decay 0.05,
+    cosine, 5 warmup epochs."""
     return dict(
         model=dict(dim=dim, depth=12, num_heads=heads, mlp_ratio=4.0, registers=4,
                    moe=dict(layers=[7, 9, 11], experts=8, top_k=2, score="softmax", renormalize=False,
-                            noise_std=1.0, load_balance_weight=0.005, z_loss_weight=0.0)),
+                            noise_std=1.0, load_balance_weight=0.005, z_loss_weight=0.0, guide="tgr")),
         optim=dict(lr=5e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, schedule="cosine",
                    warmup_steps=6255),  # 5 epochs of ImageNet-1K at DeiT's batch of 1,024 (not stated)
     )
@@ -282,6 +312,10 @@ class TrainConfig(StrictConfig):
         if len(set(urls)) != len(urls):
             raise ValueError(f"data.stores names a store twice: {[s.url for s in self.data.stores]}")
         self.model.moe_layer_ids()
+        moe = self.model.moe
+        if moe.guide == "tgr" and (moe.kind != "topk" or not self.model.moe_layer_ids()):
+            raise ValueError("model.moe.guide = 'tgr' needs token-choice MoE layers (model.moe.layers, model.moe.kind = "
+                             "'topk')")
         if self.model.moe.top_k > self.model.moe.experts:
             raise ValueError(f"model.moe.top_k ({self.model.moe.top_k}) exceeds model.moe.experts ({self.model.moe.experts})")
         return self

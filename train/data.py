@@ -114,9 +114,10 @@ def ordered_plans(ok: np.ndarray, grid: np.ndarray, cfg: DataConfig, registers: 
         yield StepPlan(mb, 0, mb.num_images)
 
 
-def augment(pixels: np.ndarray, patches: dict[str, np.ndarray], grid: tuple[int, int], patch: int, cfg: DataConfig,
-            rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[int, int]]:
-    """Flip and grid-aligned crop applied to pixels and every teacher's patch grid together.
+def augment(pixels: np.ndarray, patches: dict, grid: tuple[int, int], patch: int, cfg: DataConfig,
+            rng: np.random.Generator) -> tuple[np.ndarray, dict, tuple[int, int]]:
+    """Flip and grid-aligned crop applied to pixels and every patch grid of ``patches`` together (each
+    teacher's targets and cached layers).
 
     Both approximate the teacher's view: the cached summary and registers saw the whole, unflipped
     image and are kept as they are; the patch targets are exact for a flip only if the teacher is
@@ -141,8 +142,8 @@ def augment(pixels: np.ndarray, patches: dict[str, np.ndarray], grid: tuple[int,
 class StoreMix:
     """Several stores read as one: row r of store k is row ``parts[k].start + r`` here."""
 
-    def __init__(self, urls: list[str], teachers: list[str]):
-        self.readers = [StoreReader(u, teachers) for u in urls]
+    def __init__(self, urls: list[str], teachers: list[str], layers: dict[str, list[int]] | None = None):
+        self.readers = [StoreReader(u, teachers, layers) for u in urls]
         sizes = np.cumsum([0] + [len(r) for r in self.readers])
         self.starts = sizes[:-1]
         self.ok = np.concatenate([r.ok for r in self.readers])
@@ -174,19 +175,21 @@ class StoreMix:
 class StoreBatches(torch.utils.data.Dataset):
     """``dataset[StepPlan]`` -> a packed microbatch (pixels as uint8 patches, layout, raw float16 targets).
 
-    ``store_url`` is one store or the list of a run's stores (rows numbered as in ``StoreMix``)."""
+    ``store_url`` is one store or the list of a run's stores (rows numbered as in ``StoreMix``); ``layers``
+    names cached teacher layers to add as ``batch["layers"][teacher][k]`` (patch rows, layout order, the
+    same flips and crops as the patch targets)."""
 
     def __init__(self, store_url: str | list[str], teachers: list[str], cfg: DataConfig, *, patch: int, registers: int,
-                 seed: int, train: bool = True):
+                 seed: int, train: bool = True, layers: dict[str, list[int]] | None = None):
         self.store_urls = [store_url] if isinstance(store_url, str) else list(store_url)
-        self.teachers, self.cfg = teachers, cfg
+        self.teachers, self.cfg, self.layers = teachers, cfg, layers or {}
         self.patch, self.registers, self.seed, self.train = patch, registers, seed, train
         self._reader: StoreMix | None = None
 
     @property
     def reader(self) -> StoreMix:
         if self._reader is None:  # opened lazily: once per worker process
-            self._reader = StoreMix(self.store_urls, self.teachers)
+            self._reader = StoreMix(self.store_urls, self.teachers, self.layers)
         return self._reader
 
     def drop_reader(self) -> None:
@@ -202,10 +205,11 @@ class StoreBatches(torch.utils.data.Dataset):
         items = self.reader.read(rows)
         pixels, grids = [], []
         feats = {t: {"summary": [], "patches": [], "registers": []} for t in self.teachers}
+        layers = {(t, k): [] for t, ks in self.layers.items() for k in ks}
         for slot, row in enumerate(rows):
             it = items[row]
             image = ImagePolicy.decode(it.pixels)
-            patches = {t: it.patches[t] for t in self.teachers}
+            patches = {t: it.patches[t] for t in self.teachers} | {(t, k): it.layers[t][k] for t, k in layers}
             grid = it.grid
             if self.train and (self.cfg.flip or self.cfg.crop):
                 rng = np.random.default_rng([self.seed, mb.index, slot])
@@ -217,6 +221,8 @@ class StoreBatches(torch.utils.data.Dataset):
                 feats[t]["patches"].append(patches[t])
                 if t in it.registers:
                     feats[t]["registers"].append(it.registers[t])
+            for key in layers:
+                layers[key].append(patches[key])
         sequences, k = [], 0
         for seq in mb.sequences:
             sequences.append(grids[k:k + len(seq)])
@@ -229,7 +235,12 @@ class StoreBatches(torch.utils.data.Dataset):
             if f["registers"]:
                 targets[t]["registers"] = torch.from_numpy(np.stack(f["registers"]))
         labels = [items[r].label for r in rows]
+        extra = {}
+        if layers:
+            extra["layers"] = {t: {k: torch.from_numpy(np.concatenate(layers[t, k])) for k in ks}
+                               for t, ks in self.layers.items()}
         return {
+            **extra,
             "pixels": torch.cat(pixels),
             "layout": layout,
             "targets": targets,

@@ -31,6 +31,7 @@ from storage.store import FeatureStore, StoreError
 
 from .checkpoint import CHECKPOINTS, latest_checkpoint
 from .config import TrainConfig
+from .model.distill import guide_plan
 
 __all__ = ["RunDir", "RunError", "init_source", "prepare_run", "run_fingerprint", "read_run", "run_lock",
            "teacher_fingerprints"]
@@ -124,7 +125,7 @@ def teacher_fingerprints(store: FeatureStore, teachers: list[str]) -> dict[str, 
 # model and head fields that do not change the weights' shapes or meaning: a run started from another
 # may set them anew (training-only router settings, the compute backend, where weights come from)
 INIT_FREE = {"preset", "init_from", "moe.backend", "moe.noise_std", "moe.load_balance_weight", "moe.z_loss_weight",
-             "moe.capacity_factor", "moe.upcycle_from", "moe.upcycle_noise"}
+             "moe.capacity_factor", "moe.upcycle_from", "moe.upcycle_noise", "moe.guide", "moe.tgr"}
 
 
 def _architecture(cfg: TrainConfig) -> dict:
@@ -209,6 +210,19 @@ def prepare_run(run: Path, cfg: TrainConfig, *, write: bool = True) -> dict:
               "stores": [{"url": s.url, "weight": s.weight, "fingerprint": fp}
                          for s, fp in zip(cfg.data.stores, fingerprints)],
               "teacher_fingerprints": full}
+    if cfg.model.moe.guide == "tgr":  # refused here, before the run directory is written, if a store cannot serve it
+        try:
+            plan = guide_plan(cfg.model, stores[0], teachers)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+        for store in stores[1:]:
+            missing = sorted(set(plan.layers.values()) - set(store.teacher_attrs(plan.teacher).get("layers", [])))
+            if missing:
+                raise RunError(f"{store.url}: teacher '{plan.teacher}' has no cached layers {missing}, which "
+                               "model.moe.guide = 'tgr' reads from every store of the run; cache them with `pipeline "
+                               f"cache-teachers ... --name {plan.teacher} --layers {','.join(map(str, missing))}`")
+        record["guide"] = {"teacher": plan.teacher, "layers": {str(b): k for b, k in plan.layers.items()},
+                           "routes": "teacher" if plan.teacher_routes else "student"}
     cfg_text = dump_toml(cfg)
     if files.store.exists():
         recorded = json.loads(files.store.read_text())

@@ -26,12 +26,12 @@ from storage.store import FeatureStore
 
 from .checkpoint import (fall_back_to_trusted, latest_checkpoint, load_checkpoint, load_weights, mark_trusted,
                          save_checkpoint)
-from .config import OptimConfig, TrainConfig, with_stores
+from .config import GuideConfig, OptimConfig, TrainConfig, with_stores
 from .data import PlanStream, StoreBatches, make_loader
 from .distributed import allreduce_grads, barrier, gather_rows, rank_and_world, resolve_device
 from .losses import distillation_terms, relational_terms
 from .metrics import MetricsLog
-from .model.distill import DistillModel, build_model
+from .model.distill import TRAINING_ONLY, DistillModel, build_model
 from .moe import upcycle_model
 from .rundir import RunDir
 
@@ -83,13 +83,13 @@ def train(cfg: TrainConfig, store_url: str | list[str] | None, run: Path, *, fin
     if not teachers:
         raise ValueError(f"{store.url} has no teacher: run cache-teachers first")
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg, store, teachers).to(device)
+    model = build_model(cfg, store, teachers, training=True).to(device)
     if cfg.run.compile:  # in place: the state dict (checkpoints, upcycling) keeps its names
         model.compile(backend=cfg.run.compile_backend)
     opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
                             eps=cfg.optim.eps, fused=device.type == "cuda")
     start, best = _resume(model, opt, run, cfg, init_checkpoint)
-    batches = _batches(cfg, teachers, start, rank, world)
+    batches = _batches(cfg, teachers, start, rank, world, model.guide.reads if model.guide else None)
     log = MetricsLog(run, start, enabled=rank == 0)
     history: list[dict] = []
     t_begin = time.perf_counter()
@@ -162,7 +162,7 @@ def _resume(model: DistillModel, opt: torch.optim.Optimizer, run: Path, cfg: Tra
         if source is None or not source.is_dir():
             raise ValueError(f"model.init_from: no checkpoint {source or ''} in {cfg.model.init_from}")
         try:
-            load_checkpoint(source, model)
+            load_checkpoint(source, model, ignore=TRAINING_ONLY)  # teacher routers (TGR) start anew
         except ValueError as exc:
             raise ValueError(f"model.init_from: {exc}") from None
         return 0, math.inf
@@ -175,11 +175,12 @@ def _resume(model: DistillModel, opt: torch.optim.Optimizer, run: Path, cfg: Tra
     return 0, math.inf
 
 
-def _batches(cfg: TrainConfig, teachers: list[str], start: int, rank: int, world: int) -> Iterator[dict]:
+def _batches(cfg: TrainConfig, teachers: list[str], start: int, rank: int, world: int,
+             layers: dict[str, list[int]] | None = None) -> Iterator[dict]:
     """This rank's microbatches from ``start`` on: plans made here (the stores mixed by weight), loaded
-    by DataLoader workers."""
+    by DataLoader workers; ``layers``: cached teacher layers read with each image (TGR-MoE)."""
     dataset = StoreBatches([s.url for s in cfg.data.stores], teachers, cfg.data, patch=cfg.model.patch_size,
-                           registers=cfg.model.registers, seed=cfg.run.seed)
+                           registers=cfg.model.registers, seed=cfg.run.seed, layers=layers)
     mix = dataset.reader
     parts = mix.parts([s.weight for s in cfg.data.stores])
     plans = PlanStream(mix.ok, mix.grid, parts[0].unit_rows, cfg.data, registers=cfg.model.registers,
@@ -194,6 +195,8 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     out["pixels"] = batch["pixels"].to(device, non_blocking=True)
     out["layout"] = batch["layout"].to(device)
     out["targets"] = {t: {k: v.to(device, non_blocking=True) for k, v in f.items()} for t, f in batch["targets"].items()}
+    if "layers" in batch:
+        out["layers"] = {t: {k: v.to(device, non_blocking=True) for k, v in f.items()} for t, f in batch["layers"].items()}
     return out
 
 
@@ -213,6 +216,17 @@ def _router_term(aux: list[dict], share: float) -> torch.Tensor | None:
     return torch.stack(losses).sum() * share
 
 
+def _guide_terms(aux: list[dict], share: float, tgr: GuideConfig) -> dict[str, torch.Tensor]:
+    """TGR-MoE's terms, each summed over the guided layers and weighted (``train/moe/tgr.py``): the student
+    routers' distillation λ_distill Σ L_distill (Eq. S2), the teacher routers' λ_load Σ L_load (Eq. S1) and
+    λ_ent Σ L_ent; this microbatch's share of the step."""
+    guided = [a for a in aux if "router_distill" in a]
+    total = lambda key: torch.stack([a[key] for a in guided]).sum() * share  # noqa: E731
+    return {"router_distill": tgr.distill * total("router_distill"),
+            "guide_load": tgr.load_balance * total("guide_load_balance_loss"),
+            "guide_entropy": tgr.entropy * total("guide_entropy")}
+
+
 def compute_terms(model: DistillModel, batch: dict, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], object]:
     """Weighted loss terms of one microbatch already on the device (its share of AMoE Eq. 5), and the
     student output (for routing metrics)."""
@@ -223,7 +237,7 @@ def compute_terms(model: DistillModel, batch: dict, cfg: TrainConfig) -> tuple[d
                for t, f in batch["targets"].items()}
     layout = batch["layout"]
     with _autocast(batch["pixels"].device):
-        preds, out = model(batch["pixels"], layout, cfg.run.attention)
+        preds, out = model(batch["pixels"], layout, cfg.run.attention, batch.get("layers"))
         terms = distillation_terms(preds, targets, layout.patch_image, layout.num_images, batch["global_images"],
                                    cfg.loss)
         # ARKD over the summaries of every rank's microbatch in this accumulation slot (AMoE Eq. 7)
@@ -231,9 +245,12 @@ def compute_terms(model: DistillModel, batch: dict, cfg: TrainConfig) -> tuple[d
         if cfg.loss.tas:  # M²oT Eq. 10: L_dist + λ1·L_tas + λ2·L_lb
             terms["tas"] = cfg.loss.tas * model.tas_loss(out, layout, {t: f["patches"] for t, f in targets.items()},
                                                          batch["global_images"])
-        router = _router_term(out.aux, layout.num_images / batch["global_images"])
+        share = layout.num_images / batch["global_images"]
+        router = _router_term(out.aux, share)
         if router is not None:
             terms["router"] = cfg.loss.router * router
+        if model.guides:
+            terms.update(_guide_terms(out.aux, share, cfg.model.moe.tgr))
     return terms, out
 
 
@@ -307,7 +324,8 @@ def _routing_metrics(aux: list[dict]) -> dict[str, float]:
     """Per-layer routing losses and entropies, read back in one transfer."""
     names, values = [], []
     for i, a in enumerate(aux):
-        for key in ("load_balance_loss", "z_loss", "expert_usage_entropy", "token_routing_entropy"):
+        for key in ("load_balance_loss", "z_loss", "expert_usage_entropy", "token_routing_entropy", "router_distill",
+                    "guide_load_balance_loss", "guide_entropy", "guide_agreement", "guide_usage_entropy"):
             if key in a:
                 names.append(f"moe/{i}/{key}")
                 values.append(a[key].detach().float().reshape(()))

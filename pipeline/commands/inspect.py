@@ -83,4 +83,4 @@ def _verify(store: str) -> None:
     parts = sorted({d.part for d in report.damaged})
     fail(f"{store}: {len(report.damaged)} damaged chunk range(s) in " + ", ".join(
         f"{part} units {report.units(part)}" for part in parts) + "; they are un-committed: rerun cache-teachers "
-        "with the same IMAGES (and teacher) to rewrite them")
+        "with the same IMAGES (and teacher, and --layers K for a damaged layer K) to rewrite them")

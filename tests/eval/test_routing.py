@@ -14,8 +14,8 @@ from storage import layout as L
 from storage.store import FeatureStore
 
 
-def _train(store: str, run, moe: dict | None, steps: int = 2, tas: float = 0.0):
-    """A run through the functions `pipeline train` calls, a checkpoint after every step (two kept)."""
+def _train(store: str, run, moe: dict | None, steps: int = 2, tas: float = 0.0, keep: int = 2):
+    """A run through the functions `pipeline train` calls, a checkpoint after every step (``keep`` kept)."""
     from train.config import TrainConfig, with_stores
     from train.rundir import prepare_run
     from train.trainer import train
@@ -24,14 +24,14 @@ def _train(store: str, run, moe: dict | None, steps: int = 2, tas: float = 0.0):
         "model": {"preset": "tiny", **({"moe": moe} if moe else {})},
         "data": {"seq_len": 160, "seqs_per_batch": 2, "workers": 0},
         "optim": {"warmup_steps": 1, "lr": 3e-3}, "loss": {"tas": tas},
-        "run": {"steps": steps, "log_every": 1, "threads": 1, "checkpoint_every": 1, "keep_checkpoints": 2}}), store)
+        "run": {"steps": steps, "log_every": 1, "threads": 1, "checkpoint_every": 1, "keep_checkpoints": keep}}), store)
     prepare_run(run, cfg)
     train(cfg, None, run)
 
 
-def _per_image(run, store_url: str, images: int, block: int):
-    """Each image run alone (no packing) through the latest checkpoint: the MoE block's input and the
-    router's top-1 at its patch tokens, from a hook and a direct router call; and the loaded model."""
+def _per_image(run, store_url: str, images: int, block: int, checkpoint=None):
+    """Each image run alone (no packing) through the latest checkpoint (or ``checkpoint``): the MoE block's
+    input and the router's top-1 at its patch tokens, from a hook and a direct router call; and the model."""
     from train.checkpoint import latest_checkpoint, load_checkpoint
     from train.data import StepPlan, StoreBatches
     from train.model import build_model
@@ -40,7 +40,7 @@ def _per_image(run, store_url: str, images: int, block: int):
 
     cfg, record = read_run(run)
     model = build_model(cfg, FeatureStore.open(store_url), record["teachers"])
-    load_checkpoint(latest_checkpoint(run / "checkpoints"), model)
+    load_checkpoint(checkpoint or latest_checkpoint(run / "checkpoints"), model)
     model.eval()
     ds = StoreBatches(store_url, ["dino"], cfg.data, patch=16, registers=cfg.model.registers, seed=0, train=False)
     mlp = model.student.blocks[block].mlp
@@ -62,11 +62,11 @@ def _per_image(run, store_url: str, images: int, block: int):
 def test_routing_counts_cka_and_stability_equal_a_per_image_recomputation(train_store, tmp_path):
     run = tmp_path / "moe"
     moe = {"layers": "all", "experts": 3, "top_k": 2, "backend": "loop"}
-    _train(train_store, run, moe, tas=0.5)
+    _train(train_store, run, moe, steps=3, tas=0.5, keep=3)
     result = evaluate_run(run, train_store, ["routing"], device="cpu", options={"routing": {"max_images": 12,
                                                                                              "min_tokens": 4}})
     routing = result["routing"]
-    assert routing["compared_with"] == "step_00000001" and routing["teacher_layers"] == ["dino/1", "dino/2"]
+    assert routing["compared_with"] == "step_00000002" and routing["teacher_layers"] == ["dino/1", "dino/2"]
     store = FeatureStore.open(train_store)
     ok, grid = store.image_array(L.OK)[:], store.image_array(L.GRID)[:]
     first = np.flatnonzero(ok)[:12]
@@ -83,7 +83,11 @@ def test_routing_counts_cka_and_stability_equal_a_per_image_recomputation(train_
             assert entry["cka"]["dino/2"][e] == pytest.approx(linear_cka(hidden[mask], teacher[mask]), rel=1e-3)
         else:
             assert entry["cka"]["dino/2"][e] is None
-    assert all(0.0 <= v <= 1.0 for v in (entry["stability"], routing["layers"]["0"]["stability"]))
+    earlier = {s: _per_image(run, train_store, 12, 1, run / "checkpoints" / f"step_{s:08d}")[1] for s in (1, 2)}
+    history = entry["stability_history"]  # consecutive kept checkpoints, oldest pair first
+    assert [(h["step"], h["since"]) for h in history] == [(2, 1), (3, 2)]
+    assert history[0]["changed"] == pytest.approx(float((earlier[2] != earlier[1]).mean()))
+    assert history[1]["changed"] == pytest.approx(float((top1 != earlier[2]).mean())) == entry["stability"]
     with torch.no_grad():  # π: for each expert, a distribution over the two teachers
         pi = model.tas["1"].weights(torch.from_numpy(hidden)).numpy()
     for e in range(3):
@@ -97,7 +101,7 @@ def test_routing_counts_cka_and_stability_equal_a_per_image_recomputation(train_
     from eval.report import write_report
 
     text = write_report(run).read_text()
-    assert "## Routing" in text and "routing_entropy.png" in text and (run / "routing_entropy.png").exists()
+    assert "## Routing" in text and "routing_entropy.png" in text and "checkpoints: 1→2 " in text and (run / "routing_entropy.png").exists()
 
 
 def test_routing_needs_an_moe_student(train_store, tmp_path):

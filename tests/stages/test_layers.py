@@ -142,3 +142,32 @@ def test_the_reader_returns_cached_layers_with_each_image_and_names_missing_ones
         assert item.layers["vit"][1].shape[0] == item.patches["vit"].shape[0]
     with pytest.raises(StoreError, match="--layers 2"):
         StoreReader(url, ["vit"], layers={"vit": [2]})
+
+
+def test_verify_finds_a_damaged_layer_uncommits_only_it_and_cache_teachers_rewrites_it(images, tmp_path, ray_local):
+    from storage.reader import StoreReader
+    from storage.store import StoreError
+    from storage.verify import verify_store
+
+    url = tmp_path / "store"
+    run_cache(str(images), str(url), _cfg(TINY_VIT, "vit", layers=[1, 2]))
+    g = FeatureStore.open(str(url)).teacher_group("vit")
+    before = {k: g[L.layer_path(k)][:] for k in (1, 2)}
+    shard = sorted((url / "teachers" / "vit" / "layers" / "1" / "c").rglob("*"))
+    [p for p in shard if p.is_file()][1].unlink()  # the second shard object of layers/1
+    report = verify_store(str(url), repair=True)
+    assert {d.part for d in report.damaged} == {"teacher vit layer 1"} and len(report.damaged) == 1
+    assert "missing chunk object(s) [1] of vit/layers/1" in report.damaged[0].reason
+    attrs = FeatureStore.open(str(url)).teacher_attrs("vit")
+    assert attrs["layers"] == [2] and attrs["complete"]  # the teacher's own arrays and layer 2 are intact
+    store = FeatureStore.open(str(url))
+    assert store.layer_commits("vit", 1).committed() == set(range(store.plan().num_units)) - {report.damaged[0].unit}
+    assert len(store.layer_commits("vit", 2).committed()) == store.plan().num_units
+    with pytest.raises(StoreError, match="--layers 1"):
+        StoreReader(str(url), ["vit"], layers={"vit": [1]})
+    StoreReader(str(url), ["vit"], layers={"vit": [2]})
+    run_cache(str(images), str(url), _cfg(TINY_VIT, "vit", layers=[1]))
+    assert not verify_store(str(url)).damaged
+    g = FeatureStore.open(str(url)).teacher_group("vit")
+    for k in (1, 2):
+        np.testing.assert_array_equal(g[L.layer_path(k)][:], before[k])

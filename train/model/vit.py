@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..moe import TokenGroups
+from ..moe.tgr import RouteGuide
 from ..packing import PackedLayout
 from .attention import Attention, DocumentMask, document_mask
 from .mlp import build_mlp
@@ -37,9 +38,10 @@ class Block(nn.Module):
         self.sparse = sparse
         self.mlp = build_mlp(cfg, sparse)
 
-    def forward(self, x: torch.Tensor, rope, mask: DocumentMask, tokens: TokenGroups) -> tuple[torch.Tensor, dict]:
+    def forward(self, x: torch.Tensor, rope, mask: DocumentMask, tokens: TokenGroups, guide: RouteGuide | None = None
+                ) -> tuple[torch.Tensor, dict]:
         x = x + self.attn(self.norm1(x), rope, mask)
-        y, aux = self.mlp(self.norm2(x), tokens=tokens)
+        y, aux = self.mlp(self.norm2(x), tokens=tokens, **({"guide": guide} if guide is not None else {}))
         return x + y, aux
 
 
@@ -86,8 +88,10 @@ class Student(nn.Module):
         scale = layout.grids.to(layout.coords.dtype)[layout.patch_image] / self.cfg.rope_ref_grid  # [T, 2]
         return layout.coords.index_put((layout.patch_pos,), layout.coords[layout.patch_pos] * scale)
 
-    def forward(self, pixels: torch.Tensor, layout: PackedLayout, attention: str = "auto") -> StudentOutput:
-        """``pixels`` [T, 3·p·p] uint8 or float in [0, 1], patch rows in ``layout.patch_pos`` order."""
+    def forward(self, pixels: torch.Tensor, layout: PackedLayout, attention: str = "auto",
+                guides: dict[int, RouteGuide] | None = None) -> StudentOutput:
+        """``pixels`` [T, 3·p·p] uint8 or float in [0, 1], patch rows in ``layout.patch_pos`` order; ``guides``:
+        TGR-MoE's teacher routing for some MoE blocks, by block index (``train/moe/tgr.py``)."""
         S, L = layout.doc_ids.shape
         x = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels
         tokens = self.patch_embed(((x - self.pixel_mean) / self.pixel_std).to(self.patch_embed.weight.dtype))
@@ -101,8 +105,9 @@ class Student(nn.Module):
         mask = document_mask(layout.doc_ids, attention)
         tokens = TokenGroups.from_doc_ids(layout.doc_ids)
         x, aux = seq.reshape(S, L, D), []
-        for block in self.blocks:
-            x, block_aux = block(x, rope, mask, tokens)
+        guides = guides or {}
+        for i, block in enumerate(self.blocks):
+            x, block_aux = block(x, rope, mask, tokens, guides.get(i))
             if block.sparse:
                 aux.append(block_aux)
         x = self.norm(x).reshape(S * L, D)

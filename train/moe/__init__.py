@@ -4,7 +4,8 @@
 the modules here hold parameters and call the kernels (MegaBlocks-style split): ``experts`` (the
 stacked expert weights and the two ways they compute), ``router``, ``token_choice`` (the main top-k
 layer), ``soft_moe`` and ``expert_choice`` (baselines), ``groups`` (which tokens a layer sees),
-``upcycle`` (dense -> sparse).
+``upcycle`` (dense -> sparse), ``tas`` and ``tgr`` (routers that read teacher targets or teacher
+layers: M²oT's teacher-aware router, TGR-MoE's teacher routers).
 """
 
 from .expert_choice import ExpertChoiceMLP, expert_capacity

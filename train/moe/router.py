@@ -37,6 +37,7 @@ class RouterOutput(NamedTuple):
     probs: torch.Tensor  # [T, E] routing distribution (noisy logits in training; sums to 1 per token)
     topk_weights: torch.Tensor  # [T, k] gates multiplying the expert outputs
     topk_idx: torch.Tensor  # [T, k] int64 chosen experts
+    scores: torch.Tensor | None = None  # [T, E] what the gates are read from (softmax or sigmoid of the routed logits)
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -141,13 +142,38 @@ class Router(nn.Module):
         gates, idx = scores.topk(self.top_k, dim=-1)
         if self.renormalize:
             gates = gates / gates.sum(-1, keepdim=True)
-        return RouterOutput(logits, probs, gates, idx)
+        return RouterOutput(logits, probs, gates, idx, scores)
+
+    def gates_at(self, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The gates this router would give the experts ``idx`` [T, k] (chosen by another router) from its ``scores``."""
+        gates = scores.gather(1, idx)
+        return gates / gates.sum(-1, keepdim=True) if self.renormalize else gates
 
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, top_k={self.top_k}, score={self.score_func}, "
             f"renormalize={self.renormalize}, noise_std={self.noise_std}"
         )
+
+
+def routing_distribution(logits: torch.Tensor, score_func: ScoreFunc) -> torch.Tensor:
+    """A router's distribution over experts per token: softmax, or sigmoid scores normalized to sum 1."""
+    logits = _upcast(logits)
+    if score_func == "softmax":
+        return logits.softmax(-1)
+    scores = logits.sigmoid()
+    return scores / scores.sum(-1, keepdim=True)
+
+
+def router_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, score_func: ScoreFunc
+                        ) -> torch.Tensor:
+    """TGR-MoE's L_distill of one layer (Eq. S2; the form is our reconstruction, ``train/moe/tgr.py``):
+    ``mean_t KL(p_T(t) ‖ p_S(t))`` over the routing distributions of the clean logits, the teacher's
+    detached (the student follows; the teacher is not pulled toward it)."""
+    target = routing_distribution(teacher_logits, score_func).detach()
+    log_student = torch.log(routing_distribution(student_logits, score_func).clamp_min(1e-30))
+    kl = (target * (torch.log(target.clamp_min(1e-30)) - log_student)).sum(-1)
+    return kl.mean() if kl.numel() else kl.sum()
 
 
 def routing_aux(out: RouterOutput, token_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

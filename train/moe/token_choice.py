@@ -15,6 +15,7 @@ from .groups import TokenGroups
 from .ops.dispatch import gather_rows, make_plan, scatter_combine
 from .ops.grouped_gemm import Backend
 from .router import Router, ScoreFunc, routing_aux
+from .tgr import RouteGuide, guide_losses, guided_route
 
 __all__ = ["MoEMLP"]
 
@@ -49,7 +50,8 @@ class MoEMLP(nn.Module):
         self.experts = ExpertBank(dim, hidden_dim, num_experts, activation, bias, init_std)
         self.keep_expert_outputs = False  # set by a model trained with TAS (train.moe.tas)
 
-    def forward(self, x: torch.Tensor, tokens: TokenGroups | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x: torch.Tensor, tokens: TokenGroups | None = None, guide: RouteGuide | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``x [..., d] -> (y [..., d], aux)``; only the real rows named by ``tokens`` are routed (all when None).
 
         Groups do not matter to token choice: every token picks its experts alone.
@@ -57,13 +59,19 @@ class MoEMLP(nn.Module):
         ``router_logits`` [T, E] (with grad, for routing distillation), and detached metrics
         ``expert_usage_entropy``, ``token_routing_entropy``, ``expert_fraction`` [E], ``expert_idx`` [T, k];
         with ``keep_expert_outputs``, also ``moe_input`` [T, d] and ``expert_out`` [T, k, d] (each choice's output).
+        ``guide`` (TGR-MoE, ``tgr.py``; its rows index the routed tokens) adds the ``guide_losses`` to aux; when
+        the teacher router routes, the metrics describe its routing and ``router_loss`` is 0 (Eq. S3).
         """
         if tokens is not None:
-            y, aux = self.forward(tokens.gather(x))
+            y, aux = self.forward(tokens.gather(x), guide=guide)
             return tokens.scatter(y, like=x), aux
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         route = self.router(flat)
+        guided = {}
+        if guide is not None:
+            guided = guide_losses(route, guide, self.router)
+            route = guided_route(route, guide, self.router)
         plan = make_plan(route.topk_idx, self.num_experts)
         y_sorted = self.experts.grouped(gather_rows(flat, plan), plan.expert_idx, plan.offsets, self.backend)
         gates_sorted = route.topk_weights.reshape(-1).index_select(0, plan.order)
@@ -71,6 +79,9 @@ class MoEMLP(nn.Module):
 
         aux = routing_aux(route)
         aux["router_loss"] = self.load_balance_weight * aux["load_balance_loss"] + self.z_loss_weight * aux["z_loss"]
+        if guide is not None and guide.teacher_routes:  # the student router learns only by distillation
+            aux["router_loss"] = aux["router_loss"].detach() * 0
+        aux.update(guided)
         aux["router_logits"] = route.logits
         aux["expert_idx"] = route.topk_idx.detach()
         if self.keep_expert_outputs:  # M²oT's TAS loss compares each chosen expert's own output with a target
