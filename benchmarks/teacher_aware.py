@@ -134,12 +134,13 @@ def tables(out: dict) -> str:
              md_table(["run", "distillation loss (steps 0-49)", "distillation loss (last 10 steps)", "kNN CLS"], rows), ""]
     rows = []
     for n in tgr:
-        for block, entry in runs[n]["routing"]["layers"].items():
-            logged = runs[n]["logged"]
+        blocks = sorted(runs[n]["routing"]["layers"], key=int)
+        for j, block in enumerate(blocks):  # metrics.jsonl names MoE layers by position (moe/0 = first MoE block)
+            entry, logged = runs[n]["routing"]["layers"][block], runs[n]["logged"]
             changed = " ".join(f"{100 * h['changed']:.0f}%" for h in entry.get("stability_history", []))
-            rows.append([n, block, logged.get(f"moe/{block}/expert_usage_entropy"),
-                         logged.get(f"moe/{block}/token_routing_entropy"), changed,
-                         logged.get(f"moe/{block}/guide_agreement", "-"), " ".join(map(str, entry["tokens"]))])
+            rows.append([n, block, logged.get(f"moe/{j}/expert_usage_entropy"),
+                         logged.get(f"moe/{j}/token_routing_entropy"), changed,
+                         logged.get(f"moe/{j}/guide_agreement", "-"), " ".join(map(str, entry["tokens"]))])
     text += ["#### Routing per MoE block", "",
              md_table(["run", "MoE block", "expert-usage entropy (training, last 10)", "token entropy (training, last 10)",
                        "changed expert between checkpoints (50-100, ..., 250-300)", "top-1 agreement with the teacher "

@@ -153,9 +153,9 @@ def _uncommit(store: FeatureStore, report: VerifyReport) -> None:
                 store.teacher_commits(name).uncommit(unit)
             store.teacher_group(name).attrs.update({"complete": False})
         layers = store.teacher_group(name).attrs.get("layers", [])
-        for k in list(layers):
+        for k in sorted(int(k) for k in (store.teacher_group(name).attrs.get("layer_dims") or {})):
             units = report.units(f"teacher {name} layer {k}")
-            for unit in units:
+            for unit in units:  # complete or still being cached: its damaged units are computed again
                 store.layer_commits(name, k).uncommit(unit)
             if units:  # readers refuse the layer (naming --layers) until cache-teachers rewrites those units
                 layers = [j for j in layers if j != k]

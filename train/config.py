@@ -25,11 +25,11 @@ class GuideConfig(StrictConfig):
 
     A teacher router per guided MoE block reads the cached features of a teacher layer for the same
     tokens (``cache-teachers --layers``); every field has a default that works on any store with
-    cached layers. Reconstructions: ``train/moe/guide.py``."""
+    cached layers. Reconstructions: ``train/moe/tgr.py``."""
 
     teacher: str | None = Field(None, description="teacher whose cached layers the teacher routers read "
                                 "(default: the first of the run's teachers with cached layers)")
-    layers: dict[int, int] | None = Field(None, description="student MoE block (0-based, as moe.layers) -> cached "
+    layers: dict[int, int] | None = Field(None, min_length=1, description="student MoE block (0-based, as moe.layers) -> cached "
                                           "teacher layer (1-based, as --layers); default: the MoE blocks spread "
                                           "evenly over the cached layers, in order (Table S1: {8,10,12} -> {8,10,12})")
     routes: Literal["student", "teacher"] = Field(

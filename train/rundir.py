@@ -175,6 +175,18 @@ def init_source(cfg: TrainConfig, teachers: list[str], fingerprints: dict[str, d
     return {"run": str(source.resolve()), "checkpoint": str(ckpt.resolve()), "step": int(step)}
 
 
+def pin_guide(cfg: TrainConfig, record: dict) -> TrainConfig:
+    """``cfg`` with the teacher-router map (TGR-MoE) that the run's ``store.json`` ``record`` holds, if any: the
+    default map follows the store's cached layers, which may change while a run is resumed."""
+    guide = record.get("guide")
+    if not guide or cfg.model.moe.guide != "tgr":
+        return cfg
+    moe = cfg.model.moe
+    tgr = moe.tgr.model_copy(update={"teacher": guide["teacher"],
+                                     "layers": {int(b): int(k) for b, k in guide["layers"].items()}})
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"moe": moe.model_copy(update={"tgr": tgr})})})
+
+
 def _without_store_urls(config: dict) -> dict:
     """A config as compared on resume: store URLs may change (a moved store), weights may not; a run
     recorded before ``data.stores`` read its one store with weight 1."""
@@ -210,9 +222,10 @@ def prepare_run(run: Path, cfg: TrainConfig, *, write: bool = True) -> dict:
               "stores": [{"url": s.url, "weight": s.weight, "fingerprint": fp}
                          for s, fp in zip(cfg.data.stores, fingerprints)],
               "teacher_fingerprints": full}
+    recorded = json.loads(files.store.read_text()) if files.store.exists() else {}
     if cfg.model.moe.guide == "tgr":  # refused here, before the run directory is written, if a store cannot serve it
-        try:
-            plan = guide_plan(cfg.model, stores[0], teachers)
+        try:  # a resumed run keeps the map it started with, whatever layers its store has gained since
+            plan = guide_plan(pin_guide(cfg, recorded).model, stores[0], teachers)
         except ValueError as exc:
             raise RunError(str(exc)) from None
         for store in stores[1:]:
@@ -225,7 +238,6 @@ def prepare_run(run: Path, cfg: TrainConfig, *, write: bool = True) -> dict:
                            "routes": "teacher" if plan.teacher_routes else "student"}
     cfg_text = dump_toml(cfg)
     if files.store.exists():
-        recorded = json.loads(files.store.read_text())
         before = recorded.get("stores") or [{"url": recorded["url"], "fingerprint": recorded["fingerprint"]}]
         if len(before) != len(stores):
             raise RunError(f"run {run} was trained on {len(before)} store(s), this command gives {len(stores)}. "

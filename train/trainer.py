@@ -13,6 +13,7 @@ being its share of the global mean (AMoE Eq. 5).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -31,9 +32,9 @@ from .data import PlanStream, StoreBatches, make_loader
 from .distributed import allreduce_grads, barrier, gather_rows, rank_and_world, resolve_device
 from .losses import distillation_terms, relational_terms
 from .metrics import MetricsLog
-from .model.distill import TRAINING_ONLY, DistillModel, build_model
+from .model.distill import SPARSE_ONLY, TRAINING_ONLY, DistillModel, build_model
 from .moe import upcycle_model
-from .rundir import RunDir
+from .rundir import RunDir, pin_guide
 
 __all__ = ["TrainingDiverged", "TrainResult", "batch_to_device", "compute_terms", "lr_at", "train"]
 
@@ -83,7 +84,8 @@ def train(cfg: TrainConfig, store_url: str | list[str] | None, run: Path, *, fin
     if not teachers:
         raise ValueError(f"{store.url} has no teacher: run cache-teachers first")
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg, store, teachers, training=True).to(device)
+    record = json.loads(RunDir(run).store.read_text()) if RunDir(run).store.exists() else {}
+    model = build_model(pin_guide(cfg, record), store, teachers, training=True).to(device)
     if cfg.run.compile:  # in place: the state dict (checkpoints, upcycling) keeps its names
         model.compile(backend=cfg.run.compile_backend)
     opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -171,7 +173,7 @@ def _resume(model: DistillModel, opt: torch.optim.Optimizer, run: Path, cfg: Tra
             dense = load_weights(Path(cfg.model.moe.upcycle_from))
         except ValueError as exc:
             raise ValueError(f"model.moe.upcycle_from: {exc}") from None
-        upcycle_model(model, dense, cfg.model.moe.upcycle_noise, cfg.run.seed)
+        upcycle_model(model, dense, cfg.model.moe.upcycle_noise, cfg.run.seed, fresh=SPARSE_ONLY)
     return 0, math.inf
 
 

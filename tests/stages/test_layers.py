@@ -166,7 +166,14 @@ def test_verify_finds_a_damaged_layer_uncommits_only_it_and_cache_teachers_rewri
     with pytest.raises(StoreError, match="--layers 1"):
         StoreReader(str(url), ["vit"], layers={"vit": [1]})
     StoreReader(str(url), ["vit"], layers={"vit": [2]})
-    run_cache(str(images), str(url), _cfg(TINY_VIT, "vit", layers=[1]))
+    # a layer still being cached (not yet complete) is checked and repaired the same way
+    store.teacher_group("vit").attrs.update({"layers": []})
+    shard = sorted(p for p in (url / "teachers" / "vit" / "layers" / "2" / "c").rglob("*") if p.is_file())
+    shard[0].unlink()
+    report = verify_store(str(url), repair=True)
+    assert {d.part for d in report.damaged} == {"teacher vit layer 2"}
+    assert len(FeatureStore.open(str(url)).layer_commits("vit", 2).committed()) == store.plan().num_units - 1
+    run_cache(str(images), str(url), _cfg(TINY_VIT, "vit", layers=[1, 2]))
     assert not verify_store(str(url)).damaged
     g = FeatureStore.open(str(url)).teacher_group("vit")
     for k in (1, 2):

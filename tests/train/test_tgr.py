@@ -115,7 +115,7 @@ def test_the_teacher_router_entropy_term_is_minimized_and_its_load_balance_is_eq
     _, aux = mlp(x, guide=RouteGuide(rows, t_route, teacher_routes=False))
     assert float(aux["guide_load_balance_loss"].detach()) == pytest.approx(float(load_balance_loss(t_route.probs, t_route.topk_idx).detach()))
     before = float(aux["guide_entropy"].detach())
-    assert before == pytest.approx(float(token_routing_entropy(t_route.logits.softmax(-1))))
+    assert before == pytest.approx(float(token_routing_entropy(t_route.logits.detach().softmax(-1))))
     opt = torch.optim.SGD(teacher.parameters(), lr=5.0)
     for _ in range(20):  # descending the term alone makes the teacher's per-token routing more confident
         opt.zero_grad()
@@ -164,6 +164,8 @@ def test_the_plan_maps_moe_blocks_evenly_onto_the_cached_layers_and_refuses_what
 
     with pytest.raises(ConfigError, match="needs token-choice MoE layers"):
         load_config(TrainConfig, None, {"model": {"moe": {"guide": "tgr"}}})
+    with pytest.raises(ConfigError, match="model.moe.tgr.layers"):  # an empty map would silently guide nothing
+        load_config(TrainConfig, None, {"model": {"moe": {"layers": "all", "guide": "tgr", "tgr": {"layers": {}}}}})
 
 
 def test_batches_carry_the_cached_layers_of_each_patch_token_through_flips_and_crops(train_store):
@@ -219,6 +221,47 @@ def test_tgr_trains_with_its_terms_resumes_with_the_teacher_routers_and_evaluate
 
     model, _ = load_trained(tmp_path / "teacher", train_store, cfg4, ["dino", "siglip"], torch.device("cpu"))
     assert len(model.guides) == 0  # evaluation: the student routes and no layers are needed
+
+
+def test_in_a_packed_batch_the_teacher_router_of_each_patch_token_reads_that_tokens_layer_row(train_store):
+    """Upper bound, no noise: the experts used at each patch token are its teacher router's top-k on its own
+    cached row, found here without the model's row mapping (padding, CLS and registers skipped by hand)."""
+    from storage.store import FeatureStore
+    from train.data import PlanStream, StoreBatches
+    from train.model import build_model
+
+    cfg = _cfg(tgr={"routes": "teacher", "noise_std": 0.0})
+    store = FeatureStore.open(train_store)
+    torch.manual_seed(0)
+    model = build_model(cfg, store, ["dino", "siglip"], training=True)
+    ds = StoreBatches(train_store, ["dino", "siglip"], cfg.data, patch=16, registers=cfg.model.registers, seed=0,
+                      layers=model.guide.reads)
+    batch = ds[next(PlanStream(ds.reader.ok, ds.reader.grid, 16, cfg.data, registers=4, seed=0).steps())]
+    layout = batch["layout"]
+    assert layout.num_images > 2 and bool((layout.doc_ids < 0).any())  # several images per sequence, padding
+    with torch.no_grad():
+        _, out = model(batch["pixels"], layout, layers=batch["layers"])
+    real = (layout.doc_ids.reshape(-1) >= 0).long()
+    position = (torch.cumsum(real, 0) - 1)[layout.patch_pos]  # each patch token's place among the real tokens
+    for j, (block, k) in enumerate(model.guide.layers.items()):
+        want = model.guides[str(block)](batch["layers"]["dino"][k]).topk_idx
+        assert torch.equal(out.aux[j]["expert_idx"][position], want), block
+
+
+def test_a_resumed_run_keeps_the_recorded_teacher_layer_map(train_store, tmp_path):
+    from train.config import with_stores
+    from train.rundir import RunError, pin_guide, prepare_run
+
+    cfg = with_stores(_cfg(), train_store)
+    run = tmp_path / "run"
+    assert prepare_run(run, cfg)["guide"]["layers"] == {"1": 1, "3": 2}
+    record = json.loads((run / "store.json").read_text())  # as if the store had other layers when it started
+    (run / "store.json").write_text(json.dumps({**record, "guide": {**record["guide"], "layers": {"1": 2, "3": 2}}}))
+    assert prepare_run(run, cfg)["guide"]["layers"] == {"1": 2, "3": 2}
+    assert pin_guide(cfg, json.loads((run / "store.json").read_text())).model.moe.tgr.layers == {1: 2, 3: 2}
+    (run / "store.json").write_text(json.dumps({**record, "guide": {**record["guide"], "layers": {"1": 5, "3": 2}}}))
+    with pytest.raises(RunError, match="--layers 5"):  # the recorded layer is gone: named, not silently remapped
+        prepare_run(run, cfg)
 
 
 def test_train_refuses_a_tgr_run_on_a_store_without_layers_before_writing_anything(stage2_store, tmp_path):

@@ -175,7 +175,9 @@ def test_an_upcycled_run_starts_where_the_dense_checkpoint_is(train_store, tmp_p
     assert_ok(run_pipeline("train", "--store", train_store, "--out", tmp_path / "dense", *BASE, "--steps", "2"))
     moe = ["--set", "model.moe.layers=odd", "--set", "model.moe.experts=4", "--set", "model.moe.top_k=2",
            "--set", "model.moe.backend=loop", "--set", "model.moe.renormalize=true",  # gates sum to 1: exact
-           "--set", f"model.moe.upcycle_from={tmp_path / 'dense'}"]
+           "--set", f"model.moe.upcycle_from={tmp_path / 'dense'}",
+           # with TAS and TGR-MoE (the student routes): their routers have no dense counterpart and start fresh
+           "--set", "loss.tas=0.5", "--set", "model.moe.guide=tgr"]
     assert_ok(run_pipeline("train", "--store", train_store, "--out", tmp_path / "moe", *BASE, *moe, "--steps", "1"))
     first = _records(tmp_path / "moe")[0]
     cfg, record = read_run(tmp_path / "dense")
@@ -186,7 +188,7 @@ def test_an_upcycled_run_starts_where_the_dense_checkpoint_is(train_store, tmp_p
         terms, _ = compute_terms(model.eval(), batch, cfg)
     for key, value in terms.items():
         assert first[f"loss/{key}"] == pytest.approx(float(value), rel=1e-5, abs=1e-7), key
-    assert "loss/router" in first
+    assert "loss/router" in first and "loss/tas" in first and "loss/router_distill" in first
 
 
 def test_knn_excludes_self_matches_and_equals_a_direct_forward(train_store, tmp_path):

@@ -24,9 +24,10 @@ from .heads import TeacherHeads
 from .targets import TeacherTargets, load_teacher_targets
 from .vit import Student, StudentOutput
 
-__all__ = ["DistillModel", "GuidePlan", "TRAINING_ONLY", "build_model", "guide_plan"]
+__all__ = ["DistillModel", "GuidePlan", "SPARSE_ONLY", "TRAINING_ONLY", "build_model", "guide_plan"]
 
 TRAINING_ONLY = ("guides.",)  # state-dict prefixes of parts only training uses (evaluation loads without them)
+SPARSE_ONLY = ("tas.", *TRAINING_ONLY)  # parts that exist only next to MoE layers (a dense run has none to give)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ form of L_distill nor the sign of the entropy term; what we chose:
   the teacher would read: a ViT's residual stream has channels of very uneven scale, which a linear
   router initialized at std 0.02 would not see past.
 - **Tokens**: layers are cached per patch token, so only patch tokens are guided; CLS and register
-  tokens are always routed by the student router and get no routing distillation.
+  tokens are always routed by the student router and get no routing distillation (in the upper bound
+  with detached gates and, as S3 has no load balancing for the student router, none for them either).
+- Like the load balancing, L_distill reaches the student's backbone through the router's input, not
+  only the router.
 - **L_distill^(i)** = mean over patch tokens of KL(p_T ‖ p_S) between the two routers' distributions
   of their clean logits (``router.router_distill_loss``), the teacher's detached.
 - **L_ent^(i)** = the teacher router's mean normalized token entropy (``router.token_routing_entropy``
@@ -27,6 +30,9 @@ form of L_distill nor the sign of the entropy term; what we chose:
   picked: the forward value is exactly the student's (the same routing in training and at inference)
   and the gates' task gradient reaches both routers. The student router also keeps its own load
   balancing (the V-MoE objective plus S2).
+
+With top-1 routing and renormalized gates every gate is 1, so no router, guided or not, gets a task
+gradient; the teacher router then learns from its load balancing and entropy only.
 """
 
 from __future__ import annotations

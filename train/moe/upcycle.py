@@ -80,13 +80,15 @@ def _dense_linear(state: dict[str, torch.Tensor], key: str) -> nn.Linear:
 
 
 @torch.no_grad()
-def upcycle_model(model: nn.Module, dense_state: dict[str, torch.Tensor], noise_std: float = 0.0, seed: int = 0) -> None:
+def upcycle_model(model: nn.Module, dense_state: dict[str, torch.Tensor], noise_std: float = 0.0, seed: int = 0,
+                  *, fresh: tuple[str, ...] = ()) -> None:
     """Load a dense model's state into its sparse twin, copying each dense MLP into every expert.
 
     The two models differ only in the MLPs of the sparse blocks: where ``model`` has a token-choice
     MoE layer at path ``P``, the dense state has ``P.fc1`` and ``P.fc2``. Everything else is loaded as
-    it is; routers keep their fresh init. With renormalized top-k gates and no noise the upcycled
-    model computes exactly what the dense one did. A key missing on either side is an error.
+    it is; routers, and the parts named by a ``fresh`` prefix (ones a dense run cannot have, such as
+    teacher-aware routers), keep their fresh init. With renormalized top-k gates and no noise the
+    upcycled model computes exactly what the dense one did. Any other key missing on either side is an error.
     """
     generator = torch.Generator().manual_seed(seed)
     sparse: list[str] = []
@@ -99,7 +101,7 @@ def upcycle_model(model: nn.Module, dense_state: dict[str, torch.Tensor], noise_
             sparse.append(f"{path}.")
     inside = tuple(sparse)
     rest = {k: v for k, v in dense_state.items() if not k.startswith(inside)}
-    own = {k for k in model.state_dict() if not k.startswith(inside)}
+    own = {k for k in model.state_dict() if not k.startswith(inside) and not (fresh and k.startswith(fresh))}
     missing, unexpected = sorted(own - set(rest)), sorted(set(rest) - own)
     if missing or unexpected:
         raise ValueError(f"dense checkpoint does not match the sparse model outside its MoE layers: "
