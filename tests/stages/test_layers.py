@@ -167,7 +167,7 @@ def test_verify_finds_a_damaged_layer_uncommits_only_it_and_cache_teachers_rewri
         StoreReader(str(url), ["vit"], layers={"vit": [1]})
     StoreReader(str(url), ["vit"], layers={"vit": [2]})
     # a layer still being cached (not yet complete) is checked and repaired the same way
-    store.teacher_group("vit").attrs.update({"layers": []})
+    FeatureStore.open(str(url), mode="r+").teacher_group("vit").attrs.update({"layers": []})
     shard = sorted(p for p in (url / "teachers" / "vit" / "layers" / "2" / "c").rglob("*") if p.is_file())
     shard[0].unlink()
     report = verify_store(str(url), repair=True)
