@@ -2,9 +2,9 @@
 
 ``evaluate_run`` loads the run's latest checkpoint through ``train.model`` (never the training loop),
 extracts features from each store a task reads (once per store), runs the tasks and merges their
-entries into ``RUN/eval.json``: every task owns one top-level key (``knn`` today), next to
-``checkpoint_step``, the student-teacher ``cosine`` and ``relational_error`` on the evaluated store. Further tasks
-(zero-shot, retrieval, dense probes, ensembling, CKA) are one function each in ``TASKS``.
+entries into ``RUN/eval.json``: every task owns one top-level key (``knn``, ``zeroshot``, ``ensemble``,
+``routing``), next to ``checkpoint_step``, the evaluated ``store``, the student-teacher ``cosine`` and
+``relational_error`` on it. Each task is one function in ``TASKS``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ from train.distributed import resolve_device
 from train.losses import relational_error
 from train.rundir import RunDir, read_run
 
+from .ensemble import confidence, fuse
 from .features import StoreFeatures, extract_features, load_trained
-from .knn import knn_accuracy
+from .knn import knn_accuracy, knn_votes
+from .zeroshot import class_scores
+from .zeroshot import predict as zs_predict
 
 __all__ = ["EvalContext", "EvalError", "TASKS", "evaluate_run"]
 
@@ -54,8 +57,8 @@ class EvalContext:
         return self._features[url]
 
 
-def knn_task(ctx: EvalContext, k: int = 20, temperature: float = 0.07) -> dict:
-    """Weighted kNN top-1 of each feature: labelled queries of the store against the labelled bank."""
+def _knn_sides(ctx: EvalContext):
+    """(queries, bank, labelled-query mask, labelled-bank mask, self-exclusion indices or None)."""
     queries, neighbours = ctx.features(ctx.store), ctx.features(ctx.bank)
     qm, bm = queries.labels >= 0, neighbours.labels >= 0
     if not qm.any() or not bm.any():
@@ -65,6 +68,12 @@ def knn_task(ctx: EvalContext, k: int = 20, temperature: float = 0.07) -> dict:
     if ctx.bank == ctx.store:  # the queries are in the bank: no image may vote for itself
         where = {int(r): j for j, r in enumerate(neighbours.rows[bm])}
         exclude = np.array([where.get(int(r), -1) for r in queries.rows[qm]])
+    return queries, neighbours, qm, bm, exclude
+
+
+def knn_task(ctx: EvalContext, k: int = 20, temperature: float = 0.07) -> dict:
+    """Weighted kNN top-1 of each feature: labelled queries of the store against the labelled bank."""
+    queries, neighbours, qm, bm, exclude = _knn_sides(ctx)
     top1 = {name: knn_accuracy(neighbours.features[name][bm], neighbours.labels[bm], feats[qm], queries.labels[qm],
                                k=k, temperature=temperature, exclude=exclude)
             for name, feats in queries.features.items()}
@@ -86,7 +95,115 @@ def routing_task(ctx: EvalContext, max_images: int = 512, min_tokens: int = 16) 
     return entry
 
 
-TASKS: dict[str, Callable[..., dict]] = {"knn": knn_task, "routing": routing_task}
+def _class_sets(ctx: EvalContext) -> dict[str, dict[str, tuple[np.ndarray, dict]]]:
+    """Per teacher, its class-embedding sets (``classes`` or ``classifier``) from the evaluated store, else the bank's."""
+    out: dict[str, dict[str, tuple[np.ndarray, dict]]] = {}
+    for url in dict.fromkeys([ctx.store, ctx.bank]):
+        store = FeatureStore.open(url)
+        for t in ctx.teachers:
+            for name, (emb, attrs) in store.text_sets(t).items():
+                if attrs.get("kind") in ("classes", "classifier"):
+                    out.setdefault(t, {}).setdefault(name, (emb, attrs))
+    return out
+
+
+def _aligned(attrs: dict, labels: np.ndarray, classes: int) -> np.ndarray | None:
+    """The labelled images whose labels name the set's classes (class i = label i), or None when they do not."""
+    labelled = labels >= 0
+    if not attrs.get("label_aligned") or not labelled.any() or int(labels.max()) >= classes:
+        return None
+    return labelled
+
+
+def zeroshot_task(ctx: EvalContext) -> dict:
+    """Zero-shot top-1 of each head and its teacher through every class-embedding set of the teacher
+    (``eval.zeroshot``): the head's agreement with the teacher's own prediction always, and accuracy where
+    the store's labels are the set's classes."""
+    sets = _class_sets(ctx)
+    if not sets:
+        raise EvalError(f"zero-shot needs class embeddings of a teacher of the run in {ctx.store} or {ctx.bank}: cache "
+                        "them with `pipeline cache-teachers ... --text-classes FILE` (a text tower) or `--classifier` "
+                        "(a classifier teacher)")
+    feats = ctx.features(ctx.store)
+    out = {"store": ctx.store, "images": int(len(feats.rows)), "sets": {}}
+    for t, per in sets.items():
+        for name, (emb, attrs) in per.items():
+            teacher = zs_predict(feats.features[f"teacher/{t}"], emb, attrs)
+            head = zs_predict(feats.features[f"student/{t}"], emb, attrs)
+            entry = {"teacher": t, "kind": attrs.get("kind"), "score": attrs.get("score"), "classes": int(len(emb)),
+                     "agreement": {f"student/{t}": float((head == teacher).mean())}}
+            mask = _aligned(attrs, feats.labels, len(emb))
+            if mask is not None:
+                truth = feats.labels[mask]
+                entry["labelled_images"] = int(mask.sum())
+                entry["top1"] = {f"student/{t}": float((head[mask] == truth).mean()),
+                                 f"teacher/{t}": float((teacher[mask] == truth).mean())}
+            out["sets"][f"{t}/{name}"] = entry
+    return out
+
+
+def ensemble_task(ctx: EvalContext, k: int = 20, temperature: float = 0.07, gamma: float = 1.0, eps: float = 1e-6
+                  ) -> dict:
+    """AMoE's entropy-weighted head ensembling (``eval.ensemble``), next to each head alone: kNN class
+    posteriors of every head; and zero-shot scores of the heads whose teachers cache a set of the same
+    name and classes. The teachers' own summaries are ensembled the same way for reference."""
+    out: dict = {"gamma": gamma, "eps": eps}
+    heads = [f"student/{t}" for t in ctx.teachers]
+    if len(heads) < 2:
+        raise EvalError(f"ensembling needs two or more teacher heads; the run distils {', '.join(ctx.teachers)}")
+    try:
+        queries, neighbours, qm, bm, exclude = _knn_sides(ctx)
+    except EvalError:
+        queries = None
+    if queries is not None:
+        classes = int(max(neighbours.labels.max(), queries.labels.max())) + 1
+        truth = queries.labels[qm]
+        entry = {"k": k, "temperature": temperature, "query_images": int(qm.sum())}
+        for side in ("student", "teacher"):
+            names = [f"{side}/{t}" for t in ctx.teachers]
+            posts = [confidence(knn_votes(neighbours.features[n][bm], neighbours.labels[bm], queries.features[n][qm],
+                                          k=k, temperature=temperature, num_classes=classes, exclude=exclude), None)
+                     for n in names]
+            fused, weights = fuse(posts, None, gamma, eps)
+            entry[side] = {**{n: float((p.argmax(1) == truth).mean()) for n, p in zip(names, posts)},
+                           "ensemble": float((fused.argmax(1) == truth).mean()),
+                           "mean_weight": {n: float(w.mean()) for n, w in zip(names, weights)}}
+        out["knn"] = entry
+    groups: dict[tuple, list[str]] = {}
+    sets = _class_sets(ctx)
+    for t, per in sets.items():
+        for name, (emb, attrs) in per.items():
+            groups.setdefault((name, tuple(attrs.get("classes") or [len(emb)]), attrs.get("score")), []).append(t)
+    feats = ctx.features(ctx.store) if any(len(m) > 1 for m in groups.values()) else None
+    for (name, _, score), members in groups.items():
+        if len(members) < 2:
+            continue
+        temp = 0.01 if score == "cosine" else 1.0
+        fused = {}
+        for side in ("student", "teacher"):
+            scores = [class_scores(feats.features[f"{side}/{t}"], *sets[t][name]) for t in members]
+            fused[side], weights = fuse(scores, temp, gamma, eps)
+            fused[side + "/heads"] = [s.argmax(1) for s in scores]
+        reference = fused["teacher"].argmax(1)  # the teachers' ensembled prediction
+        entry = {"teachers": members, "temperature": temp, "agreement_with_teacher_ensemble": {
+            **{f"student/{t}": float((p == reference).mean()) for t, p in zip(members, fused["student/heads"])},
+            "ensemble": float((fused["student"].argmax(1) == reference).mean())}}
+        mask = _aligned(sets[members[0]][name][1], feats.labels, len(sets[members[0]][name][0]))
+        if mask is not None:
+            truth = feats.labels[mask]
+            entry["top1"] = {side: {**{f"{side}/{t}": float((p[mask] == truth).mean())
+                                       for t, p in zip(members, fused[side + "/heads"])},
+                                    "ensemble": float((fused[side].argmax(1)[mask] == truth).mean())}
+                             for side in ("student", "teacher")}
+        out.setdefault("zeroshot", {})[name] = entry
+    if "knn" not in out and "zeroshot" not in out:
+        raise EvalError("ensembling needs labels in the store and the bank (kNN) or a class-embedding set cached "
+                        "under the same name for two or more teachers (zero-shot)")
+    return out
+
+
+TASKS: dict[str, Callable[..., dict]] = {"knn": knn_task, "zeroshot": zeroshot_task, "ensemble": ensemble_task,
+                                         "routing": routing_task}
 
 
 def relational_errors(feats: StoreFeatures, most: int = 4096, seed: int = 0) -> dict[str, float]:
@@ -144,12 +261,14 @@ def evaluate_run(run: Path, store: str, tasks: list[str] | tuple[str, ...] = ("k
     dev = resolve_device(device)
     model, meta = load_trained(run, store, cfg, record["teachers"], dev)
     ctx = EvalContext(run, cfg, record["teachers"], model, dev, store, bank or record["url"])
-    result = {"checkpoint_step": meta["step"], "teachers": list(record["teachers"])}
+    result = {"checkpoint_step": meta["step"], "teachers": list(record["teachers"]), "store": store}
     for task in tasks:
         result[task] = TASKS[task](ctx, **(options or {}).get(task, {}))
     result["cosine"] = ctx.features(store).cosine
     result["relational_error"] = relational_errors(ctx.features(store))
     path = RunDir(run).eval
     previous = json.loads(path.read_text()) if path.exists() else {}
+    if previous.get("store", store) != store:  # entries of one eval.json always describe one evaluated store
+        previous = {}
     path.write_text(json.dumps({**previous, **result}, indent=1))
     return result

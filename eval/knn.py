@@ -10,7 +10,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-__all__ = ["knn_predict", "knn_accuracy", "l2_normalize"]
+__all__ = ["knn_predict", "knn_accuracy", "knn_votes", "l2_normalize"]
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -26,6 +26,14 @@ def knn_predict(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, 
     ``exclude[i]`` is a bank index query i must not count as a neighbour (itself, when the bank holds the
     queries; -1 for none): otherwise every image would vote for its own label.
     """
+    return knn_votes(bank, bank_labels, queries, k=k, temperature=temperature, num_classes=num_classes,
+                     exclude=exclude).argmax(1)
+
+
+def knn_votes(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, *, k: int = 20,
+              temperature: float = 0.07, num_classes: int | None = None, exclude: np.ndarray | None = None
+              ) -> np.ndarray:
+    """Each query's summed vote weights per class ``[Q, C]`` (float64; ``knn_predict`` takes the largest)."""
     bank, queries = l2_normalize(bank), l2_normalize(queries)
     bank_labels = np.asarray(bank_labels, np.int64)
     if len(bank) == 0 or len(queries) == 0:
@@ -51,7 +59,7 @@ def knn_predict(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, 
     votes = np.zeros((len(queries), num_classes), np.float64)
     weights = np.exp(sims.astype(np.float64) / temperature)
     np.add.at(votes, (np.repeat(np.arange(len(queries)), k), bank_labels[idx].ravel()), weights.ravel())
-    return votes.argmax(1)
+    return votes
 
 
 def knn_accuracy(bank, bank_labels, queries, query_labels, *, k: int = 20, temperature: float = 0.07,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from .commands import cache as cache_cmd
+from .commands import compare as compare_cmd
 from .commands import curate as curate_cmd
 from .commands import data as data_cmd
 from .commands import demo as demo_cmd
@@ -27,6 +28,7 @@ app.command("inspect", no_args_is_help=True)(inspect_cmd.inspect_store)
 app.command("train", no_args_is_help=True)(train_cmd.train)
 app.command("eval", no_args_is_help=True)(eval_cmd.evaluate)
 app.command("report", no_args_is_help=True)(report_cmd.report)
+app.command("compare", no_args_is_help=True)(compare_cmd.compare)
 app.command("demo")(demo_cmd.demo)
 
 

@@ -30,6 +30,7 @@ from .placement import Placement, place_job, replica_threads
 from .ray_cluster import ray_cluster
 from .runner import UnitJob
 from .sources import list_images
+from .text_sets import DEFAULT_TEMPLATES, TextSet, class_set, classifier_set, prompt_set, read_lines
 
 __all__ = ["CacheReport", "TeacherWorker", "run_cache", "check_range"]
 
@@ -259,7 +260,7 @@ class _TeacherExtras:
     heads: dict[str, np.ndarray]
     heads_config: dict
     resampled: bool
-    text: tuple[list[str], np.ndarray] | None
+    text: TextSet | None
     layer_dims: dict[int, int] = field(default_factory=dict)  # requested layers/<k> and their widths
     layer_rule: str = ""
 
@@ -268,10 +269,14 @@ class _TeacherExtras:
         import torch
 
         text = None
-        if cfg.text_prompts:
-            prompts = [p.strip() for p in open(cfg.text_prompts) if p.strip()]
-            with torch.inference_mode():
-                text = (prompts, teacher.encode_text(prompts).float().numpy())
+        with torch.inference_mode():  # the set is built before any work: a teacher without a text tower fails at once
+            if cfg.text_prompts:
+                text = prompt_set(teacher, read_lines(cfg.text_prompts, "prompts"))
+            elif cfg.text_classes:
+                templates = read_lines(cfg.text_templates, "templates") if cfg.text_templates else DEFAULT_TEMPLATES
+                text = class_set(teacher, read_lines(cfg.text_classes, "class names"), templates)
+            elif cfg.classifier:
+                text = classifier_set(teacher)
         heads = {k: v.detach().cpu().float().numpy() for k, v in teacher.heads().items()}
         dims = teacher.layer_dims(cfg.layers) if cfg.layers else {}
         return cls(heads, teacher.heads_config(), bool(teacher.resampled), text, dims,
@@ -309,7 +314,7 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, s
                                  chunk_rows=cfg.chunk_rows, extra_attrs={"resampled": extras.resampled, "spec": cfg.teacher},
                                  heads=(extras.heads, extras.heads_config))
         if extras.text is not None:
-            store.write_text(name, cfg.text_set, extras.text[1], extras.text[0])
+            store.write_text(name, cfg.text_set_name(), extras.text.embeddings, extras.text.attrs)
         was_complete = resumed and bool(store.teacher_attrs(name).get("complete"))
         if extras.layer_dims:
             store.create_layers(name, extras.layer_dims, extras.layer_rule)

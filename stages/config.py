@@ -51,8 +51,15 @@ class CacheConfig(_ModelSource):
     layers: list[int] = Field(default_factory=list, description="teacher blocks k (1-based; a CNN's feature stages) "
                               "whose tokens are also cached as layers/<k> (routing supervision, CKA); adding layers "
                               "to a cached teacher computes only them")
-    text_prompts: str | None = Field(None, description="text file, one prompt per line, encoded into text/<text_set>")
-    text_set: str = "prompts"
+    text_prompts: str | None = Field(None, description="text file, one prompt per line (e.g. captions), encoded by the "
+                                     "text tower into text/<text_set>")
+    text_classes: str | None = Field(None, description="text file, one class name per line (line i names label i): "
+                                     "the text tower's class embeddings (templates x names, averaged) in text/<text_set>")
+    text_templates: str | None = Field(None, description="text file of prompt templates with one {} (default: six "
+                                       "CLIP ImageNet templates)")
+    classifier: bool = Field(False, description="store the teacher's linear classifier on its summary as class "
+                             "embeddings with their bias (e.g. EfficientNet-Lite's ImageNet head) in text/<text_set>")
+    text_set: str | None = Field(None, description="name of the text set (default: prompts, classes or classifier)")
     # job layout
     shard_images: int = Field(256, gt=0, description="images per write unit and per-image zarr shard")
     shard_rows: int | None = Field(None, gt=0, description="rows per zarr shard of the flat patch array (default: "
@@ -83,7 +90,21 @@ class CacheConfig(_ModelSource):
             raise ValueError("pixel_shard_bytes must be a multiple of pixel_chunk_bytes")
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith((".", "_"))):
             raise ValueError(f"teacher name {self.name!r} must be a plain, non-hidden name without '/'")
+        kinds = [k for k in ("text_prompts", "text_classes", "classifier") if getattr(self, k)]
+        if len(kinds) > 1:
+            raise ValueError(f"one text set per run: {' and '.join(kinds)} were both given")
+        if self.text_templates and not self.text_classes:
+            raise ValueError("text_templates needs text_classes (the class names to put into them)")
+        if self.text_set is not None and (not self.text_set or "/" in self.text_set or self.text_set.startswith(".")):
+            raise ValueError(f"text set name {self.text_set!r} must be a plain name without '/'")
         return self
+
+    def text_set_name(self) -> str | None:
+        """The set this run writes (None: no text set)."""
+        if self.text_set is not None:
+            return self.text_set
+        return "prompts" if self.text_prompts else "classes" if self.text_classes else "classifier" if self.classifier \
+            else None
 
 
 class CurateConfig(_ModelSource):

@@ -365,11 +365,20 @@ class FeatureStore:
             arr[...] = value
         g.attrs.update({"config": config})
 
-    def write_text(self, name: str, set_name: str, embeddings: np.ndarray, prompts: list[str]) -> None:
+    def write_text(self, name: str, set_name: str, embeddings: np.ndarray, attrs: dict) -> None:
+        """``text/<set_name>`` [C, D] float32 with ``attrs`` (kind, score, classes or prompts: ``stages.text_sets``);
+        a set of that name is replaced."""
         g = self.teacher_group(name).require_group(L.TEXT)
-        arr = create_array(g, set_name, shape=embeddings.shape, dtype="float32")
+        arr = create_array(g, set_name, shape=embeddings.shape, dtype="float32", overwrite=True)
         arr[...] = embeddings.astype(np.float32)
-        arr.attrs.update({"prompts": prompts})
+        arr.attrs.update(attrs)
+
+    def text_sets(self, name: str) -> dict[str, tuple[np.ndarray, dict]]:
+        """Every ``text/<set>`` of teacher ``name``: (embeddings [C, D], attrs)."""
+        g = self.teacher_group(name)
+        if L.TEXT not in g:
+            return {}
+        return {key: (np.asarray(arr[:], np.float32), dict(arr.attrs)) for key, arr in g[L.TEXT].arrays()}
 
     def phis_path(self, teacher: str, feature: str) -> str:
         return self.path(L.TEACHERS, teacher, L.PHIS, f"{feature}.npz")

@@ -50,7 +50,8 @@ def cache_config(teacher: str, name: str, labels: Path):
 
 @pytest.fixture(scope="session")
 def train_store(tmp_path_factory) -> str:
-    """Store URL with teachers "dino" (registers, layers 1 and 2 cached) and "siglip" (frozen attention pool in heads/)."""
+    """Store URL with teachers "dino" (registers, layers 1 and 2 cached) and "siglip" (frozen attention pool in heads/,
+    class embeddings of the ten digits in text/classes)."""
     from stages.cache import run_cache
     from stages.ray_cluster import ray_cluster
 
@@ -60,8 +61,20 @@ def train_store(tmp_path_factory) -> str:
     with ray_cluster(num_cpus=2):
         # with its two blocks cached as layers/1, layers/2 (routing analysis; the patches are unchanged by them)
         run_cache(str(root / "images"), url, cache_config(TINY_VIT, "dino", labels).model_copy(update={"layers": [1, 2]}))
-        run_cache(str(root / "images"), url, cache_config(TINY_SIGLIP, "siglip", labels))
+        # with its text tower's class embeddings of the ten digits (zero-shot evaluation)
+        run_cache(str(root / "images"), url, cache_config(TINY_SIGLIP, "siglip", labels).model_copy(
+            update={"text_classes": str(write_digit_classes(root))}))
     return url
+
+
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def write_digit_classes(root: Path) -> Path:
+    """Class names of the digits' labels, one per line (line i names label i)."""
+    path = root / "digit_classes.txt"
+    path.write_text("".join(f"the digit {d}\n" for d in DIGITS))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,14 @@ def cache_teachers(
     layers: Annotated[Optional[str], typer.Option(
         "--layers", help="also cache these teacher blocks (1-based, comma-separated, e.g. 8,10,12) as layers/<k>; "
                          "on a cached teacher only they are computed")] = None,
+    text_classes: Annotated[Optional[Path], typer.Option(
+        "--text-classes", help="class names, one per line (line i names label i): the text tower's class "
+                               "embeddings into text/classes (zero-shot evaluation)")] = None,
+    text_templates: Annotated[Optional[Path], typer.Option(
+        "--text-templates", help="prompt templates with one {} each (default: six CLIP templates)")] = None,
+    classifier: Annotated[Optional[bool], typer.Option(
+        "--classifier/--no-classifier", help="the teacher's linear classifier as class embeddings with bias "
+                                             "(EfficientNet-Lite's ImageNet head) into text/classifier")] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="join this Ray cluster")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="teacher actors (default: one per GPU share on CUDA, 1 on CPU)")] = None,
     device: Device = None,
@@ -43,6 +51,8 @@ def cache_teachers(
         "teacher": teacher, "name": name, "weights": str(weights) if weights else None, "random_init": random_init,
         "dtype": dtype, "min_tokens": min_tokens, "max_tokens": max_tokens, "labels": str(labels) if labels else None,
         "ray_address": ray_address, "workers": workers, **accelerator_flags(device, compute_dtype, gpus_per_worker),
+        "text_classes": str(text_classes) if text_classes else None,
+        "text_templates": str(text_templates) if text_templates else None, "classifier": classifier,
     }
     with user_errors(store):
         if layers is not None:

@@ -1,5 +1,5 @@
-"""`pipeline eval RUN --store EVAL_STORE --tasks knn,routing`: kNN of student, heads and teachers, and the routing
-analysis of an MoE student -> RUN/eval.json."""
+"""`pipeline eval RUN --store EVAL_STORE --tasks knn,zeroshot,ensemble,routing`: kNN and zero-shot of student,
+heads and teachers, entropy-weighted head ensembling, and the routing analysis of an MoE student -> RUN/eval.json."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="run directory written by `pipeline train`")],
     store: Annotated[str, typer.Option("--store", help="labelled store to evaluate on (queries)")],
     bank: Annotated[Optional[str], typer.Option("--bank", help="labelled store of kNN neighbours (default: the run's training store)")] = None,
-    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated: knn, routing (MoE students: "
-                                                    "experts' tokens, stability, teacher affinity, CKA)")] = "knn",
+    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated: knn, zeroshot (class embeddings cached with "
+                                                    "--text-classes or --classifier), ensemble (entropy-weighted heads), "
+                                                    "routing (MoE students: experts' tokens, stability, teacher "
+                                                    "affinity, CKA)")] = "knn",
     k: Annotated[Optional[int], typer.Option("--k", help="kNN neighbours (default 20)")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="kNN vote weight exp(sim / T) (default 0.07)")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
@@ -27,9 +29,13 @@ def evaluate(
     knn = {key: value for key, value in (("k", k), ("temperature", temperature)) if value is not None}
     with user_errors(str(run)):
         result = evaluate_run(run, store, [t.strip() for t in tasks.split(",") if t.strip()], bank=bank, device=device,
-                              options={"knn": knn})
+                              options={"knn": knn, "ensemble": dict(knn)})
     if "knn" in result:
         _print(result, result["teachers"])
+    if "zeroshot" in result:
+        _print_zeroshot(result["zeroshot"])
+    if "ensemble" in result:
+        _print_ensemble(result["ensemble"])
     if "routing" in result:
         _print_routing(result["routing"])
 
@@ -70,4 +76,40 @@ def _print(result: dict, teachers: list[str]) -> None:
                       f"{result['cosine'].get(f'{t}/summary', float('nan')):.3f}",
                       f"{result['cosine'].get(f'{t}/patches', float('nan')):.3f}")
         table.add_row(f"teacher {t}", f"{teacher:.3f}", "", "", "")
+    console.print(table)
+
+
+def _print_zeroshot(zeroshot: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"zero-shot over {zeroshot['images']} images")
+    for col in ("set", "classes", "head agrees with teacher", "head top-1", "teacher top-1"):
+        table.add_column(col)
+    for key, entry in zeroshot["sets"].items():
+        t, top1 = entry["teacher"], entry.get("top1", {})
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        table.add_row(key, str(entry["classes"]), fmt(entry["agreement"][f"student/{t}"]),
+                      fmt(top1.get(f"student/{t}")), fmt(top1.get(f"teacher/{t}")))
+    console.print(table)
+
+
+def _print_ensemble(ensemble: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"entropy-weighted head ensembling (gamma={ensemble['gamma']})")
+    for col in ("task", "features", "each head", "ensemble"):
+        table.add_column(col)
+    if "knn" in ensemble:
+        for side in ("student", "teacher"):
+            entry = ensemble["knn"][side]
+            heads = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in entry.items() if "/" in k)
+            table.add_row("kNN top-1", side, heads, f"{entry['ensemble']:.3f}")
+    for name, entry in ensemble.get("zeroshot", {}).items():
+        agree = entry["agreement_with_teacher_ensemble"]
+        heads = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in agree.items() if "/" in k)
+        table.add_row(f"zero-shot {name}: agreement with the teachers' ensemble", "student", heads,
+                      f"{agree['ensemble']:.3f}")
+        for side, top1 in entry.get("top1", {}).items():
+            heads = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in top1.items() if "/" in k)
+            table.add_row(f"zero-shot {name} top-1", side, heads, f"{top1['ensemble']:.3f}")
     console.print(table)

@@ -109,6 +109,11 @@ class Teacher(ABC):
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         raise ValueError(f"teacher {self.spec} has no text tower")
 
+    def classifier(self) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+        """``(weight [C, D_summary], bias [C] or None, class names)``: the linear classifier on the summary
+        (logits = summary · weightᵀ + bias), for teachers that have one."""
+        raise ValueError(f"teacher {self.spec} has no linear classifier on its summary")
+
     def batches(self, images: Mapping[int, np.ndarray], batch_size: int, max_tokens: int | None = None
                 ) -> Iterator[tuple[list[int], torch.Tensor, tuple[int, int]]]:
         """``(keys, uint8 pixels [B, 3, H, W], grid)`` per batch of policy-sized ``[H, W, 3]`` images

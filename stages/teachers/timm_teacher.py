@@ -103,6 +103,20 @@ class TimmTeacher(Teacher):
                 ) from None
         raise AssertionError("unreachable")
 
+    def classifier(self) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+        """The model's own classifier (``get_classifier()``), which reads exactly the cached summary
+        (``forward_head(pre_logits=True)``); ImageNet-1k class names from timm's bundled ImageNetInfo."""
+        head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else None
+        if not isinstance(head, torch.nn.Linear) or head.in_features != self.summary_dim or self.has_cls:
+            raise ValueError(f"timm:{self.name} has no linear classifier on its summary")
+        names = [f"class {c}" for c in range(head.out_features)]
+        if head.out_features == 1000:
+            from timm.data import ImageNetInfo
+
+            names = [d.split(",")[0].strip() for d in ImageNetInfo().label_descriptions()]
+        bias = head.bias.detach().float().cpu() if head.bias is not None else None
+        return head.weight.detach().float().cpu(), bias, names
+
     def default_compute_dtype(self, device: str) -> str:
         """CNNs compute in float32 everywhere: under bf16 autocast the real EfficientNet-Lite0's summaries
         fall to cosine 0.983 against float32 on some real images (mean 0.996, patch median 0.995; the

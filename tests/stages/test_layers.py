@@ -96,10 +96,39 @@ def test_vit_and_cnn_layers_equal_the_library_block_outputs_and_patches_stay_exa
         np.testing.assert_array_equal(FeatureStore.open(url).teacher_group("vit")[feature][:],
                                       FeatureStore.open(plain).teacher_group("vit")[feature][:], err_msg=feature)
     # a real CNN: feature stages of strides 8 and 32 on the student grid (real ImageNet weights)
-    run_cache(str(images), url, _cfg(TINY_CNN, "cnn", layers=[3, 5], random_init=False))
+    # (with its ImageNet classifier as class embeddings: zero-shot evaluation reads them from the store)
+    run_cache(str(images), url, _cfg(TINY_CNN, "cnn", layers=[3, 5], random_init=False).model_copy(
+        update={"classifier": True}))
     _check_layers(url, "cnn", TINY_CNN, [3, 5], random_init=False)
     attrs = FeatureStore.open(url).teacher_attrs("cnn")
     assert attrs["layer_dims"] == {"3": 40, "5": 320} and "feature stage" in attrs["layer_rule"]
+    _check_classifier_zeroshot(url, "cnn")
+
+
+def _check_classifier_zeroshot(url: str, name: str) -> None:
+    """Zero-shot through the cached classifier set on the cached (float16) summary = the library's own logits
+    of the model on the stored pixels (the real EfficientNet-Lite0 and its ImageNet head)."""
+    from eval.zeroshot import class_scores
+    from stages.teachers.base import resize_pixels
+
+    store = FeatureStore.open(url)
+    (emb, attrs), = store.text_sets(name).values()
+    teacher = build_teacher(TINY_CNN)
+    torch.testing.assert_close(torch.from_numpy(emb), teacher.model.get_classifier().weight.float())
+    assert attrs["kind"] == "classifier" and len(attrs["classes"]) == 1000 and attrs["classes"][285] == "Egyptian cat"
+    g, ok = store.teacher_group(name), store.image_array(L.OK)[:]
+    pixel_offsets, grid = store.image_array(L.PIXEL_OFFSETS)[:], store.image_array(L.GRID)[:]
+    for i in np.flatnonzero(ok):
+        pixels = ImagePolicy.decode(store.image_array(L.PIXELS)[pixel_offsets[i]: pixel_offsets[i + 1]])
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous()
+        x = resize_pixels(x, teacher.input_size(tuple(grid[i])), teacher.mean, teacher.std)
+        with torch.no_grad():
+            logits = teacher.model(x)[0].double().numpy()
+        ours = class_scores(g[L.SUMMARY][i: i + 1].astype(np.float32), emb, attrs)[0]
+        np.testing.assert_allclose(ours, logits, atol=2e-2 * max(1.0, np.abs(logits).max()) / 10)
+        top2 = np.sort(logits)[-2:]
+        if top2[1] - top2[0] > 0.05:  # clear winners: the same prediction (float16 summaries may swap near-ties)
+            assert ours.argmax() == logits.argmax()
 
 
 def test_adding_layers_to_a_cached_teacher_touches_nothing_else_and_survives_a_crash(images, tmp_path, ray_local):
