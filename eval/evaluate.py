@@ -2,8 +2,8 @@
 
 ``evaluate_run`` loads the run's latest checkpoint through ``train.model`` (never the training loop),
 extracts features from each store a task reads (once per store), runs the tasks and merges their
-entries into ``RUN/eval.json``: every task owns one top-level key (``knn``, ``zeroshot``, ``ensemble``,
-``routing``), next to ``checkpoint_step``, the evaluated ``store``, the student-teacher ``cosine`` and
+entries into ``RUN/eval.json``: every task owns one top-level key (``knn``, ``zeroshot``, ``retrieval``,
+``ensemble``, ``routing``), next to ``checkpoint_step``, the evaluated ``store``, the student-teacher ``cosine`` and
 ``relational_error`` on it. Each task is one function in ``TASKS``.
 """
 
@@ -27,6 +27,7 @@ from train.rundir import RunDir, read_run
 from .ensemble import confidence, fuse
 from .features import StoreFeatures, extract_features, load_trained
 from .knn import knn_accuracy, knn_votes
+from .retrieval import recall_at
 from .zeroshot import class_scores
 from .zeroshot import predict as zs_predict
 
@@ -142,6 +143,34 @@ def zeroshot_task(ctx: EvalContext) -> dict:
     return out
 
 
+def retrieval_task(ctx: EvalContext, ks: tuple[int, ...] = (1, 5)) -> dict:
+    """Image→text and text→image recall@k of each head and its teacher through every caption set a teacher
+    of the run caches in the evaluated store (``eval.retrieval``); its images are that store's rows."""
+    store = FeatureStore.open(ctx.store)
+    feats = ctx.features(ctx.store)
+    position = {int(r): j for j, r in enumerate(feats.rows)}
+    out: dict = {"store": ctx.store, "sets": {}}
+    for t in ctx.teachers:
+        for name, (emb, attrs) in store.text_sets(t).items():
+            if attrs.get("kind") != "captions":
+                continue
+            rows = np.asarray(attrs["images"], np.int64)
+            keep = np.array([int(r) in position for r in rows], bool)  # captions of usable images only
+            used = sorted({position[int(r)] for r in rows[keep]})
+            index = {j: i for i, j in enumerate(used)}
+            caption_image = np.array([index[position[int(r)]] for r in rows[keep]], np.int64)
+            entry = {"teacher": t, "images": len(used), "captions": int(keep.sum())}
+            for side in ("student", "teacher"):
+                result = recall_at(feats.features[f"{side}/{t}"][used], emb[keep], caption_image, ks)
+                for direction, values in result.items():
+                    entry.setdefault(direction, {})[f"{side}/{t}"] = values
+            out["sets"][f"{t}/{name}"] = entry
+    if not out["sets"]:
+        raise EvalError(f"retrieval needs captions of a teacher of the run in {ctx.store}: cache them with "
+                        "`pipeline cache-teachers ... --captions CSV` (columns path,caption) with a text-tower teacher")
+    return out
+
+
 def ensemble_task(ctx: EvalContext, k: int = 20, temperature: float = 0.07, gamma: float = 1.0, eps: float = 1e-6
                   ) -> dict:
     """AMoE's entropy-weighted head ensembling (``eval.ensemble``), next to each head alone: kNN class
@@ -202,8 +231,8 @@ def ensemble_task(ctx: EvalContext, k: int = 20, temperature: float = 0.07, gamm
     return out
 
 
-TASKS: dict[str, Callable[..., dict]] = {"knn": knn_task, "zeroshot": zeroshot_task, "ensemble": ensemble_task,
-                                         "routing": routing_task}
+TASKS: dict[str, Callable[..., dict]] = {"knn": knn_task, "zeroshot": zeroshot_task, "retrieval": retrieval_task,
+                                         "ensemble": ensemble_task, "routing": routing_task}
 
 
 def relational_errors(feats: StoreFeatures, most: int = 4096, seed: int = 0) -> dict[str, float]:

@@ -80,6 +80,12 @@ def write_report(run: Path, extra: dict | None = None) -> Path:
                       "distances; 0 = the teacher's geometry)", "", "| head | relational error |", "|---|---|"]
             lines += [f"| {k} | {'n/a' if v is None else f'{v:.3f}'} |" for k, v in sorted(ev["relational_error"].items())]
         lines.append("")
+    if "zeroshot" in ev:
+        lines += _zeroshot_lines(ev["zeroshot"])
+    if "retrieval" in ev:
+        lines += _retrieval_lines(ev["retrieval"])
+    if "ensemble" in ev:
+        lines += _ensemble_lines(ev["ensemble"])
     if "routing" in ev:
         lines += _routing_lines(ev["routing"])
     path = run / "report.md"
@@ -108,3 +114,51 @@ def _routing_lines(routing: dict) -> list[str]:
         lines.append("")
     lines += [f"![CKA]({p})" for p in routing.get("plots", [])] + [""]
     return lines
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _zeroshot_lines(zeroshot: dict) -> list[str]:
+    """Per cached class set: the head's agreement with its teacher's prediction, and accuracies where labelled."""
+    lines = ["## Zero-shot", "", f"Over {zeroshot['images']} images of {zeroshot['store']}; the head's summary, mapped "
+             "back to its teacher's space, scored against the class embeddings the teacher cached.", "",
+             "| set | kind | classes | head agrees with teacher | head top-1 | teacher top-1 |", "|---|---|---|---|---|---|"]
+    for key, entry in zeroshot["sets"].items():
+        t, top1 = entry["teacher"], entry.get("top1", {})
+        lines.append(f"| {key} | {entry['kind']} | {entry['classes']} | {_fmt(entry['agreement'][f'student/{t}'])} | "
+                     f"{_fmt(top1.get(f'student/{t}'))} | {_fmt(top1.get(f'teacher/{t}'))} |")
+    return lines + [""]
+
+
+def _retrieval_lines(retrieval: dict) -> list[str]:
+    lines = ["## Image-text retrieval", "", "| set | images / captions | features | image→text R@1 / R@5 | "
+             "text→image R@1 / R@5 |", "|---|---|---|---|---|"]
+    for key, entry in retrieval["sets"].items():
+        for name, i2t in entry["image_to_text"].items():
+            t2i = entry["text_to_image"][name]
+            lines.append(f"| {key} | {entry['images']} / {entry['captions']} | {name} | "
+                         + " / ".join(f"{v:.3f}" for v in i2t.values()) + " | "
+                         + " / ".join(f"{v:.3f}" for v in t2i.values()) + " |")
+    return lines + [""]
+
+
+def _ensemble_lines(ensemble: dict) -> list[str]:
+    """AMoE's entropy-weighted head ensembling next to each head alone (eval/ensemble.py)."""
+    lines = ["## Head ensembling (entropy-weighted)", "", f"γ = {ensemble['gamma']}, ε = {ensemble['eps']}.", "",
+             "| task | features | each head | ensemble |", "|---|---|---|---|"]
+    knn = ensemble.get("knn") or {}
+    for side in ("student", "teacher"):
+        if side in knn:
+            heads = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in knn[side].items() if "/" in k)
+            lines.append(f"| kNN top-1 | {side} | {heads} | {knn[side]['ensemble']:.3f} |")
+    for name, entry in ensemble.get("zeroshot", {}).items():
+        agree = entry["agreement_with_teacher_ensemble"]
+        heads = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in agree.items() if "/" in k)
+        lines.append(f"| zero-shot {name}: agreement with the teachers' ensemble | student | {heads} | "
+                     f"{agree['ensemble']:.3f} |")
+        for side, top1 in entry.get("top1", {}).items():
+            heads = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in top1.items() if "/" in k)
+            lines.append(f"| zero-shot {name} top-1 | {side} | {heads} | {top1['ensemble']:.3f} |")
+    return lines + [""]

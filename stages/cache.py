@@ -30,7 +30,8 @@ from .placement import Placement, place_job, replica_threads
 from .ray_cluster import ray_cluster
 from .runner import UnitJob
 from .sources import list_images
-from .text_sets import DEFAULT_TEMPLATES, TextSet, class_set, classifier_set, prompt_set, read_lines
+from .text_sets import (DEFAULT_TEMPLATES, TextSet, caption_set, class_set, classifier_set, prompt_set, read_captions,
+                        read_lines)
 
 __all__ = ["CacheReport", "TeacherWorker", "run_cache", "check_range"]
 
@@ -242,7 +243,8 @@ def run_cache(
     fingerprint = {**teacher.fingerprint(), "image_policy": policy.to_dict(), "student_patch_size": cfg.patch_size,
                    "dtype": cfg.dtype, "compute_dtype": placement.compute_dtype}
     spec = TeacherGroupSpec(name, teacher.summary_dim, teacher.embed_dim, teacher.num_registers, cfg.dtype, fingerprint)
-    extras = _TeacherExtras.of(teacher, cfg)  # also refuses --layers the teacher does not have, before any work
+    # also refuses --layers the teacher does not have and text it cannot encode, before any work
+    extras = _TeacherExtras.of(teacher, cfg, [r.source for r in refs])
     del teacher  # the actors build their own replicas
     build_s = time.perf_counter() - t
     store = FeatureStore.open_or_create(store_url, policy, created_by=_created_by())
@@ -265,7 +267,7 @@ class _TeacherExtras:
     layer_rule: str = ""
 
     @classmethod
-    def of(cls, teacher, cfg: CacheConfig) -> "_TeacherExtras":
+    def of(cls, teacher, cfg: CacheConfig, sources: list[str]) -> "_TeacherExtras":
         import torch
 
         text = None
@@ -275,6 +277,8 @@ class _TeacherExtras:
             elif cfg.text_classes:
                 templates = read_lines(cfg.text_templates, "templates") if cfg.text_templates else DEFAULT_TEMPLATES
                 text = class_set(teacher, read_lines(cfg.text_classes, "class names"), templates)
+            elif cfg.captions:
+                text = caption_set(teacher, *read_captions(cfg.captions, sources))
             elif cfg.classifier:
                 text = classifier_set(teacher)
         heads = {k: v.detach().cpu().float().numpy() for k, v in teacher.heads().items()}

@@ -57,6 +57,8 @@ class CacheConfig(_ModelSource):
                                      "the text tower's class embeddings (templates x names, averaged) in text/<text_set>")
     text_templates: str | None = Field(None, description="text file of prompt templates with one {} (default: six "
                                        "CLIP ImageNet templates)")
+    captions: str | None = Field(None, description="CSV path,caption (several rows per image allowed): the text "
+                                 "tower's caption embeddings and their images in text/<text_set> (retrieval)")
     classifier: bool = Field(False, description="store the teacher's linear classifier on its summary as class "
                              "embeddings with their bias (e.g. EfficientNet-Lite's ImageNet head) in text/<text_set>")
     text_set: str | None = Field(None, description="name of the text set (default: prompts, classes or classifier)")
@@ -90,7 +92,7 @@ class CacheConfig(_ModelSource):
             raise ValueError("pixel_shard_bytes must be a multiple of pixel_chunk_bytes")
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith((".", "_"))):
             raise ValueError(f"teacher name {self.name!r} must be a plain, non-hidden name without '/'")
-        kinds = [k for k in ("text_prompts", "text_classes", "classifier") if getattr(self, k)]
+        kinds = [k for k in ("text_prompts", "text_classes", "captions", "classifier") if getattr(self, k)]
         if len(kinds) > 1:
             raise ValueError(f"one text set per run: {' and '.join(kinds)} were both given")
         if self.text_templates and not self.text_classes:
@@ -103,8 +105,9 @@ class CacheConfig(_ModelSource):
         """The set this run writes (None: no text set)."""
         if self.text_set is not None:
             return self.text_set
-        return "prompts" if self.text_prompts else "classes" if self.text_classes else "classifier" if self.classifier \
-            else None
+        kinds = {"prompts": self.text_prompts, "classes": self.text_classes, "captions": self.captions,
+                 "classifier": self.classifier}
+        return next((name for name, given in kinds.items() if given), None)
 
 
 class CurateConfig(_ModelSource):

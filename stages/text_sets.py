@@ -9,16 +9,20 @@ Three kinds, told apart by the set's ``kind`` attribute so that readers need no 
   classifier's weights, ``bias`` its bias; ``score = "logit"``: summary · w_c + b_c is exactly the
   teacher's own logit, so the ranking is the teacher's prediction. Not label-aligned (its classes are
   the classifier's, not the store's labels).
-- ``prompts`` (free text, e.g. captions): one unnormalized embedding per line; ``score = "cosine"``.
+- ``prompts`` (free text): one unnormalized embedding per line; ``score = "cosine"``.
+- ``captions`` (image-text retrieval): one unnormalized embedding per caption, ``images`` the store row
+  of the image each caption describes (an image may have several); ``score = "cosine"``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEFAULT_TEMPLATES", "TextSet", "classifier_set", "class_set", "prompt_set", "read_lines"]
+__all__ = ["DEFAULT_TEMPLATES", "TextSet", "caption_set", "classifier_set", "class_set", "prompt_set", "read_captions",
+           "read_lines"]
 
 # a few of the CLIP ImageNet templates (Radford et al. 2021), enough to average out wording
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the large {}.",
@@ -64,6 +68,41 @@ def classifier_set(teacher) -> TextSet:
     return TextSet(weight.numpy().astype(np.float32),
                    {"kind": "classifier", "score": "logit", "classes": names, "label_aligned": False,
                     "bias": None if bias is None else [float(b) for b in bias.numpy()]})
+
+
+def read_captions(path: str, sources: list[str]) -> tuple[list[str], list[int]]:
+    """A ``path,caption`` CSV (paths relative to its folder, several rows per image allowed) as (captions,
+    the row of the image of each) for the images ``sources`` in store order; refused in one line when it
+    captions none of them or names an image that is not among them."""
+    import csv
+
+    from .sources import absolute_source, printable_source
+
+    row_of = {absolute_source(s): i for i, s in enumerate(sources)}
+    base = Path(path).resolve().parent
+    captions, rows = [], []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not {"path", "caption"} <= set(reader.fieldnames or []):
+                raise ValueError(f"captions file {path} needs the columns 'path' and 'caption'")
+            for line in reader:
+                where = absolute_source(str(base / line["path"]))
+                if where not in row_of:
+                    raise ValueError(f"captions file {path}: {printable_source(where)} is not one of the images")
+                if (line["caption"] or "").strip():
+                    captions.append(line["caption"].strip())
+                    rows.append(row_of[where])
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the captions ({type(exc).__name__}: {exc})") from None
+    if not captions:
+        raise ValueError(f"captions file {path} captions none of the {len(sources)} images")
+    return captions, rows
+
+
+def caption_set(teacher, captions: list[str], rows: list[int]) -> TextSet:
+    return TextSet(teacher.encode_text(captions).float().numpy(), {"kind": "captions", "score": "cosine",
+                                                                   "captions": list(captions), "images": list(rows)})
 
 
 def prompt_set(teacher, prompts: list[str]) -> TextSet:

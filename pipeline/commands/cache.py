@@ -33,6 +33,9 @@ def cache_teachers(
                                "embeddings into text/classes (zero-shot evaluation)")] = None,
     text_templates: Annotated[Optional[Path], typer.Option(
         "--text-templates", help="prompt templates with one {} each (default: six CLIP templates)")] = None,
+    captions: Annotated[Optional[Path], typer.Option(
+        "--captions", help="CSV path,caption (several rows per image allowed): the text tower's caption embeddings "
+                           "into text/captions (retrieval)")] = None,
     classifier: Annotated[Optional[bool], typer.Option(
         "--classifier/--no-classifier", help="the teacher's linear classifier as class embeddings with bias "
                                              "(EfficientNet-Lite's ImageNet head) into text/classifier")] = None,
@@ -53,6 +56,7 @@ def cache_teachers(
         "ray_address": ray_address, "workers": workers, **accelerator_flags(device, compute_dtype, gpus_per_worker),
         "text_classes": str(text_classes) if text_classes else None,
         "text_templates": str(text_templates) if text_templates else None, "classifier": classifier,
+        "captions": str(captions) if captions else None,
     }
     with user_errors(store):
         if layers is not None:

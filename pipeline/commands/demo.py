@@ -85,7 +85,8 @@ def demo(
         for split, (listing, store) in stores.items():
             for name, spec in DEMO_TEACHERS.items():
                 cfg = load_config(CacheConfig, None, {"teacher": spec, "name": name, "labels": str(labels),
-                                                      "workers": workers, "min_tokens": DEMO_MIN_TOKENS})
+                                                      "workers": workers, "min_tokens": DEMO_MIN_TOKENS,
+                                                      "classifier": True})  # ImageNet heads: zero-shot
                 run_cache(str(listing), str(store), cfg, on_progress=phase_reporter(bar, f"{split}/{name}: "))
     from rich.table import Table
 
@@ -119,5 +120,6 @@ def _train_and_evaluate(out: Path, train_store: Path, eval_store: Path, steps: i
     config = out / "train.toml"
     config.write_text(dump_toml(TrainConfig.model_validate(DEMO_TRAIN)))
     train(store=[str(train_store)], out=run, config=config, model=None, steps=steps, init_from=None, set_=None)
-    evaluate(run=run, store=str(eval_store), bank=None, tasks="knn", k=20, temperature=0.07, device="cpu")
+    evaluate(run=run, store=str(eval_store), bank=None, tasks="knn,zeroshot,ensemble", k=20, temperature=0.07,
+             device="cpu")
     write_report(run, extra={"command": "pipeline demo", "train store": str(train_store), "eval store": str(eval_store)})

@@ -16,7 +16,8 @@ def evaluate(
     store: Annotated[str, typer.Option("--store", help="labelled store to evaluate on (queries)")],
     bank: Annotated[Optional[str], typer.Option("--bank", help="labelled store of kNN neighbours (default: the run's training store)")] = None,
     tasks: Annotated[str, typer.Option("--tasks", help="comma-separated: knn, zeroshot (class embeddings cached with "
-                                                    "--text-classes or --classifier), ensemble (entropy-weighted heads), "
+                                                    "--text-classes or --classifier), retrieval (captions cached with "
+                                                    "--captions), ensemble (entropy-weighted heads), "
                                                     "routing (MoE students: experts' tokens, stability, teacher "
                                                     "affinity, CKA)")] = "knn",
     k: Annotated[Optional[int], typer.Option("--k", help="kNN neighbours (default 20)")] = None,
@@ -34,6 +35,8 @@ def evaluate(
         _print(result, result["teachers"])
     if "zeroshot" in result:
         _print_zeroshot(result["zeroshot"])
+    if "retrieval" in result:
+        _print_retrieval(result["retrieval"])
     if "ensemble" in result:
         _print_ensemble(result["ensemble"])
     if "routing" in result:
@@ -90,6 +93,20 @@ def _print_zeroshot(zeroshot: dict) -> None:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         table.add_row(key, str(entry["classes"]), fmt(entry["agreement"][f"student/{t}"]),
                       fmt(top1.get(f"student/{t}")), fmt(top1.get(f"teacher/{t}")))
+    console.print(table)
+
+
+def _print_retrieval(retrieval: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="image-text retrieval (recall@1 / recall@5)")
+    for col in ("set", "images / captions", "features", "image -> text", "text -> image"):
+        table.add_column(col)
+    for key, entry in retrieval["sets"].items():
+        for name, i2t in entry["image_to_text"].items():
+            t2i = entry["text_to_image"][name]
+            table.add_row(key, f"{entry['images']} / {entry['captions']}", name,
+                          " / ".join(f"{v:.3f}" for v in i2t.values()), " / ".join(f"{v:.3f}" for v in t2i.values()))
     console.print(table)
 
 
