@@ -12,6 +12,7 @@ from .commands import demo as demo_cmd
 from .commands import eval as eval_cmd
 from .commands import inspect as inspect_cmd
 from .commands import report as report_cmd
+from .commands import sweep as sweep_cmd
 from .commands import train as train_cmd
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ app.command("train", no_args_is_help=True)(train_cmd.train)
 app.command("eval", no_args_is_help=True)(eval_cmd.evaluate)
 app.command("report", no_args_is_help=True)(report_cmd.report)
 app.command("compare", no_args_is_help=True)(compare_cmd.compare)
+app.command("sweep", no_args_is_help=True)(sweep_cmd.sweep)
 app.command("demo")(demo_cmd.demo)
 
 
