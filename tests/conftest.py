@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-TINY_VIT = "timm:vit_small_patch16_dinov3,depth=2,embed_dim=48,num_heads=2"
-TINY_SIGLIP = ("open_clip:ViT-B-16-SigLIP2-256,embed_dim=64,vision_cfg.image_size=64,trunk.depth=2,"
-               "trunk.embed_dim=64,trunk.num_heads=2,text_cfg.width=64,text_cfg.heads=2,text_cfg.layers=1,"
-               "text_cfg.context_length=16,text_cfg.vocab_size=49408,text_cfg.hf_tokenizer_name=")
+from train_helpers import DIGITS, TINY_SIGLIP, TINY_VIT
 
 
 def write_train_images(root: Path, digits_per_class: int = 4) -> Path:
@@ -66,8 +63,6 @@ def train_store(tmp_path_factory) -> str:
             update={"text_classes": str(write_digit_classes(root))}))
     return url
 
-
-DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 def write_digit_classes(root: Path) -> Path:

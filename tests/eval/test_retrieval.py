@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from eval.retrieval import recall_at
+from train_helpers import DIGITS, TINY_SIGLIP, train_tiny
 
 
 def _naive(images, captions, caption_image, k):
@@ -60,13 +61,11 @@ def test_a_captions_csv_maps_onto_store_rows_and_is_refused_when_it_names_other_
 def test_eval_retrieval_equals_a_recomputation_from_the_features(train_store, tmp_path):
     """Two captions per labelled digit ("the digit k" and its number word) written with the text tower's caption set
     into a copy of the store; recall of each head and teacher recomputed from the extracted features."""
-    from conftest import DIGITS, TINY_SIGLIP
     from eval.evaluate import evaluate_run
     from eval.features import extract_features, load_trained
     from stages.teachers import build_teacher
     from stages.text_sets import caption_set
     from storage.store import FeatureStore
-    from test_zeroshot import _trained
     from train.rundir import read_run
 
     store = str(tmp_path / "store")
@@ -78,7 +77,7 @@ def test_eval_retrieval_equals_a_recomputation_from_the_features(train_store, tm
     text = caption_set(build_teacher(TINY_SIGLIP, random_init=True, seed=0), captions, images)
     FeatureStore.open(store, mode="r+").write_text("siglip", "captions", text.embeddings, text.attrs)
     run = tmp_path / "run"
-    _trained(store, run)
+    train_tiny(store, run)
     entry = evaluate_run(run, store, ["retrieval"], device="cpu")["retrieval"]["sets"]["siglip/captions"]
     assert (entry["images"], entry["captions"]) == (len(rows), 2 * len(rows))
     cfg, record = read_run(run)

@@ -14,6 +14,7 @@ import torch
 
 from eval.ensemble import fuse
 from eval.zeroshot import class_scores, predict
+from train_helpers import train_tiny
 
 
 def test_class_scores_are_cosines_or_the_classifiers_logits():
@@ -69,7 +70,7 @@ def test_the_text_towers_class_set_and_zeroshot_equal_open_clip_on_the_stored_pi
     and zero-shot through them on the cached summary scores each stored image as open_clip's encode_image does."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    from conftest import TINY_SIGLIP
+    from train_helpers import TINY_SIGLIP
     from stages.teachers import build_teacher
     from stages.teachers.base import resize_pixels
     from storage import layout as L
@@ -103,18 +104,6 @@ def test_the_text_towers_class_set_and_zeroshot_equal_open_clip_on_the_stored_pi
             assert ours.argmax() == library.argmax()
 
 
-def _trained(store: str, run):
-    from train.config import TrainConfig, with_stores
-    from train.rundir import prepare_run
-    from train.trainer import train
-
-    cfg = with_stores(TrainConfig.model_validate({
-        "model": {"preset": "tiny"}, "data": {"seq_len": 160, "seqs_per_batch": 2, "workers": 0},
-        "optim": {"warmup_steps": 1, "lr": 3e-3}, "run": {"steps": 2, "threads": 1}}), store)
-    prepare_run(run, cfg)
-    train(cfg, None, run)
-
-
 def test_eval_zeroshot_and_ensemble_equal_a_recomputation_from_the_features(train_store, tmp_path):
     """A store copy where dino also holds a set of the same ten classes (random embeddings of its width), so the
     zero-shot ensemble has two heads; every number of eval.json recomputed from the extracted features."""
@@ -129,7 +118,7 @@ def test_eval_zeroshot_and_ensemble_equal_a_recomputation_from_the_features(trai
     dino_emb = np.random.default_rng(0).normal(size=(10, 48)).astype(np.float32)
     FeatureStore.open(store, mode="r+").write_text("dino", "classes", dino_emb, {**siglip_attrs, "templates": []})
     run = tmp_path / "run"
-    _trained(store, run)
+    train_tiny(store, run)
     result = evaluate_run(run, store, ["zeroshot", "ensemble"], device="cpu")
     cfg, record = read_run(run)
     model, _ = load_trained(run, store, cfg, record["teachers"], torch.device("cpu"))

@@ -84,6 +84,9 @@ def test_a_written_store_holds_only_documented_names_and_attributes(train_store)
         assert attrs <= documented_keys("Teacher attributes"), attrs - documented_keys("Teacher attributes")
         for feature in L.PHIS_FEATURES:
             assert store.exists(f"{L.TEACHERS}/{name}/{L.PHIS}/{feature}.npz")
+        for set_name, (_, text_attrs) in store.text_sets(name).items():  # siglip's text/classes
+            assert set(text_attrs) <= documented_keys("Text set attributes"), (set_name, set(text_attrs))
+    assert store.text_sets("siglip")["classes"][1]["kind"] == "classes"
     # the tokens of every teacher follow the documented rule: cumulative grid counts of the ok images
     import numpy as np
 
