@@ -16,8 +16,8 @@ SWEEP.toml::
     store = "other_store"          # optional: this run trains on another store
 
 Runs are sequential on this machine, or Ray tasks on a cluster (``--ray-address ADDR``, or ``local`` for
-an embedded one; one GPU each where the cluster has GPUs). Only the sweep's own files are written: DIR is claimed with a marker, each run
-is a run directory (``train.rundir``), the comparison goes to DIR/compare.
+an embedded one; one GPU each where the cluster has GPUs). Only the sweep's own files are written: DIR is
+claimed with a marker, each run is a run directory (``train.rundir``), the comparison goes to DIR/compare.
 """
 
 from __future__ import annotations

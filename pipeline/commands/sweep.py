@@ -12,7 +12,8 @@ from ..console import console, user_errors
 
 
 def sweep(
-    sweep_file: Annotated[Path, typer.Argument(help="SWEEP.toml: base config, [grid] and/or [[runs]], eval tasks")],
+    sweep_file: Annotated[Path, typer.Argument(
+        help="SWEEP.toml: a base config, a grid table and/or runs tables, the eval tasks (format: pipeline/sweep.py)")],
     store: Annotated[str, typer.Option("--store", help="feature store every run trains on")],
     out: Annotated[Path, typer.Option("--out", help="sweep folder: one run directory per run, compare/")],
     eval_store: Annotated[Optional[str], typer.Option("--eval-store", help="store to evaluate on (default: --store)")] = None,
