@@ -18,7 +18,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_weights
 
 from storage.faults import fault_point
 
@@ -50,8 +51,12 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / MODEL))
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / STATE)
+    # written through Python file objects: a failed write (a full disk) is an OSError naming its cause, where
+    # safetensors' and torch's own file writers report it as a bare "iostream error" RuntimeError
+    with open(tmp / MODEL, "wb") as f:
+        f.write(save_weights(state))
+    with open(tmp / STATE, "wb") as f:
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, f)
     (tmp / META).write_text(json.dumps({"step": step, "trusted": None, **meta}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

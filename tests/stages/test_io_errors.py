@@ -104,3 +104,39 @@ echo $? > {tmp_path}/ro.rc
     a, b = store_arrays(str(ref)), store_arrays(str(store))
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_a_full_disk_while_training_is_one_line_and_the_rerun_matches_an_untroubled_run(images_and_reference,
+                                                                                         tmp_path):
+    """The first checkpoint does not fit: one line naming the run and the cause, exit 2; with room again the same
+    command trains the run, its loss curve equal to a run written without trouble."""
+    import json
+
+    _, ref = images_and_reference
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    args = ["train", "--store", str(ref), "--model", "tiny", "--steps", "4", "--set", "data.seq_len=160",
+            "--set", "data.seqs_per_batch=2", "--set", "data.workers=0", "--set", "run.checkpoint_every=2",
+            "--set", "run.threads=1"]
+    cmd = lambda out: shlex.join([sys.executable, "-m", "pipeline.cli", *args, "--out", out])  # noqa: E731
+    script = f"""
+{cmd(str(tmp_path / "whole"))} > /dev/null 2> {tmp_path}/whole.err
+mount -t tmpfs -o size=256k tmpfs {disk}
+set +e
+{cmd(f"{disk}/run")} > {tmp_path}/full.out 2> {tmp_path}/full.err
+echo $? > {tmp_path}/full.rc
+set -e
+mount -o remount,size=64m {disk}
+{cmd(f"{disk}/run")} > {tmp_path}/again.out 2> {tmp_path}/again.err
+cp {disk}/run/metrics.jsonl {tmp_path}/again.jsonl
+"""
+    proc = _namespace(script)
+    err = (tmp_path / "full.err").read_text() if (tmp_path / "full.err").exists() else ""
+    assert proc.returncode == 0, proc.stderr + err + ((tmp_path / "again.err").read_text()
+                                                      if (tmp_path / "again.err").exists() else "")
+    assert (tmp_path / "full.rc").read_text().strip() == "2", err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and f"{disk}/run" in lines[0], err
+    assert "Traceback" not in err
+    losses = lambda path: [json.loads(ln)["loss"] for ln in path.read_text().splitlines()]  # noqa: E731
+    assert losses(tmp_path / "again.jsonl") == losses(tmp_path / "whole" / "metrics.jsonl")
