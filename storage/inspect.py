@@ -85,7 +85,8 @@ def describe_store(url: str) -> dict:
             "bytes_per_token": on_disk / n_tok,
             "compression_ratio": logical / on_disk if on_disk else None,
             "heads": sorted(k for k, _ in g[L.HEADS].arrays()) if L.HEADS in g else [],
-            "text": sorted(k for k, _ in g[L.TEXT].arrays()) if L.TEXT in g else [],
+            "text": {k: {"kind": a.attrs.get("kind", "prompts"), "rows": int(a.shape[0])}
+                     for k, a in sorted(g[L.TEXT].arrays())} if L.TEXT in g else {},
             "layers": {str(k): {"dim": int((ta.get("layer_dims") or {}).get(str(k), 0)),
                                 "complete": int(k) in ta.get("layers", []),
                                 "units_committed": len(store.layer_commits(name, int(k)).committed())}

@@ -66,6 +66,9 @@ def inspect_store(
                   for k, v in t.get("layers", {}).items()]
         if layers:
             console.print(f"{name}: layers {', '.join(layers)}")
+        if t.get("text"):
+            console.print(f"{name}: text sets " + ", ".join(f"{k} ({v['kind']}, {v['rows']} rows)"
+                                                            for k, v in t["text"].items()))
 
 
 def _verify(store: str) -> None:

@@ -87,6 +87,9 @@ def test_a_written_store_holds_only_documented_names_and_attributes(train_store)
         for set_name, (_, text_attrs) in store.text_sets(name).items():  # siglip's text/classes
             assert set(text_attrs) <= documented_keys("Text set attributes"), (set_name, set(text_attrs))
     assert store.text_sets("siglip")["classes"][1]["kind"] == "classes"
+    from storage.inspect import describe_store  # what `pipeline inspect` prints of them
+
+    assert describe_store(train_store)["teachers"]["siglip"]["text"] == {"classes": {"kind": "classes", "rows": 10}}
     # the tokens of every teacher follow the documented rule: cumulative grid counts of the ok images
     import numpy as np
 
