@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from pydantic import Field
 
-from config import ConfigError, StrictConfig, load_config, parse_overrides
+from config import ConfigError, StrictConfig, load_cli_config, load_config
 
 __all__ = ["SweepConfig", "SweepRun", "expand", "load_sweep", "run_sweep"]
 
@@ -103,21 +103,10 @@ def load_sweep(path: Path) -> tuple[SweepConfig, Path | None]:
 def _train_config(cfg: SweepConfig, base: Path | None, run: SweepRun, store: str):
     from train.config import TrainConfig, with_stores
 
-    sets = [f"{k}={_toml(v)}" for k, v in {**_dotted(cfg.base_set), **run.overrides}.items()]
-    try:
-        return with_stores(load_config(TrainConfig, base, parse_overrides(sets)), store)
+    try:  # the dotted keys fill the config as --set items would, already typed
+        return with_stores(load_cli_config(TrainConfig, base, {**_dotted(cfg.base_set), **run.overrides}, None), store)
     except ConfigError as exc:
         raise ConfigError(f"sweep run {run.name!r}: {exc}") from None
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return repr(value)
 
 
 def _finished(run_dir: Path, steps: int, eval_store: str, tasks: list[str]) -> bool:
