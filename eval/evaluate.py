@@ -3,7 +3,7 @@
 ``evaluate_run`` loads the run's latest checkpoint through ``train.model`` (never the training loop),
 extracts features from each store a task reads (once per store), runs the tasks and merges their
 entries into ``RUN/eval.json``: every task owns one top-level key (``knn``, ``zeroshot``, ``retrieval``,
-``ensemble``, ``routing``), next to ``checkpoint_step``, the evaluated ``store``, the student-teacher ``cosine`` and
+``seg``, ``ensemble``, ``routing``), next to ``checkpoint_step``, the evaluated ``store``, the student-teacher ``cosine`` and
 ``relational_error`` on it. Each task is one function in ``TASKS``.
 """
 
@@ -231,8 +231,76 @@ def ensemble_task(ctx: EvalContext, k: int = 20, temperature: float = 0.07, gamm
     return out
 
 
+def seg_task(ctx: EvalContext, store: str | None = None, train_share: float = 0.5, epochs: int = 10,
+             batch_size: int = 32, lr: float = 1e-2, min_steps: int = 300, seed: int = 0,
+             max_images: int | None = 2000) -> dict:
+    """Dense linear probes (``eval.dense``) on the frozen patch features of the student backbone, each head
+    (its teacher's raw space) and each cached teacher, against the masks of ``store`` (default: the evaluated
+    store): mIoU for class masks, RMSE for value masks (e.g. depth). The store's masked images are split
+    (seeded) into the probe's training images and the measured ones."""
+    from storage.reader import StoreReader
+
+    from .dense import confusion_matrix, fit_probe, iou_per_class, predict_dense, rmse
+    from .features import extract_patch_features
+
+    url = store or ctx.store
+    if not 0 < train_share < 1:
+        raise EvalError(f"seg train_share must lie in (0, 1), got {train_share}")
+    reader = StoreReader(url, ctx.teachers)
+    info = reader.mask_info
+    if info is None:
+        raise EvalError(f"seg needs per-pixel masks in {url}: cache its images with `pipeline cache-teachers IMAGES "
+                        "--masks CSV` (e.g. from `pipeline data segmentation`) and pass it with --seg-store")
+    if url != ctx.store and url != ctx.bank:
+        check_teachers(read_run(ctx.run)[1], url)
+    masked = np.flatnonzero(reader.ok & (np.diff(reader.mask_offsets) > 0))
+    rng = np.random.default_rng(seed)
+    if max_images is not None and len(masked) > max_images:
+        masked = np.sort(rng.choice(masked, max_images, replace=False))
+    n_train = int(round(len(masked) * train_share))
+    if n_train < 1 or n_train >= len(masked):
+        raise EvalError(f"seg needs masked images to train the probe and to measure it; {url} has {len(masked)}")
+    order = rng.permutation(len(masked))
+    train_rows, test_rows = set(masked[order[:n_train]].tolist()), set(masked[order[n_train:]].tolist())
+    keep = np.zeros(len(reader), bool)
+    keep[masked] = True
+    feats = extract_patch_features(ctx.model, url, ctx.cfg, ctx.teachers, ctx.device, keep=keep)
+    masks = dict(zip(feats.rows.tolist(), reader.masks(feats.rows)))
+    split = {side: [j for j, r in enumerate(feats.rows.tolist()) if r in rows]
+             for side, rows in (("train", train_rows), ("test", test_rows))}
+    targets = {side: [masks[int(feats.rows[j])] for j in idx] for side, idx in split.items()}
+    grids = {side: [feats.grids[j] for j in idx] for side, idx in split.items()}
+    num_classes = max(len(info.classes), int(max(t[t != info.ignore].max(initial=0) for t in masks.values())) + 1)
+    entry: dict = {"store": url, "kind": info.kind, "train_images": len(split["train"]),
+                   "test_images": len(split["test"]), "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                   "min_steps": min_steps,
+                   "seed": seed}
+    if info.kind == "classes":
+        entry.update(classes=info.classes or [str(c) for c in range(num_classes)], miou={}, pixel_accuracy={}, iou={})
+    else:
+        entry.update(scale=info.scale, rmse={})
+        train_values = np.concatenate([t[t != info.ignore] for t in targets["train"]]) / info.scale
+        entry["rmse_of_train_mean"] = rmse([np.full(t.shape, train_values.mean()) for t in targets["test"]],
+                                           targets["test"], info.ignore, info.scale)
+    for name, per_image in feats.features.items():
+        probe = fit_probe([per_image[j] for j in split["train"]], grids["train"], targets["train"], kind=info.kind,
+                          num_classes=num_classes, ignore=info.ignore, scale=info.scale, epochs=epochs,
+                          batch_size=batch_size, lr=lr, min_steps=min_steps, seed=seed)
+        preds = predict_dense(probe, [per_image[j] for j in split["test"]], grids["test"],
+                              [t.shape for t in targets["test"]])
+        if info.kind == "classes":
+            conf = confusion_matrix(preds, targets["test"], num_classes, info.ignore)
+            iou = iou_per_class(conf)
+            entry["miou"][name] = float(np.nanmean(iou))
+            entry["pixel_accuracy"][name] = float(np.trace(conf) / max(conf.sum(), 1))
+            entry["iou"][name] = [None if np.isnan(v) else float(v) for v in iou]
+        else:
+            entry["rmse"][name] = rmse(preds, targets["test"], info.ignore, info.scale)
+    return entry
+
+
 TASKS: dict[str, Callable[..., dict]] = {"knn": knn_task, "zeroshot": zeroshot_task, "retrieval": retrieval_task,
-                                         "ensemble": ensemble_task, "routing": routing_task}
+                                         "seg": seg_task, "ensemble": ensemble_task, "routing": routing_task}
 
 
 def relational_errors(feats: StoreFeatures, most: int = 4096, seed: int = 0) -> dict[str, float]:

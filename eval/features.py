@@ -22,7 +22,8 @@ from train.losses import per_image_mean
 from train.model import TRAINING_ONLY, build_model
 from train.rundir import RunDir
 
-__all__ = ["StoreFeatures", "extract_features", "load_trained", "ordered_batches"]
+__all__ = ["PatchFeatures", "StoreFeatures", "extract_features", "extract_patch_features", "load_trained",
+           "ordered_batches"]
 
 
 @dataclass
@@ -31,6 +32,13 @@ class StoreFeatures:
     labels: np.ndarray  # -1 where unlabelled
     features: dict[str, np.ndarray]  # "student/cls", "student/<teacher>", "teacher/<teacher>"
     cosine: dict[str, float]  # mean student-teacher cosine per head and feature (raw teacher space)
+
+
+@dataclass
+class PatchFeatures:
+    rows: np.ndarray  # store row of each image
+    grids: list[tuple[int, int]]  # (gh, gw) per image
+    features: dict[str, list[np.ndarray]]  # "student/patches", "student/<teacher>", "teacher/<teacher>": [gh*gw, D]
 
 
 def load_trained(run: Path, store_url: str, cfg: TrainConfig, teachers: list[str], device: torch.device):
@@ -42,14 +50,16 @@ def load_trained(run: Path, store_url: str, cfg: TrainConfig, teachers: list[str
     return model.to(device).eval(), meta
 
 
-def ordered_batches(store_url: str, cfg: TrainConfig, teachers: list[str], max_images: int | None = None):
-    """The store's usable images (the first ``max_images``) once, in store order, packed as the run packs
-    them (no augmentation; sequences lengthened for a store cached larger than the run's ``seq_len``)."""
+def ordered_batches(store_url: str, cfg: TrainConfig, teachers: list[str], max_images: int | None = None,
+                    keep: np.ndarray | None = None):
+    """The store's usable images (those ``keep`` marks; the first ``max_images``) once, in store order, packed
+    as the run packs them (no augmentation; sequences lengthened for a store cached larger than the run's
+    ``seq_len``)."""
     data_cfg = cfg.data.model_copy(update={"flip": False, "crop": False, "mode": "packed"})
     ds = StoreBatches(store_url, teachers, data_cfg, patch=cfg.model.patch_size, registers=cfg.model.registers,
                       seed=0, train=False)
     reader = ds.reader
-    ok = reader.ok.copy()
+    ok = reader.ok.copy() if keep is None else reader.ok & keep
     if max_images is not None:
         ok[np.flatnonzero(ok)[max_images:]] = False
     longest = int((reader.grid[:, 0] * reader.grid[:, 1])[ok].max(initial=0)) + 1 + cfg.model.registers
@@ -96,3 +106,26 @@ def extract_features(model, store_url: str, cfg: TrainConfig, teachers: list[str
         features={k: np.concatenate(v) for k, v in feats.items()},
         cosine={k: v / n for k, v in cos_sum.items()},
     )
+
+
+@torch.no_grad()
+def extract_patch_features(model, store_url: str, cfg: TrainConfig, teachers: list[str], device: torch.device,
+                           keep: np.ndarray | None = None) -> PatchFeatures:
+    """Frozen patch features of the images ``keep`` marks, per image in row-major grid order: the student
+    backbone's final tokens, each head's patch prediction in its teacher's raw space, and the cached
+    teacher patches (dense probes)."""
+    feats: dict[str, list[np.ndarray]] = {}
+    rows, grids = [], []
+    for batch in ordered_batches(store_url, cfg, teachers, keep=keep):
+        layout = batch["layout"]
+        preds, out = model(batch["pixels"].to(device), layout.to(device), cfg.run.attention)
+        bounds = np.concatenate([[0], np.cumsum((layout.grids[:, 0] * layout.grids[:, 1]).numpy())])
+        per = {"student/patches": out.patches.float().cpu().numpy()}
+        for t in teachers:
+            per[f"student/{t}"] = model.spaces[t]["patches"].denormalize(preds[t]["patches"]).float().cpu().numpy()
+            per[f"teacher/{t}"] = batch["targets"][t]["patches"].float().numpy()
+        for name, values in per.items():
+            feats.setdefault(name, []).extend(values[a:b] for a, b in zip(bounds[:-1], bounds[1:]))
+        rows.append(batch["rows"].numpy())
+        grids += [(int(g[0]), int(g[1])) for g in layout.grids.numpy()]
+    return PatchFeatures(np.concatenate(rows) if rows else np.zeros(0, np.int64), grids, feats)

@@ -25,7 +25,7 @@ from storage.faults import fault_point
 from storage.store import FeatureStore, StoreError, TeacherGroupSpec
 
 from .config import CacheConfig
-from .ingest import IngestReport, ingest_images, read_labels
+from .ingest import IngestReport, MaskInput, ingest_images, read_labels, read_masks
 from .placement import Placement, place_job, replica_threads
 from .ray_cluster import ray_cluster
 from .runner import UnitJob
@@ -230,6 +230,7 @@ def run_cache(
     _check_not_inside(images, store_url)
     refs = list_images(images)
     labels = read_labels(cfg.labels, [r.source for r in refs]) if cfg.labels else None  # bad CSV: refused now
+    masks = _masks(cfg, [r.source for r in refs])
     placement = place_job(cfg)  # before any work: a device or replica request the cluster cannot serve
     t = time.perf_counter()
     # the driver builds the teacher once on CPU (fingerprint, dims, frozen heads, text embeddings), before
@@ -250,7 +251,7 @@ def run_cache(
     store = FeatureStore.open_or_create(store_url, policy, created_by=_created_by())
     with store.lock(f"teacher-{name}"):
         resumed = store.check_teacher(spec)  # raises on a conflicting fingerprint, before any work
-        report = _cache_teacher(store, refs, labels, spec, extras, resumed, cfg, placement, progress)
+        report = _cache_teacher(store, refs, labels, masks, spec, extras, resumed, cfg, placement, progress)
     report.seconds = {"build_teacher": build_s, **report.seconds}
     return report
 
@@ -287,7 +288,15 @@ class _TeacherExtras:
                    teacher.layer_rule() if dims else "")
 
 
-def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, spec: TeacherGroupSpec,
+def _masks(cfg: CacheConfig, sources: list[str]) -> MaskInput | None:
+    if not cfg.masks:
+        return None
+    classes = read_lines(cfg.mask_classes, "mask classes") if cfg.mask_classes else None
+    return read_masks(cfg.masks, sources, cfg.mask_kind, classes, cfg.mask_scale)
+
+
+def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, masks: MaskInput | None,
+                   spec: TeacherGroupSpec,
                    extras: _TeacherExtras, resumed: bool, cfg: CacheConfig, placement: Placement,
                    progress: Callable[[str, int, int], None]) -> CacheReport:
     """Images (when missing), the teacher group, its units on an actor pool, PHI-S; the caller holds the teacher's lock."""
@@ -305,7 +314,8 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, s
         stack.enter_context(ray_cluster(cfg.ray_address, cfg.num_cpus))
         t = time.perf_counter()
         ingest = ingest_images(refs, store, shard_images=cfg.shard_images, pixel_shard_bytes=cfg.pixel_shard_bytes,
-                               pixel_chunk_bytes=cfg.pixel_chunk_bytes, labels=labels, on_progress=progress)
+                               pixel_chunk_bytes=cfg.pixel_chunk_bytes, labels=labels, masks=masks,
+                               on_progress=progress)
         release()  # the images are written: other commands may add their teachers from here on
         seconds["images"] = time.perf_counter() - t
 

@@ -48,6 +48,13 @@ class CacheConfig(_ModelSource):
     image_format: Literal["png", "jpeg", "webp"] = "png"
     image_quality: int = Field(95, ge=1, le=100)
     labels: str | None = Field(None, description="CSV with columns path,label: stored as the labels array")
+    masks: str | None = Field(None, description="CSV path,mask (paths relative to it): per-pixel label maps stored "
+                              "with the images as images/masks (segmentation probes); only when the images are "
+                              "first cached")
+    mask_kind: Literal["classes", "values"] = Field("classes", description="classes: 8-bit class indices (255 = "
+                                                    "ignore); values: 16-bit regression targets (65535 = unknown)")
+    mask_classes: str | None = Field(None, description="text file naming the mask classes, line i = class i")
+    mask_scale: float = Field(1.0, gt=0, description="values masks: the target is the stored value / mask_scale")
     layers: list[int] = Field(default_factory=list, description="teacher blocks k (1-based; a CNN's feature stages) "
                               "whose tokens are also cached as layers/<k> (routing supervision, CKA); adding layers "
                               "to a cached teacher computes only them")
@@ -95,6 +102,8 @@ class CacheConfig(_ModelSource):
         kinds = [k for k in ("text_prompts", "text_classes", "captions", "classifier") if getattr(self, k)]
         if len(kinds) > 1:
             raise ValueError(f"one text set per run: {' and '.join(kinds)} were both given")
+        if self.mask_classes and self.mask_kind != "classes":
+            raise ValueError("mask_classes names the classes of mask_kind = classes")
         if self.text_templates and not self.text_classes:
             raise ValueError("text_templates needs text_classes (the class names to put into them)")
         if self.text_set is not None and (not self.text_set or "/" in self.text_set or self.text_set.startswith(".")):

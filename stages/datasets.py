@@ -4,6 +4,9 @@
   labels CSV and a stratified train/held-out split (the demo's kNN evaluation set).
 * ``write_longtail_pool``: a real long-tailed pool for curation: random crops of the bundled photos
   whose count per source photo follows a Zipf law; a crop's concept is its source photo.
+* ``write_segmentation_set``: the real digits pasted into crops of the real photos, with a per-pixel
+  class mask (background + 10 digits) and a per-pixel regression target (distance to the nearest
+  digit), for the dense probes of ``pipeline eval --tasks seg``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["DemoImageSet", "LongtailPool", "bundled_photos", "write_demo_images", "write_longtail_pool"]
+__all__ = ["DemoImageSet", "LongtailPool", "SegmentationSet", "bundled_photos", "write_demo_images",
+           "write_longtail_pool", "write_segmentation_set"]
 
 # every one of these ships inside the scikit-image wheel (skimage/data/*.png|jpg)
 SKIMAGE_PHOTOS = (
@@ -216,3 +220,91 @@ def write_longtail_pool(
         for rows in results:
             writer.writerows(rows)
     return LongtailPool(out, concepts_csv, dict(zip(names, map(int, counts))))
+
+
+SEG_CLASSES = ("background", *(f"digit {d}" for d in range(10)))  # mask value v names SEG_CLASSES[v]
+DISTANCE_SCALE = 16  # depth/*.png hold the distance to the nearest digit in pixels x 16 (1/16 px steps)
+
+
+@dataclass(frozen=True)
+class SegmentationSet:
+    root: Path
+    images: list[Path]
+    masks_csv: Path  # path,mask: class masks (8-bit)
+    depth_csv: Path  # path,mask: distance-to-digit targets (16-bit, value / DISTANCE_SCALE pixels)
+    classes_txt: Path
+    digit_pixels: float  # share of pixels labelled as a digit
+
+
+def _segmentation_image(photo: np.ndarray, digits: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                        crop: tuple[int, int], digit_px: tuple[int, int], per_image: tuple[int, int]):
+    """One photo crop with 1..n pasted digits: (RGB uint8, class mask uint8, distance-to-digit uint16)."""
+    from scipy.ndimage import distance_transform_edt
+
+    img = Image.fromarray(photo).convert("RGB")
+    side = int(rng.integers(crop[0], crop[1] + 1))
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w = min(img.width, max(32, int(round(side * math.sqrt(aspect)))))
+    h = min(img.height, max(32, int(round(side / math.sqrt(aspect)))))
+    x, y = int(rng.integers(0, img.width - w + 1)), int(rng.integers(0, img.height - h + 1))
+    canvas = np.asarray(img.crop((x, y, x + w, y + h)), np.float64)
+    mask = np.zeros((h, w), np.uint8)
+    for _ in range(int(rng.integers(per_image[0], per_image[1] + 1))):
+        k = int(rng.integers(len(digits)))
+        size = int(rng.integers(digit_px[0], min(digit_px[1], w, h) + 1))
+        stroke = np.asarray(Image.fromarray(np.clip(digits[k] * (255 / 16), 0, 255).astype(np.uint8), "L")
+                            .resize((size, size), Image.BICUBIC), np.float64) / 255.0
+        px, py = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+        region = canvas[py:py + size, px:px + size]
+        # a colour far from the background under the digit, so every digit stays visible
+        colour = np.where(region.mean((0, 1)) > 127, rng.uniform(0, 60, 3), rng.uniform(195, 255, 3))
+        canvas[py:py + size, px:px + size] = region * (1 - stroke[..., None]) + colour * stroke[..., None]
+        mask[py:py + size, px:px + size][stroke > 0.5] = int(labels[k]) + 1  # later digits occlude earlier ones
+    distance = distance_transform_edt(mask == 0) if (mask > 0).any() else np.full(mask.shape, float(max(h, w)))
+    depth = np.clip(np.rint(distance * DISTANCE_SCALE), 0, 65534).astype(np.uint16)
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), mask, depth
+
+
+def write_segmentation_set(out: Path, *, n_images: int = 200, crop: tuple[int, int] = (128, 256),
+                           digit_px: tuple[int, int] = (24, 80), per_image: tuple[int, int] = (1, 4), seed: int = 0
+                           ) -> SegmentationSet:
+    """Write ``images/``, ``masks/`` (class per pixel: 0 background, d + 1 digit d), ``depth/`` (distance to the
+    nearest digit pixel x DISTANCE_SCALE), ``masks.csv``, ``depth.csv`` and ``classes.txt``.
+
+    Every image is a seeded random crop of a bundled photo with 1-4 of the 1,797 scikit-learn digits
+    (upscaled, alpha-blended in a contrasting colour) pasted at random positions and sizes; the mask
+    labels the pixels where the digit's stroke covers more than half.
+    """
+    from sklearn.datasets import load_digits
+
+    if n_images < 1:
+        raise ValueError(f"n_images must be positive, got {n_images}")
+    if not 8 <= digit_px[0] <= digit_px[1] or crop[0] < 32 or crop[1] < crop[0]:
+        raise ValueError(f"bad sizes: digits {digit_px}, crops {crop}")
+    out = claim_folder(out, "data-segmentation")
+    for sub in ("images", "masks", "depth"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    photos = bundled_photos()
+    names = sorted(photos)
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    paths, rows, depth_rows, digit_share = [], [], [], []
+    for i in range(n_images):
+        photo = photos[names[int(rng.integers(len(names)))]]
+        rgb, mask, depth = _segmentation_image(photo, digits.images, digits.target, rng, crop, digit_px, per_image)
+        name = f"seg_{i:05d}.png"
+        _save_if_changed(Image.fromarray(rgb), out / "images" / name)
+        _save_if_changed(Image.fromarray(mask, "L"), out / "masks" / name)
+        _save_if_changed(Image.fromarray(depth), out / "depth" / name)
+        paths.append(out / "images" / name)
+        rows.append((f"images/{name}", f"masks/{name}"))
+        depth_rows.append((f"images/{name}", f"depth/{name}"))
+        digit_share.append(float((mask > 0).mean()))
+    masks_csv, depth_csv, classes_txt = out / "masks.csv", out / "depth.csv", out / "classes.txt"
+    for path, table in ((masks_csv, rows), (depth_csv, depth_rows)):
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "mask"])
+            writer.writerows(table)
+    classes_txt.write_text("\n".join(SEG_CLASSES) + "\n")
+    return SegmentationSet(out, paths, masks_csv, depth_csv, classes_txt, float(np.mean(digit_share)))

@@ -7,7 +7,8 @@ Three steps, each resumable:
      failure table, and creates the arrays.
   C. Ray tasks, one per unit: write the unit's per-image shards and its owned pixel shards
      (storage.shards ownership rule), then the unit's commit marker.
-Failures (unreadable, corrupt, truncated, not an image) are recorded, never dropped.
+Failures (unreadable, corrupt, truncated, not an image) are recorded, never dropped. Masks (per-pixel
+label maps, ``storage.masks``) travel with their images through the same three steps and commits.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from storage.failures import count_reasons
 from storage.fingerprint import digest_strings
 from storage.fsutil import atomic_write
 from storage.image_policy import ImagePolicy
+from storage.masks import MaskInfo, encode_mask, read_mask_file, resize_mask
 from storage.shards import ShardPlan
 from storage.store import FeatureStore, StoreError
 
 from .runner import UnitJob
 from .sources import ImageRef, absolute_source, iter_decoded, printable_source, read_path_table
 
-__all__ = ["IngestReport", "ingest_images", "prepare_unit"]
+__all__ = ["IngestReport", "MaskInput", "ingest_images", "prepare_unit", "read_masks"]
 
 STAGING_IMAGES = f"{L.STAGING}/images"
 
@@ -44,33 +46,89 @@ class IngestReport:
     skipped: bool = False
     labelled: int | None = None  # images the labels CSV gives a label to (None: no CSV)
     labels_changed: int = 0  # labels rewritten on an existing store from a corrected CSV
+    masked: int | None = None  # images stored with a mask (None: no masks given)
+
+
+@dataclass(frozen=True)
+class MaskInput:
+    """Masks to store with the images: the mask file of each source ("" where it has none), and what they hold."""
+
+    files: list[str]
+    info: MaskInfo
+
+
+def read_masks(path: str, sources: list[str], kind: str = "classes", classes: list[str] | None = None,
+               scale: float = 1.0) -> MaskInput:
+    """The masks CSV (columns path,mask; both relative to the CSV's folder) for ``sources``.
+
+    Refused at once, before any work: a CSV that gives none of the images a mask, and a mask file that
+    does not exist (named).
+    """
+    table = read_path_table(path, ("mask",), "masks")
+    base = Path(path).resolve().parent
+    files = [table.get(absolute_source(s), "") for s in sources]
+    files = [str(base / f) if f else "" for f in files]
+    if sources and not any(files):
+        raise ValueError(f"masks file {path} gives a mask to none of the {len(sources)} images (its paths are "
+                         f"relative to {base}; e.g. {printable_source(sources[0])} is not listed)")
+    missing = next((f for f in files if f and not Path(f).is_file()), None)
+    if missing:
+        raise FileNotFoundError(f"masks file {path}: mask {missing} does not exist")
+    info = MaskInfo.for_kind(kind, classes=list(classes or []), scale=float(scale), sources_digest=digest_strings(files))
+    return MaskInput(files, info)
+
+
+def _mask_blob(mask_file: str, kind: str, source: str, image_size: tuple[int, int], stored_size: tuple[int, int]
+               ) -> np.ndarray:
+    """One image's mask: read, checked against its decoded image's size, resized like it, PNG-encoded."""
+    try:
+        data = Path(mask_file).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"mask {mask_file} cannot be read ({exc.strerror or exc})") from None
+    mask = read_mask_file(data, kind, mask_file)
+    if mask.size != image_size:
+        raise ValueError(f"mask {mask_file} is {mask.size[0]}x{mask.size[1]} pixels, its image "
+                         f"{printable_source(source)} {image_size[0]}x{image_size[1]}: a mask labels every pixel")
+    return np.frombuffer(encode_mask(resize_mask(mask, stored_size)), np.uint8)
 
 
 def _staged_path(store: FeatureStore, unit: int) -> str:
     return store.path(STAGING_IMAGES, f"unit-{unit:08d}.npz")
 
 
-def prepare_unit(sources: list[str], policy: ImagePolicy) -> dict[str, np.ndarray]:
-    """Step A for one unit: decoded, resized, encoded images as flat bytes + per-image metadata."""
+def prepare_unit(sources: list[str], policy: ImagePolicy, masks: list[str] | None = None, mask_kind: str = "classes"
+                 ) -> dict[str, np.ndarray]:
+    """Step A for one unit: decoded, resized, encoded images (and their masks) as flat bytes + per-image metadata."""
     n = len(sources)
-    sizes = np.zeros(n, np.int64)
+    sizes, mask_sizes = np.zeros(n, np.int64), np.zeros(n, np.int64)
     hw = np.zeros((n, 2), np.int32)
     grid = np.zeros((n, 2), np.int32)
     ok = np.zeros(n, bool)
-    ids, reasons, blobs = [""] * n, [""] * n, []
-    for i, (content_id, image, reason) in enumerate(iter_decoded(sources, policy.resize)):
+    ids, reasons, blobs, mask_blobs = [""] * n, [""] * n, [], []
+    decoded_size = {}
+
+    def resize(image):  # the size before resizing: a mask must match it
+        decoded_size["last"] = image.size
+        return policy.resize(image)
+
+    for i, (content_id, image, reason) in enumerate(iter_decoded(sources, resize)):
         ids[i], reasons[i] = content_id, reason
         if image is None:
             continue
         blob = policy.encode(image)
         blobs.append(np.frombuffer(blob, np.uint8))
         sizes[i] = len(blob)
+        if masks and masks[i]:
+            mask_blobs.append(_mask_blob(masks[i], mask_kind, sources[i], decoded_size["last"], image.size))
+            mask_sizes[i] = len(mask_blobs[-1])
         hw[i] = (image.height, image.width)
         grid[i] = (image.height // policy.patch_size, image.width // policy.patch_size)
         ok[i] = True
     return {
         "pixels": np.concatenate(blobs) if blobs else np.zeros(0, np.uint8),
         "sizes": sizes,
+        "masks": np.concatenate(mask_blobs) if mask_blobs else np.zeros(0, np.uint8),
+        "mask_sizes": mask_sizes,
         "hw": hw,
         "grid": grid,
         "ok": ok,
@@ -91,46 +149,57 @@ def _load_npz(store: FeatureStore, unit: int, keys: tuple[str, ...]) -> dict[str
         return {k: z[k] for k in keys}
 
 
-def _stage_task(store_url: str, unit: int, sources: list[str], policy: dict) -> int:
+def _stage_task(store_url: str, unit: int, sources: list[str], policy: dict, masks: list[str] | None,
+                mask_kind: str) -> int:
     store = FeatureStore.open(store_url, mode="r")
-    arrays = prepare_unit(sources, ImagePolicy.from_dict(policy))
+    arrays = prepare_unit(sources, ImagePolicy.from_dict(policy), masks, mask_kind)
     atomic_write(store.fs, _staged_path(store, unit), _save_npz(arrays))
     return unit
 
 
-def _write_task(store_url: str, unit: int, offsets_ref: np.ndarray) -> int:
+def _owned_bytes(store: FeatureStore, offsets: np.ndarray, r0: int, r1: int, key: str) -> np.ndarray:
+    """Rows [r0, r1) of a flat byte array (``pixels`` or ``masks``) from the staged units: the writing unit's
+    file and, past its end, the next ones'."""
+    plan = store.plan()
+    first_image = int(np.searchsorted(offsets, r0, "right")) - 1
+    parts, cursor, u = [], r0, first_image // plan.shard_images
+    while cursor < r1:
+        u0, u1 = plan.image_range(u)
+        base = int(offsets[u0])
+        data = _load_npz(store, u, (key,))[key]
+        lo, hi = cursor - base, min(r1, int(offsets[u1])) - base
+        parts.append(data[lo:hi])
+        cursor = base + hi
+        u += 1
+    return np.concatenate(parts)
+
+
+def _write_task(store_url: str, unit: int, offsets_ref: np.ndarray, mask_offsets_ref: np.ndarray | None) -> int:
     """Step C for one unit (runs in a Ray task)."""
     store = FeatureStore.open(store_url, mode="r+")
     plan = store.plan()
-    pixel_offsets = np.asarray(offsets_ref)
+    flat = {L.PIXELS: (L.PIXEL_OFFSETS, np.asarray(offsets_ref))}
+    if mask_offsets_ref is not None:
+        flat[L.MASKS] = (L.MASK_OFFSETS, np.asarray(mask_offsets_ref))
     i0, i1 = plan.image_range(unit)
     meta = _load_npz(store, unit, ("ids", "sources", "hw", "grid", "ok"))
     images = store.group[L.IMAGES]
     end = i1 + 1 if unit == plan.num_units - 1 else i1
-    shard = images[L.PIXELS].shards[0]
-    r0, r1 = plan.owned_rows(unit, pixel_offsets, shard)
-    for name in (L.IDS, L.SOURCE, L.HW, L.GRID, L.OK, L.PIXEL_OFFSETS, L.PIXELS):  # rewritten whole
-        store.clear_rows(images[name], *{L.PIXEL_OFFSETS: (i0, end), L.PIXELS: (r0, r1)}.get(name, (i0, i1)))
+    owned = {name: plan.owned_rows(unit, offsets, images[name].shards[0]) for name, (_, offsets) in flat.items()}
+    rows = {**owned, **{index: (i0, end) for index, _ in flat.values()}}
+    for name in (L.IDS, L.SOURCE, L.HW, L.GRID, L.OK, *rows):  # rewritten whole
+        store.clear_rows(images[name], *rows.get(name, (i0, i1)))
     images[L.IDS][i0:i1] = meta["ids"]
     images[L.SOURCE][i0:i1] = meta["sources"]
     images[L.HW][i0:i1] = meta["hw"]
     images[L.GRID][i0:i1] = meta["grid"]
     images[L.OK][i0:i1] = meta["ok"]
-    images[L.PIXEL_OFFSETS][i0:end] = pixel_offsets[i0:end]
-    if r1 > r0:
-        # bytes of the owned rows come from this unit's staged file and, past its end, the next ones'
-        first_image = int(np.searchsorted(pixel_offsets, r0, "right")) - 1
-        parts, cursor, u = [], r0, first_image // plan.shard_images
-        while cursor < r1:
-            u0, u1 = plan.image_range(u)
-            base = int(pixel_offsets[u0])
-            data = _load_npz(store, u, ("pixels",))["pixels"]
-            lo, hi = cursor - base, min(r1, int(pixel_offsets[u1])) - base
-            parts.append(data[lo:hi])
-            cursor = base + hi
-            u += 1
-        images[L.PIXELS][r0:r1] = np.concatenate(parts)
-    store.image_commits().commit(unit, {"images": [i0, i1], "pixel_rows": [r0, r1]})
+    for name, (index, offsets) in flat.items():
+        images[index][i0:end] = offsets[i0:end]
+        r0, r1 = owned[name]
+        if r1 > r0:
+            images[name][r0:r1] = _owned_bytes(store, offsets, r0, r1, name)
+    store.image_commits().commit(unit, {"images": [i0, i1], **{f"{n}_rows": list(r) for n, r in owned.items()}})
     return unit
 
 
@@ -155,6 +224,18 @@ def read_labels(path: str, sources: list[str]) -> np.ndarray:
     return labels
 
 
+def _check_stored_masks(store: FeatureStore, masks: MaskInput) -> None:
+    """A complete store takes ``--masks`` only when it holds exactly these masks (they are written with the images)."""
+    stored = store.mask_info()
+    if stored is None:
+        raise StoreError(f"{store.url} was cached without masks, and masks are written with the images: cache "
+                         "them into a new --store")
+    if stored.sources_digest != masks.info.sources_digest or stored.kind != masks.info.kind:
+        raise StoreError(f"{store.url} holds other masks ({stored.kind}, digest {stored.sources_digest[:12]}) than "
+                         f"the masks file gives ({masks.info.kind}, digest {masks.info.sources_digest[:12]}); use a "
+                         "new --store")
+
+
 def _update_labels(store: FeatureStore, labels: np.ndarray, report: IngestReport) -> None:
     """(Re)write the labels of a complete store when a corrected CSV says something else than what is stored."""
     old = store.labels()
@@ -172,6 +253,7 @@ def ingest_images(
     pixel_shard_bytes: int,
     pixel_chunk_bytes: int,
     labels: np.ndarray | None = None,
+    masks: MaskInput | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> IngestReport:
     """Fill images/ (and labels) of ``store`` from ``refs``; resumes where a killed run stopped.
@@ -180,7 +262,8 @@ def ingest_images(
     except for its labels (``read_labels``), which follow a corrected CSV. A store whose image units
     were un-committed by ``pipeline inspect --verify`` (damage) gets exactly those units rewritten:
     every unit is staged again from its sources (the bytes are a pure function of them), and only
-    the missing ones written.
+    the missing ones written. Masks are written with the images or not at all: a complete store without
+    masks, or with other masks, is refused when ``masks`` are given.
     """
     import ray
 
@@ -195,6 +278,10 @@ def ingest_images(
                          min(len(stored), len(stored_sources)))
             raise StoreError(f"{store.url} already holds {len(stored)} images from another image list (first "
                              f"difference at index {first}); a store has one image set: use a new --store")
+        if masks is not None:
+            _check_stored_masks(store, masks)
+            offsets = store.image_array(L.MASK_OFFSETS)[:]
+            report.masked = int((np.diff(offsets) > 0).sum())
         report.skipped = True
         report.num_images = len(sources)
         ok = store.image_array(L.OK)[:]
@@ -205,12 +292,13 @@ def ingest_images(
         return report
 
     expected = {"num_images": len(sources), "shard_images": shard_images,
-                "sources_digest": digest_strings(stored_sources)}
+                "sources_digest": digest_strings(stored_sources),
+                **({"masks_digest": masks.info.sources_digest} if masks is not None else {})}
     previous = store.attrs.get("ingest")
     if previous is not None and previous != expected:
         raise StoreError(
-            f"{store.url} holds an unfinished ingest of another image list or shard size ({previous}); "
-            "rerun with the same IMAGES and --shard-images, or use a new --store"
+            f"{store.url} holds an unfinished ingest of another image list, shard size or masks ({previous}); "
+            "rerun with the same IMAGES, --shard-images and --masks, or use a new --store"
         )
     store.update_attrs(ingest=expected, shard_images=shard_images)
     plan = ShardPlan(len(sources), shard_images)
@@ -221,20 +309,26 @@ def ingest_images(
     report.units_done_before = len(committed)
     stage = UnitJob("decode + resize", plan.num_units, staged, progress)
     policy = store.policy.to_dict()
-    list(stage.run_tasks(_stage_task, lambda u: (store.url, u, sources[slice(*plan.image_range(u))], policy)))
+    kind = masks.info.kind if masks is not None else "classes"
+    list(stage.run_tasks(_stage_task, lambda u: (store.url, u, sources[slice(*plan.image_range(u))], policy,
+                                                 masks.files[slice(*plan.image_range(u))] if masks else None, kind)))
 
     # step B: offsets and arrays from the staged metadata
-    sizes, ok, grid, reasons, ids = [], [], [], [], []
+    sizes, mask_sizes, ok, grid, reasons, ids = [], [], [], [], [], []
     for u in range(plan.num_units):
-        meta = _load_npz(store, u, ("sizes", "ok", "grid", "reasons", "ids"))
-        sizes.append(meta["sizes"]), ok.append(meta["ok"]), grid.append(meta["grid"])
-        reasons.append(meta["reasons"]), ids.append(meta["ids"])
+        meta = _load_npz(store, u, ("sizes", "mask_sizes", "ok", "grid", "reasons", "ids"))
+        sizes.append(meta["sizes"]), mask_sizes.append(meta["mask_sizes"]), ok.append(meta["ok"])
+        grid.append(meta["grid"]), reasons.append(meta["reasons"]), ids.append(meta["ids"])
     sizes_a, ok_a = np.concatenate(sizes), np.concatenate(ok)
     reasons_a, ids_a = np.concatenate(reasons), np.concatenate(ids)
     pixel_offsets = np.concatenate([[0], np.cumsum(sizes_a)]).astype(np.int64)
+    mask_offsets = np.concatenate([[0], np.cumsum(np.concatenate(mask_sizes))]).astype(np.int64) if masks else None
     if not committed:
         store.create_image_arrays(len(sources), int(pixel_offsets[-1]), shard_images=shard_images,
-                                  pixel_shard_bytes=pixel_shard_bytes, pixel_chunk_bytes=pixel_chunk_bytes)
+                                  pixel_shard_bytes=pixel_shard_bytes, pixel_chunk_bytes=pixel_chunk_bytes,
+                                  num_mask_bytes=None if mask_offsets is None else int(mask_offsets[-1]))
+        if masks is not None:
+            store.update_attrs(masks=masks.info.to_dict())
     failed = np.flatnonzero(~ok_a)
     store.write_failures(failed, [str(reasons_a[i]) for i in failed])
     if labels is not None:
@@ -243,8 +337,9 @@ def ingest_images(
 
     # step C: write shards, unit by unit
     offsets_ref = ray.put(pixel_offsets)
+    mask_ref = ray.put(mask_offsets) if mask_offsets is not None else None
     write = UnitJob("write images", plan.num_units, committed, progress)
-    list(write.run_tasks(_write_task, lambda u: (store.url, u, offsets_ref)))
+    list(write.run_tasks(_write_task, lambda u: (store.url, u, offsets_ref, mask_ref)))
 
     store.update_attrs(
         images_complete=True,
@@ -254,6 +349,7 @@ def ingest_images(
     if store.fs.exists(store.path(L.STAGING)):
         store.fs.rm(store.path(L.STAGING), recursive=True)
     report.num_images = len(sources)
+    report.masked = int((np.diff(mask_offsets) > 0).sum()) if mask_offsets is not None else None
     report.num_failed = int((~ok_a).sum())
     report.failure_reasons = count_reasons(reasons_a[~ok_a])
     return report

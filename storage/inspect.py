@@ -37,6 +37,15 @@ def _phis_facts(store: FeatureStore, teacher: str, feature: str) -> dict | None:
             "top_eigen_share": share, "effective_rank": eff_rank}
 
 
+def _mask_facts(store: FeatureStore) -> dict | None:
+    info = store.mask_info()
+    if info is None:
+        return None
+    offsets = store.image_array(L.MASK_OFFSETS)[:]
+    return {"kind": info.kind, "classes": info.classes, "scale": info.scale, "images": int((np.diff(offsets) > 0).sum()),
+            "bytes_on_disk": du(store.fs, store.path(L.IMAGES, L.MASKS))}
+
+
 def describe_store(url: str) -> dict:
     store = FeatureStore.open(url)
     attrs = store.attrs
@@ -59,6 +68,7 @@ def describe_store(url: str) -> dict:
         "pixel_bytes_on_disk": pixel_bytes,
         "pixel_bytes_per_image": pixel_bytes / max(1, int(ok.sum())),
         "labels": int((store.labels() >= 0).sum()) if L.LABELS in store.group else None,  # labelled images
+        "masks": _mask_facts(store),
     }
     teachers = {}
     n_ok, n_tok = max(1, int(ok.sum())), max(1, int(tokens.sum()))

@@ -1,6 +1,7 @@
 """Names of the feature-store contract (docs/store-format.md). Other tools read these: never rename."""
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional images/masks + images/mask_offsets (per-pixel label maps)
+READABLE_VERSIONS = (1, 2)  # version 1 is version 2 without masks: read as is, extended by teachers alike
 
 IMAGES = "images"
 TEACHERS = "teachers"
@@ -14,6 +15,8 @@ GRID = "grid"  # [N, 2] int32
 PIXELS = "pixels"  # [B] uint8, encoded images concatenated
 PIXEL_OFFSETS = "pixel_offsets"  # [N+1] int64
 OK = "ok"  # [N] bool
+MASKS = "masks"  # [M] uint8, PNG-encoded per-pixel label maps concatenated (format version 2, optional)
+MASK_OFFSETS = "mask_offsets"  # [N+1] int64; image i has no mask when mask_offsets[i] == mask_offsets[i+1]
 FAILURES = "failures"  # side table group: index [F] int64, reason [F] str
 FAILURE_INDEX = "index"
 FAILURE_REASON = "reason"

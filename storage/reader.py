@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import layout as L
+from .masks import decode_mask
 from .store import FeatureStore, StoreError, token_offsets
 from .verify import ShardCheck
 
@@ -59,6 +60,9 @@ class StoreReader:
         self.token_offsets = token_offsets(self.ok, self.grid)
         self.pixels = self.store.image_array(L.PIXELS)
         self.labels = self._whole(L.LABELS, self.store.group[L.LABELS]) if L.LABELS in self.store.group else None
+        self.mask_info = self.store.mask_info()
+        self.mask_offsets = (self._whole(f"{L.IMAGES}/{L.MASK_OFFSETS}", self.store.image_array(L.MASK_OFFSETS))
+                             if self.mask_info is not None else None)
         self.arrays = {}
         for name in self.teachers:
             g = self.store.teacher_group(name)
@@ -95,6 +99,17 @@ class StoreReader:
 
     def __len__(self) -> int:
         return len(self.ok)
+
+    def masks(self, indices) -> list[np.ndarray | None]:
+        """Decoded masks [H, W] (``storage.masks``) of ``indices``, None for an image without one; one read."""
+        if self.mask_info is None:
+            raise StoreError(f"{self.url} has no masks: cache the images with `pipeline cache-teachers ... --masks CSV`")
+        idx = np.asarray(indices, np.int64)
+        m0, m1 = self.mask_offsets[idx], self.mask_offsets[idx + 1]
+        rows = _ranges(m0, m1)
+        data = self.select(f"{L.IMAGES}/{L.MASKS}", self.store.image_array(L.MASKS), rows, rows)
+        parts = np.split(data, np.cumsum(m1 - m0)[:-1])
+        return [decode_mask(p) if len(p) else None for p in parts]
 
     def valid_indices(self) -> np.ndarray:
         return np.flatnonzero(self.ok)

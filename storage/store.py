@@ -23,6 +23,7 @@ from .fingerprint import diff, digest, with_added_fields
 from .fsutil import atomic_write, filesystem, join
 from .image_policy import ImagePolicy
 from .locks import WriterLock
+from .masks import MaskInfo
 from .shards import ShardPlan
 
 __all__ = ["FeatureStore", "StoreError", "TeacherGroupSpec", "feature_compressor", "token_offsets"]
@@ -70,8 +71,9 @@ class FeatureStore:
             raise StoreError(f"no feature store at {url} (missing zarr.json)")
         group = zarr.open_group(str(url), mode=mode)
         version = group.attrs.get("format_version")
-        if version != L.FORMAT_VERSION:
-            raise StoreError(f"{url}: store format version {version!r}, this code reads {L.FORMAT_VERSION}")
+        if version not in L.READABLE_VERSIONS:
+            raise StoreError(f"{url}: store format version {version!r}, this code reads "
+                             f"{' and '.join(map(str, L.READABLE_VERSIONS))}")
         return cls(str(url), group)
 
     @classmethod
@@ -200,8 +202,10 @@ class FeatureStore:
         shard_images: int,
         pixel_shard_bytes: int,
         pixel_chunk_bytes: int,
+        num_mask_bytes: int | None = None,
     ) -> None:
-        """Create images/ arrays (empty); units then fill their shards."""
+        """Create images/ arrays (empty), with masks/mask_offsets when ``num_mask_bytes`` is given; units then
+        fill their shards."""
         g = self.group.require_group(L.IMAGES)
         n = max(num_images, 1)
         per_image = dict(chunks=(shard_images,))
@@ -213,6 +217,19 @@ class FeatureStore:
         create_array(g, L.PIXEL_OFFSETS, shape=(num_images + 1,), dtype="int64", chunks=(min(shard_images, n + 1),))
         create_array(g, L.PIXELS, shape=(num_pixel_bytes,), dtype="uint8", chunks=(pixel_chunk_bytes,),
                      shards=(pixel_shard_bytes,), compressor=None)  # already PNG/JPEG/WebP
+        if num_mask_bytes is not None:
+            create_array(g, L.MASK_OFFSETS, shape=(num_images + 1,), dtype="int64",
+                         chunks=(min(shard_images, n + 1),))
+            create_array(g, L.MASKS, shape=(num_mask_bytes,), dtype="uint8", chunks=(pixel_chunk_bytes,),
+                         shards=(pixel_shard_bytes,), compressor=None)  # already PNG
+
+    @property
+    def has_masks(self) -> bool:
+        return f"{L.IMAGES}/{L.MASKS}" in self.group and "masks" in self.group.attrs
+
+    def mask_info(self) -> MaskInfo | None:
+        """The root attribute ``masks`` as a ``MaskInfo`` (None: the store has no masks)."""
+        return MaskInfo.from_dict(self.group.attrs["masks"]) if self.has_masks else None
 
     def write_failures(self, index: np.ndarray, reasons: list[str]) -> None:
         write_failure_table(self.group.require_group(f"{L.IMAGES}/{L.FAILURES}"), index, reasons)

@@ -91,21 +91,23 @@ def verify_store(url: str, *, repair: bool = False) -> VerifyReport:
     checks: dict[str, ShardCheck] = {}
     images = store.group[L.IMAGES]
     image_log = store.image_commits()
-    pixel_offsets = None
+    flat = [(L.PIXELS, L.PIXEL_OFFSETS)] + ([(L.MASKS, L.MASK_OFFSETS)] if L.MASKS in images else [])
+    flat_offsets: dict[str, np.ndarray | None] = {}
     for unit in sorted(image_log.committed()):
         i0, i1 = plan.image_range(unit)
         end = i1 + 1 if unit == plan.num_units - 1 else i1
         report.units_checked += 1
         reasons = [_check(store, checks, f"images/{n}", images[n], i0, i1) for n in (L.IDS, L.SOURCE, L.HW, L.GRID, L.OK)]
-        reasons.append(_check(store, checks, "images/pixel_offsets", images[L.PIXEL_OFFSETS], i0, end))
-        if pixel_offsets is None:
-            try:
-                pixel_offsets = images[L.PIXEL_OFFSETS][:]
-            except Exception:
-                pixel_offsets = False
-        if pixel_offsets is not False:
-            r0, r1 = plan.owned_rows(unit, pixel_offsets, int(images[L.PIXELS].shards[0]))
-            reasons.append(_check(store, checks, "images/pixels", images[L.PIXELS], r0, r1))
+        for data, index in flat:  # pixels, and masks where the store has them
+            reasons.append(_check(store, checks, f"images/{index}", images[index], i0, end))
+            if data not in flat_offsets:
+                try:
+                    flat_offsets[data] = images[index][:]
+                except Exception:
+                    flat_offsets[data] = None
+            if flat_offsets[data] is not None:
+                r0, r1 = plan.owned_rows(unit, flat_offsets[data], int(images[data].shards[0]))
+                reasons.append(_check(store, checks, f"images/{data}", images[data], r0, r1))
         report.damaged += [Damage("images", unit, r) for r in reasons if r]
     try:
         tokens = store.token_offsets()

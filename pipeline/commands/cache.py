@@ -25,6 +25,11 @@ def cache_teachers(
     min_tokens: Annotated[Optional[int], typer.Option("--min-tokens", help="fewest student tokens per image")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="most student tokens per image")] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV path,label stored as the labels array")] = None,
+    masks: Annotated[Optional[Path], typer.Option(
+        "--masks", help="CSV path,mask: per-pixel label maps stored with the images (segmentation probes; "
+                        "--set mask_kind=values for a regression target such as depth)")] = None,
+    mask_classes: Annotated[Optional[Path], typer.Option(
+        "--mask-classes", help="names of the mask classes, one per line (line i = value i)")] = None,
     layers: Annotated[Optional[str], typer.Option(
         "--layers", help="also cache these teacher blocks (1-based, comma-separated, e.g. 8,10,12) as layers/<k>; "
                          "on a cached teacher only they are computed")] = None,
@@ -56,7 +61,8 @@ def cache_teachers(
         "ray_address": ray_address, "workers": workers, **accelerator_flags(device, compute_dtype, gpus_per_worker),
         "text_classes": str(text_classes) if text_classes else None,
         "text_templates": str(text_templates) if text_templates else None, "classifier": classifier,
-        "captions": str(captions) if captions else None,
+        "captions": str(captions) if captions else None, "masks": str(masks) if masks else None,
+        "mask_classes": str(mask_classes) if mask_classes else None,
     }
     with user_errors(store):
         if layers is not None:
@@ -78,6 +84,8 @@ def _print_summary(report) -> None:
     table.add_row("teacher", report.teacher + ("  (resumed)" if report.resumed else ""))
     table.add_row("images", f"{ing.num_images}" + ("  (already in store)" if ing.skipped else ""))
     table.add_row("failed images", failures_text(ing.num_failed, ing.failure_reasons))
+    if ing.masked is not None:
+        table.add_row("images with a mask", f"{ing.masked} of {ing.num_images}")
     if ing.labelled is not None:
         changed = f"  ({ing.labels_changed} changed from the stored labels)" if ing.skipped and ing.labels_changed else ""
         table.add_row("labelled images", f"{ing.labelled} of {ing.num_images}{changed}")

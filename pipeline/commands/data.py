@@ -42,3 +42,20 @@ def longtail(
     counts = list(pool.counts.values())
     console.print(f"wrote {pool.num_crops} crops of {len(counts)} photos to {out}; most/least frequent "
                   f"{counts[0]}/{counts[-1]} = {counts[0] / counts[-1]:.1f}x; concepts: {pool.concepts_csv}")
+
+
+@app.command("segmentation")
+def segmentation(
+    out: Annotated[Path, typer.Argument(help="output folder")],
+    n_images: Annotated[int, typer.Option("--n-images", min=1, help="number of images")] = 200,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Real digits pasted into crops of the real photos, with per-pixel class masks (background + 10 digits)
+    and distance-to-digit targets: cache them with `cache-teachers OUT/images --masks OUT/masks.csv`."""
+    from stages.datasets import DISTANCE_SCALE, write_segmentation_set
+
+    with user_errors(str(out)):
+        s = write_segmentation_set(out, n_images=n_images, seed=seed)
+    console.print(f"wrote {len(s.images)} images to {out / 'images'} ({100 * s.digit_pixels:.1f}% digit pixels); "
+                  f"class masks: {s.masks_csv} (names: {s.classes_txt}); distance targets: {s.depth_csv} "
+                  f"(cache with --set mask_kind=values --set mask_scale={DISTANCE_SCALE})")

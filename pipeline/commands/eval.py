@@ -1,5 +1,6 @@
-"""`pipeline eval RUN --store EVAL_STORE --tasks knn,zeroshot,ensemble,routing`: kNN and zero-shot of student,
-heads and teachers, entropy-weighted head ensembling, and the routing analysis of an MoE student -> RUN/eval.json."""
+"""`pipeline eval RUN --store EVAL_STORE --tasks knn,zeroshot,retrieval,seg,ensemble,routing`: kNN, zero-shot,
+retrieval and dense probes of student, heads and teachers, entropy-weighted head ensembling, and the routing
+analysis of an MoE student -> RUN/eval.json."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ def evaluate(
     bank: Annotated[Optional[str], typer.Option("--bank", help="labelled store of kNN neighbours (default: the run's training store)")] = None,
     tasks: Annotated[str, typer.Option("--tasks", help="comma-separated: knn, zeroshot (class embeddings cached with "
                                                     "--text-classes or --classifier), retrieval (captions cached with "
-                                                    "--captions), ensemble (entropy-weighted heads), "
+                                                    "--captions), seg (linear probes on patch features vs "
+                                                    "per-pixel masks cached with --masks), ensemble "
+                                                    "(entropy-weighted heads), "
                                                     "routing (MoE students: experts' tokens, stability, teacher "
                                                     "affinity, CKA)")] = "knn",
+    seg_store: Annotated[Optional[str], typer.Option(
+        "--seg-store", help="store with per-pixel masks for the seg task (default: --store)")] = None,
     k: Annotated[Optional[int], typer.Option("--k", help="kNN neighbours (default 20)")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="kNN vote weight exp(sim / T) (default 0.07)")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
@@ -30,13 +35,15 @@ def evaluate(
     knn = {key: value for key, value in (("k", k), ("temperature", temperature)) if value is not None}
     with user_errors(str(run)):
         result = evaluate_run(run, store, [t.strip() for t in tasks.split(",") if t.strip()], bank=bank, device=device,
-                              options={"knn": knn, "ensemble": dict(knn)})
+                              options={"knn": knn, "ensemble": dict(knn), "seg": {"store": seg_store}})
     if "knn" in result:
         _print(result, result["teachers"])
     if "zeroshot" in result:
         _print_zeroshot(result["zeroshot"])
     if "retrieval" in result:
         _print_retrieval(result["retrieval"])
+    if "seg" in result:
+        _print_seg(result["seg"])
     if "ensemble" in result:
         _print_ensemble(result["ensemble"])
     if "routing" in result:
@@ -107,6 +114,21 @@ def _print_retrieval(retrieval: dict) -> None:
             t2i = entry["text_to_image"][name]
             table.add_row(key, f"{entry['images']} / {entry['captions']}", name,
                           " / ".join(f"{v:.3f}" for v in i2t.values()), " / ".join(f"{v:.3f}" for v in t2i.values()))
+    console.print(table)
+
+
+def _print_seg(seg: dict) -> None:
+    from rich.table import Table
+
+    metric = "mIoU" if seg["kind"] == "classes" else "RMSE"
+    table = Table(title=f"dense linear probe ({metric}; {seg['train_images']} training / {seg['test_images']} test "
+                        f"images of {seg['store']})")
+    for col in ("features", metric, *(("pixel accuracy",) if seg["kind"] == "classes" else ())):
+        table.add_column(col)
+    for name, value in (seg["miou"] if seg["kind"] == "classes" else seg["rmse"]).items():
+        table.add_row(name, f"{value:.3f}", *((f"{seg['pixel_accuracy'][name]:.3f}",) if seg["kind"] == "classes" else ()))
+    if seg["kind"] == "values":
+        table.add_row("(the training mean)", f"{seg['rmse_of_train_mean']:.3f}")
     console.print(table)
 
 

@@ -46,6 +46,11 @@ def inspect_store(
         f"min {tpi['min']} mean {tpi['mean']:.1f} max {tpi['max']}, total {tpi['total']}; "
         f"pixels {_mb(im['pixel_bytes_on_disk'])} ({_mb(im['pixel_bytes_per_image'])}/image); labels: {labels}"
     )
+    if im.get("masks"):
+        m = im["masks"]
+        what = (f"{len(m['classes'])} named classes" if m["classes"] else "class indices") if m["kind"] == "classes" \
+            else f"values / {m['scale']:g}"
+        console.print(f"masks: {m['kind']} ({what}) on {m['images']} images, {_mb(m['bytes_on_disk'])}")
     table = Table("teacher", "dims (summary/patch)", "regs", "dtype", "units", "targets on disk", "per image",
                   "per token", "compression", "PHI-S files", "PHI-S summary / patches")
     for name, t in facts["teachers"].items():

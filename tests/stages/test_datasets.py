@@ -86,3 +86,28 @@ def test_bundled_sets_refuse_a_folder_they_did_not_write(tmp_path):
     out = claim_folder(tmp_path / "new", "data-demo")  # new, then claimed again on a rerun
     (out / "x.txt").write_text("written by the command")
     assert claim_folder(out, "data-demo") == out
+
+
+def test_segmentation_set_masks_and_distances(tmp_path):
+    from PIL import Image
+
+    from stages.datasets import DISTANCE_SCALE, SEG_CLASSES, write_segmentation_set
+
+    s = write_segmentation_set(tmp_path / "seg", n_images=12, crop=(48, 96), digit_px=(12, 32), seed=3)
+    rows = list(csv.DictReader(open(s.masks_csv)))
+    assert len(rows) == 12 == len(s.images) and s.classes_txt.read_text().split("\n")[:11] == list(SEG_CLASSES)
+    for row in rows[:4]:
+        image = np.asarray(Image.open(s.root / row["path"]))
+        mask = np.asarray(Image.open(s.root / row["mask"]))
+        depth = np.asarray(Image.open(s.root / row["mask"].replace("masks/", "depth/"))).astype(np.float64)
+        assert mask.shape == depth.shape == image.shape[:2] and mask.dtype == np.uint8
+        assert mask.max() <= 10 and (mask > 0).any()  # background + the ten digits, at least one digit per image
+        # the distance target, against a brute-force nearest-digit search
+        digit = np.argwhere(mask > 0)
+        grid = np.argwhere(np.ones(mask.shape, bool))
+        nearest = np.sqrt(((grid[:, None, :] - digit[None, :, :]) ** 2).sum(-1)).min(1).reshape(mask.shape)
+        np.testing.assert_allclose(depth / DISTANCE_SCALE, nearest, atol=0.5 / DISTANCE_SCALE)
+    again = write_segmentation_set(tmp_path / "seg2", n_images=12, crop=(48, 96), digit_px=(12, 32), seed=3)
+    assert (s.root / rows[5]["mask"]).read_bytes() == (again.root / rows[5]["mask"]).read_bytes()  # seeded
+    result = CliRunner().invoke(app, ["data", "segmentation", str(tmp_path / "cli"), "--n-images", "3"])
+    assert result.exit_code == 0 and "wrote 3 images" in result.output, result.output
