@@ -2,7 +2,8 @@
 
 Our text keeps the definitions but lost the symbols; the reconstruction we use: for input x and head h
 with task score vector s_h(x) over C classes (cosines to class embeddings, classifier logits, kNN class
-posteriors),
+posteriors; for retrieval the candidates are the captions of an image, or the images of a caption, and
+s_h their cosines),
 
     p_h(x) = softmax(s_h(x) / T)                 confidence distribution (kNN: the normalized votes)
     H_h(x) = −Σ_c p_h,c(x) log p_h,c(x)          its entropy

@@ -27,7 +27,7 @@ from train.rundir import RunDir, read_run
 from .ensemble import confidence, fuse
 from .features import StoreFeatures, extract_features, load_trained
 from .knn import knn_accuracy, knn_votes
-from .retrieval import recall_at
+from .retrieval import cosine_matrix, recall_at, recall_from_scores
 from .zeroshot import class_scores
 from .zeroshot import predict as zs_predict
 
@@ -143,13 +143,13 @@ def zeroshot_task(ctx: EvalContext) -> dict:
     return out
 
 
-def retrieval_task(ctx: EvalContext, ks: tuple[int, ...] = (1, 5)) -> dict:
-    """Image→text and text→image recall@k of each head and its teacher through every caption set a teacher
-    of the run caches in the evaluated store (``eval.retrieval``); its images are that store's rows."""
+def _caption_sets(ctx: EvalContext) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, list[int], dict]]:
+    """Every caption set a teacher of the run caches in the evaluated store, restricted to its usable images:
+    ``(teacher, set) -> (caption embeddings, caption -> image index, feature rows of those images, attrs)``."""
     store = FeatureStore.open(ctx.store)
     feats = ctx.features(ctx.store)
     position = {int(r): j for j, r in enumerate(feats.rows)}
-    out: dict = {"store": ctx.store, "sets": {}}
+    out = {}
     for t in ctx.teachers:
         for name, (emb, attrs) in store.text_sets(t).items():
             if attrs.get("kind") != "captions":
@@ -159,23 +159,62 @@ def retrieval_task(ctx: EvalContext, ks: tuple[int, ...] = (1, 5)) -> dict:
             used = sorted({position[int(r)] for r in rows[keep]})
             index = {j: i for i, j in enumerate(used)}
             caption_image = np.array([index[position[int(r)]] for r in rows[keep]], np.int64)
-            entry = {"teacher": t, "images": len(used), "captions": int(keep.sum())}
-            for side in ("student", "teacher"):
-                result = recall_at(feats.features[f"{side}/{t}"][used], emb[keep], caption_image, ks)
-                for direction, values in result.items():
-                    entry.setdefault(direction, {})[f"{side}/{t}"] = values
-            out["sets"][f"{t}/{name}"] = entry
+            out[(t, name)] = (emb[keep], caption_image, used, attrs)
+    return out
+
+
+def retrieval_task(ctx: EvalContext, ks: tuple[int, ...] = (1, 5)) -> dict:
+    """Image→text and text→image recall@k of each head and its teacher through every caption set a teacher
+    of the run caches in the evaluated store (``eval.retrieval``); its images are that store's rows."""
+    feats = ctx.features(ctx.store)
+    out: dict = {"store": ctx.store, "sets": {}}
+    for (t, name), (emb, caption_image, used, _) in _caption_sets(ctx).items():
+        entry = {"teacher": t, "images": len(used), "captions": int(len(emb))}
+        for side in ("student", "teacher"):
+            result = recall_at(feats.features[f"{side}/{t}"][used], emb, caption_image, ks)
+            for direction, values in result.items():
+                entry.setdefault(direction, {})[f"{side}/{t}"] = values
+        out["sets"][f"{t}/{name}"] = entry
     if not out["sets"]:
         raise EvalError(f"retrieval needs captions of a teacher of the run in {ctx.store}: cache them with "
                         "`pipeline cache-teachers ... --captions CSV` (columns path,caption) with a text-tower teacher")
     return out
 
 
+def _ensemble_retrieval(ctx: EvalContext, gamma: float, eps: float, temperature: float = 0.01,
+                        ks: tuple[int, ...] = (1, 5)) -> dict:
+    """Retrieval with the heads' similarities fused (``eval.ensemble``) for caption sets that two or more teachers
+    cache under one name with the same captions of the same images: per image over its caption scores
+    (image→text) and per caption over its image scores (text→image)."""
+    feats = ctx.features(ctx.store)
+    groups: dict[tuple, list] = {}
+    for (t, name), (emb, caption_image, used, attrs) in _caption_sets(ctx).items():
+        key = (name, tuple(attrs.get("captions") or []), tuple(attrs.get("images") or []))
+        groups.setdefault(key, []).append((t, emb, caption_image, used))
+    out = {}
+    for (name, _, _), members in groups.items():
+        if len(members) < 2:
+            continue
+        caption_image, used = members[0][2], members[0][3]
+        entry: dict = {"teachers": [m[0] for m in members], "temperature": temperature, "images": len(used),
+                       "captions": int(len(caption_image))}
+        for side in ("student", "teacher"):
+            sims = [cosine_matrix(feats.features[f"{side}/{t}"][used], emb) for t, emb, _, _ in members]
+            i2t, _ = fuse(sims, temperature, gamma, eps)
+            t2i, _ = fuse([s.T for s in sims], temperature, gamma, eps)
+            entry[side] = {**{f"{side}/{t}": recall_from_scores(s, s.T, caption_image, ks)
+                              for (t, *_), s in zip(members, sims)},
+                           "ensemble": recall_from_scores(i2t, t2i, caption_image, ks)}
+        out[name] = entry
+    return out
+
+
 def ensemble_task(ctx: EvalContext, k: int = 20, temperature: float = 0.07, gamma: float = 1.0, eps: float = 1e-6
                   ) -> dict:
     """AMoE's entropy-weighted head ensembling (``eval.ensemble``), next to each head alone: kNN class
-    posteriors of every head; and zero-shot scores of the heads whose teachers cache a set of the same
-    name and classes. The teachers' own summaries are ensembled the same way for reference."""
+    posteriors of every head; zero-shot scores of the heads whose teachers cache a set of the same
+    name and classes; retrieval similarities where they cache the same captions. The teachers' own
+    summaries are ensembled the same way for reference."""
     out: dict = {"gamma": gamma, "eps": eps}
     heads = [f"student/{t}" for t in ctx.teachers]
     if len(heads) < 2:
@@ -225,9 +264,12 @@ def ensemble_task(ctx: EvalContext, k: int = 20, temperature: float = 0.07, gamm
                                     "ensemble": float((fused[side].argmax(1)[mask] == truth).mean())}
                              for side in ("student", "teacher")}
         out.setdefault("zeroshot", {})[name] = entry
-    if "knn" not in out and "zeroshot" not in out:
-        raise EvalError("ensembling needs labels in the store and the bank (kNN) or a class-embedding set cached "
-                        "under the same name for two or more teachers (zero-shot)")
+    retrieval = _ensemble_retrieval(ctx, gamma, eps)
+    if retrieval:
+        out["retrieval"] = retrieval
+    if not {"knn", "zeroshot", "retrieval"} & set(out):
+        raise EvalError("ensembling needs labels in the store and the bank (kNN), or a class-embedding set (zero-shot) "
+                        "or a caption set (retrieval) cached under the same name for two or more teachers")
     return out
 
 

@@ -151,4 +151,9 @@ def _print_ensemble(ensemble: dict) -> None:
         for side, top1 in entry.get("top1", {}).items():
             heads = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in top1.items() if "/" in k)
             table.add_row(f"zero-shot {name} top-1", side, heads, f"{top1['ensemble']:.3f}")
+    for name, entry in ensemble.get("retrieval", {}).items():
+        for side in ("student", "teacher"):
+            r1 = {k: v["image_to_text"]["r1"] for k, v in entry[side].items()}
+            heads = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in r1.items() if "/" in k)
+            table.add_row(f"retrieval {name}: image -> text R@1", side, heads, f"{r1['ensemble']:.3f}")
     console.print(table)

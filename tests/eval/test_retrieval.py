@@ -91,3 +91,80 @@ def test_eval_retrieval_equals_a_recomputation_from_the_features(train_store, tm
                               np.repeat(np.arange(len(rows)), 2), k)
             assert entry["image_to_text"][f"{side}/siglip"][f"r{k}"] == pytest.approx(i2t)
             assert entry["text_to_image"][f"{side}/siglip"][f"r{k}"] == pytest.approx(t2i)
+
+
+def _cosines32(images: np.ndarray, captions: np.ndarray) -> np.ndarray:
+    """Cosines with the task's arithmetic (rows normalized in float32, products in float64): the tiny teachers give
+    the digits near-identical summaries, so rankings hinge on near-ties that any other rounding reorders."""
+    a = images.astype(np.float32) / np.linalg.norm(images.astype(np.float32), axis=1, keepdims=True)
+    b = captions.astype(np.float32) / np.linalg.norm(captions.astype(np.float32), axis=1, keepdims=True)
+    return a.astype(np.float64) @ b.astype(np.float64).T
+
+
+def _naive_recall1(i2t: np.ndarray, t2i: np.ndarray, caption_image: np.ndarray) -> tuple[float, float]:
+    """Recall@1 both ways by a loop (ties: the lower index)."""
+    first = lambda row: min(range(len(row)), key=lambda j: (-row[j], j))  # noqa: E731
+    return (float(np.mean([caption_image[first(i2t[i])] == i for i in range(len(i2t))])),
+            float(np.mean([first(t2i[c]) == caption_image[c] for c in range(len(t2i))])))
+
+
+def _naive_fused_recall(sims: list[np.ndarray], caption_image: np.ndarray, temperature: float = 0.01) -> tuple:
+    """Entropy-weighted fusion query by query (float64 loops), then recall@1 both ways."""
+    def fused_rows(mats):
+        out = np.zeros_like(mats[0])
+        for q in range(mats[0].shape[0]):
+            inv = []
+            for m in mats:
+                z = np.exp((m[q] - m[q].max()) / temperature)
+                p = z / z.sum()
+                inv.append(1.0 / (-(p * np.log(np.maximum(p, 1e-300))).sum() + 1e-6))
+            out[q] = sum(w / sum(inv) * m[q] for w, m in zip(inv, mats))
+        return out
+
+    return _naive_recall1(fused_rows(sims), fused_rows([s.T for s in sims]), caption_image)
+
+
+def test_ensembled_retrieval_equals_a_naive_fusion(train_store, tmp_path):
+    """The same captions cached for both teachers (siglip: its text tower; dino: a caption set in its own summary
+    space, built here from its cached summaries plus noise): fused recall@1 recomputed query by query."""
+
+    from eval.evaluate import evaluate_run
+    from eval.features import extract_features, load_trained
+    from stages.teachers import build_teacher
+    from stages.text_sets import caption_set
+    from storage import layout as L
+    from storage.store import FeatureStore
+    from train.rundir import read_run
+
+    store = str(tmp_path / "store")
+    shutil.copytree(train_store, store)
+    labels = FeatureStore.open(store).labels()
+    rows = [int(r) for r in np.flatnonzero(labels >= 0)]
+    captions = [c for r in rows for c in (f"the digit {labels[r]}", DIGITS[labels[r]])]
+    images = [r for r in rows for _ in range(2)]
+    text = caption_set(build_teacher(TINY_SIGLIP, random_init=True, seed=0), captions, images)
+    writable = FeatureStore.open(store, mode="r+")
+    writable.write_text("siglip", "captions", text.embeddings, text.attrs)
+    summary = writable.teacher_group("dino")[L.SUMMARY][:].astype(np.float64)
+    noisy = summary[images] + np.random.default_rng(0).normal(0, 0.2 * summary[rows].std(0), (len(images), summary.shape[1]))
+    noisy = noisy.astype(np.float32).astype(np.float64)  # what the store holds
+    writable.write_text("dino", "captions", noisy.astype(np.float32), text.attrs)
+    run = tmp_path / "run"
+    train_tiny(store, run)
+    entry = evaluate_run(run, store, ["ensemble"], device="cpu")["ensemble"]["retrieval"]["captions"]
+    assert entry["teachers"] == ["dino", "siglip"] and entry["captions"] == 2 * len(rows)
+    cfg, record = read_run(run)
+    model, _ = load_trained(run, store, cfg, record["teachers"], torch.device("cpu"))
+    feats = extract_features(model, store, cfg, record["teachers"], torch.device("cpu"))
+    where = {int(r): j for j, r in enumerate(feats.rows)}
+    position = sorted(where[r] for r in rows)  # images in feature order, as the task ranks them (ties: lower index)
+    embeddings = {"dino": noisy, "siglip": text.embeddings.astype(np.float64)}
+    caption_image = np.array([position.index(where[r]) for r in images])
+    for side in ("student", "teacher"):
+        sims = [_cosines32(feats.features[f"{side}/{t}"][position], embeddings[t]) for t in ("dino", "siglip")]
+        i2t, t2i = _naive_fused_recall(sims, caption_image)
+        assert entry[side]["ensemble"]["image_to_text"]["r1"] == pytest.approx(i2t)
+        assert entry[side]["ensemble"]["text_to_image"]["r1"] == pytest.approx(t2i)
+        alone = _naive_recall1(sims[0], sims[0].T, caption_image)
+        assert entry[side][f"{side}/dino"]["image_to_text"]["r1"] == pytest.approx(alone[0])
+        assert entry[side][f"{side}/dino"]["text_to_image"]["r1"] == pytest.approx(alone[1])
