@@ -1,4 +1,5 @@
-"""A run's report: Markdown with PNG loss curves, the kNN table and student-teacher agreement."""
+"""A run's report: Markdown with PNG loss curves and a section per evaluation task of eval.json (kNN, zero-shot,
+retrieval, dense probes, head ensembling, routing) with student-teacher agreement."""
 
 from __future__ import annotations
 
@@ -84,6 +85,8 @@ def write_report(run: Path, extra: dict | None = None) -> Path:
         lines += _zeroshot_lines(ev["zeroshot"])
     if "retrieval" in ev:
         lines += _retrieval_lines(ev["retrieval"])
+    if "seg" in ev:
+        lines += _seg_lines(ev["seg"])
     if "ensemble" in ev:
         lines += _ensemble_lines(ev["ensemble"])
     if "routing" in ev:
@@ -144,6 +147,25 @@ def _retrieval_lines(retrieval: dict) -> list[str]:
     return lines + [""]
 
 
+def _seg_lines(seg: dict) -> list[str]:
+    """The dense linear probes (eval/dense.py): mIoU and pixel accuracy, or RMSE, per feature."""
+    protocol = (f"{seg['train_images']} training / {seg['test_images']} test images of {seg['store']}; "
+                f"{seg['epochs']} epochs (at least {seg.get('min_steps', 0)} steps), batch {seg['batch_size']}, "
+                f"lr {seg['lr']}")
+    if seg["kind"] == "classes":
+        classes = seg["classes"]
+        lines = ["## Dense linear probe: segmentation", "", f"Per-pixel classes ({len(classes)}: "
+                 f"{', '.join(classes[:12])}{' ...' if len(classes) > 12 else ''}); {protocol}.", "",
+                 "| features | mIoU | pixel accuracy |", "|---|---|---|"]
+        lines += [f"| {name} | {v:.3f} | {seg['pixel_accuracy'][name]:.3f} |" for name, v in seg["miou"].items()]
+    else:
+        lines = ["## Dense linear probe: per-pixel regression", "", f"RMSE in target units (stored / {seg['scale']:g}); "
+                 f"{protocol}.", "", "| features | RMSE |", "|---|---|"]
+        lines += [f"| {name} | {v:.3f} |" for name, v in seg["rmse"].items()]
+        lines.append(f"| (the training mean everywhere) | {seg['rmse_of_train_mean']:.3f} |")
+    return lines + [""]
+
+
 def _ensemble_lines(ensemble: dict) -> list[str]:
     """AMoE's entropy-weighted head ensembling next to each head alone (eval/ensemble.py)."""
     lines = ["## Head ensembling (entropy-weighted)", "", f"γ = {ensemble['gamma']}, ε = {ensemble['eps']}.", "",
@@ -161,4 +183,11 @@ def _ensemble_lines(ensemble: dict) -> list[str]:
         for side, top1 in entry.get("top1", {}).items():
             heads = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in top1.items() if "/" in k)
             lines.append(f"| zero-shot {name} top-1 | {side} | {heads} | {top1['ensemble']:.3f} |")
+    for name, entry in ensemble.get("retrieval", {}).items():
+        for side in ("student", "teacher"):
+            for direction, label in (("image_to_text", "image→text"), ("text_to_image", "text→image")):
+                heads = ", ".join(f"{k.split('/')[1]} {v[direction]['r1']:.3f}" for k, v in entry[side].items()
+                                  if "/" in k)
+                lines.append(f"| retrieval {name} {label} R@1 | {side} | {heads} | "
+                             f"{entry[side]['ensemble'][direction]['r1']:.3f} |")
     return lines + [""]

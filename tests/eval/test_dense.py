@@ -198,6 +198,11 @@ def test_seg_task_equals_a_recomputation_from_the_mask_files(seg_store, train_st
     for name, value in want.items():
         assert seg["rmse"][name] == pytest.approx(value, rel=1e-5), name
     assert seg["rmse_of_train_mean"] > 0
+    from eval.report import write_report
+
+    report = write_report(run).read_text()
+    assert "## Dense linear probe: per-pixel regression" in report
+    assert f"| teacher/dino | {seg['rmse']['teacher/dino']:.3f} |" in report
     # a store of the same teacher without masks is refused in one line naming --masks; no store at all too
     error_line(run_pipeline("eval", run, "--store", urls["classes"], "--tasks", "seg", "--seg-store", train_store),
                "seg needs per-pixel masks", "--masks")

@@ -168,3 +168,9 @@ def test_ensembled_retrieval_equals_a_naive_fusion(train_store, tmp_path):
         alone = _naive_recall1(sims[0], sims[0].T, caption_image)
         assert entry[side][f"{side}/dino"]["image_to_text"]["r1"] == pytest.approx(alone[0])
         assert entry[side][f"{side}/dino"]["text_to_image"]["r1"] == pytest.approx(alone[1])
+    from eval.report import write_report
+
+    report = write_report(run).read_text()
+    fused = entry["teacher"]["ensemble"]["image_to_text"]["r1"]
+    assert any(ln.startswith("| retrieval captions image→text R@1 | teacher |") and ln.endswith(f"| {fused:.3f} |")
+               for ln in report.splitlines())
