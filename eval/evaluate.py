@@ -318,7 +318,10 @@ def seg_task(ctx: EvalContext, store: str | None = None, train_share: float = 0.
                    "min_steps": min_steps,
                    "seed": seed}
     if info.kind == "classes":
-        entry.update(classes=info.classes or [str(c) for c in range(num_classes)], miou={}, pixel_accuracy={}, iou={})
+        names = list(info.classes) + [str(c) for c in range(len(info.classes), num_classes)]
+        entry.update(classes=names, miou={}, pixel_accuracy={}, iou={})
+        if not any((t != info.ignore).any() for t in targets["test"]):
+            raise EvalError(f"seg: no labelled pixel among the {len(split['test'])} measured images of {url}")
         counts = sum(np.bincount(t[t != info.ignore].ravel(), minlength=num_classes) for t in targets["train"])
         majority = confusion_matrix([np.full(t.shape, int(np.argmax(counts))) for t in targets["test"]],
                                     targets["test"], num_classes, info.ignore)  # the no-information reference

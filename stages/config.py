@@ -104,6 +104,8 @@ class CacheConfig(_ModelSource):
             raise ValueError(f"one text set per run: {' and '.join(kinds)} were both given")
         if self.mask_classes and self.mask_kind != "classes":
             raise ValueError("mask_classes names the classes of mask_kind = classes")
+        if self.mask_scale != 1.0 and self.mask_kind != "values":
+            raise ValueError("mask_scale divides the values of mask_kind = values; class masks have none")
         if self.text_templates and not self.text_classes:
             raise ValueError("text_templates needs text_classes (the class names to put into them)")
         if self.text_set is not None and (not self.text_set or "/" in self.text_set or self.text_set.startswith(".")):

@@ -66,8 +66,8 @@ def read_masks(path: str, sources: list[str], kind: str = "classes", classes: li
     """
     table = read_path_table(path, ("mask",), "masks")
     base = Path(path).resolve().parent
-    files = [table.get(absolute_source(s), "") for s in sources]
-    files = [str(base / f) if f else "" for f in files]
+    files = [(table.get(absolute_source(s)) or "").strip() for s in sources]  # a blank (or missing) cell: no mask
+    files = [str(base / f) if f and f != "None" else "" for f in files]
     if sources and not any(files):
         raise ValueError(f"masks file {path} gives a mask to none of the {len(sources)} images (its paths are "
                          f"relative to {base}; e.g. {printable_source(sources[0])} is not listed)")
@@ -78,9 +78,10 @@ def read_masks(path: str, sources: list[str], kind: str = "classes", classes: li
     return MaskInput(files, info)
 
 
-def _mask_blob(mask_file: str, kind: str, source: str, image_size: tuple[int, int], stored_size: tuple[int, int]
-               ) -> np.ndarray:
-    """One image's mask: read, checked against its decoded image's size, resized like it, PNG-encoded."""
+def _mask_blob(mask_file: str, kind: str, source: str, image_size: tuple[int, int], stored_size: tuple[int, int],
+               num_classes: int = 0) -> np.ndarray:
+    """One image's mask: read, checked against its decoded image's size (and, with named classes, that every
+    value names one of them or is 255), resized like it, PNG-encoded."""
     try:
         data = Path(mask_file).read_bytes()
     except OSError as exc:
@@ -89,6 +90,12 @@ def _mask_blob(mask_file: str, kind: str, source: str, image_size: tuple[int, in
     if mask.size != image_size:
         raise ValueError(f"mask {mask_file} is {mask.size[0]}x{mask.size[1]} pixels, its image "
                          f"{printable_source(source)} {image_size[0]}x{image_size[1]}: a mask labels every pixel")
+    if num_classes:
+        values = np.asarray(mask)
+        beyond = values[(values >= num_classes) & (values != 255)]
+        if beyond.size:
+            raise ValueError(f"mask {mask_file} has class {int(beyond.max())}, but the mask classes name "
+                             f"{num_classes} (0..{num_classes - 1}; 255 = ignore)")
     return np.frombuffer(encode_mask(resize_mask(mask, stored_size)), np.uint8)
 
 
@@ -96,8 +103,8 @@ def _staged_path(store: FeatureStore, unit: int) -> str:
     return store.path(STAGING_IMAGES, f"unit-{unit:08d}.npz")
 
 
-def prepare_unit(sources: list[str], policy: ImagePolicy, masks: list[str] | None = None, mask_kind: str = "classes"
-                 ) -> dict[str, np.ndarray]:
+def prepare_unit(sources: list[str], policy: ImagePolicy, masks: list[str] | None = None, mask_kind: str = "classes",
+                 mask_classes: int = 0) -> dict[str, np.ndarray]:
     """Step A for one unit: decoded, resized, encoded images (and their masks) as flat bytes + per-image metadata."""
     n = len(sources)
     sizes, mask_sizes = np.zeros(n, np.int64), np.zeros(n, np.int64)
@@ -119,7 +126,8 @@ def prepare_unit(sources: list[str], policy: ImagePolicy, masks: list[str] | Non
         blobs.append(np.frombuffer(blob, np.uint8))
         sizes[i] = len(blob)
         if masks and masks[i]:
-            mask_blobs.append(_mask_blob(masks[i], mask_kind, sources[i], decoded_size["last"], image.size))
+            mask_blobs.append(_mask_blob(masks[i], mask_kind, sources[i], decoded_size["last"], image.size,
+                                         mask_classes))
             mask_sizes[i] = len(mask_blobs[-1])
         hw[i] = (image.height, image.width)
         grid[i] = (image.height // policy.patch_size, image.width // policy.patch_size)
@@ -150,9 +158,9 @@ def _load_npz(store: FeatureStore, unit: int, keys: tuple[str, ...]) -> dict[str
 
 
 def _stage_task(store_url: str, unit: int, sources: list[str], policy: dict, masks: list[str] | None,
-                mask_kind: str) -> int:
+                mask_kind: str, mask_classes: int) -> int:
     store = FeatureStore.open(store_url, mode="r")
-    arrays = prepare_unit(sources, ImagePolicy.from_dict(policy), masks, mask_kind)
+    arrays = prepare_unit(sources, ImagePolicy.from_dict(policy), masks, mask_kind, mask_classes)
     atomic_write(store.fs, _staged_path(store, unit), _save_npz(arrays))
     return unit
 
@@ -225,15 +233,16 @@ def read_labels(path: str, sources: list[str]) -> np.ndarray:
 
 
 def _check_stored_masks(store: FeatureStore, masks: MaskInput) -> None:
-    """A complete store takes ``--masks`` only when it holds exactly these masks (they are written with the images)."""
+    """A complete store takes ``--masks`` only when it holds exactly these masks (they are written with the images):
+    the same files, kind, class names and scale."""
     stored = store.mask_info()
     if stored is None:
         raise StoreError(f"{store.url} was cached without masks, and masks are written with the images: cache "
                          "them into a new --store")
-    if stored.sources_digest != masks.info.sources_digest or stored.kind != masks.info.kind:
-        raise StoreError(f"{store.url} holds other masks ({stored.kind}, digest {stored.sources_digest[:12]}) than "
-                         f"the masks file gives ({masks.info.kind}, digest {masks.info.sources_digest[:12]}); use a "
-                         "new --store")
+    if stored != masks.info:
+        what = [k for k, v in stored.to_dict().items() if masks.info.to_dict()[k] != v]
+        raise StoreError(f"{store.url} holds other masks than these (their {', '.join(what)} differ: stored "
+                         f"{stored.kind}, digest {stored.sources_digest[:12]}); use a new --store")
 
 
 def _update_labels(store: FeatureStore, labels: np.ndarray, report: IngestReport) -> None:
@@ -293,7 +302,7 @@ def ingest_images(
 
     expected = {"num_images": len(sources), "shard_images": shard_images,
                 "sources_digest": digest_strings(stored_sources),
-                **({"masks_digest": masks.info.sources_digest} if masks is not None else {})}
+                **({"masks": masks.info.to_dict()} if masks is not None else {})}  # files, kind, classes, scale
     previous = store.attrs.get("ingest")
     if previous is not None and previous != expected:
         raise StoreError(
@@ -310,8 +319,10 @@ def ingest_images(
     stage = UnitJob("decode + resize", plan.num_units, staged, progress)
     policy = store.policy.to_dict()
     kind = masks.info.kind if masks is not None else "classes"
+    named = len(masks.info.classes) if masks is not None and kind == "classes" else 0
     list(stage.run_tasks(_stage_task, lambda u: (store.url, u, sources[slice(*plan.image_range(u))], policy,
-                                                 masks.files[slice(*plan.image_range(u))] if masks else None, kind)))
+                                                 masks.files[slice(*plan.image_range(u))] if masks else None, kind,
+                                                 named)))
 
     # step B: offsets and arrays from the staged metadata
     sizes, mask_sizes, ok, grid, reasons, ids = [], [], [], [], [], []

@@ -70,8 +70,9 @@ def read_mask_file(data: bytes, kind: str, where: str) -> Image.Image:
         raise ValueError(f"mask {where} is a {img.mode} image: a mask has one integer channel (mode L, P, I or I;16)")
     values = np.asarray(img)
     if kind == "classes":
-        if values.size and int(values.max()) > 255:
-            raise ValueError(f"mask {where} has value {int(values.max())}: class masks hold 0..254 (255 = ignore)")
+        if values.size and (int(values.max()) > 255 or int(values.min()) < 0):
+            bad = int(values.max()) if int(values.max()) > 255 else int(values.min())
+            raise ValueError(f"mask {where} has value {bad}: class masks hold 0..254 (255 = ignore)")
         return Image.fromarray(values.astype(np.uint8), mode="L")
     if values.size and (int(values.min()) < 0 or int(values.max()) > 65535):
         raise ValueError(f"mask {where} has values outside 0..65535")

@@ -34,6 +34,8 @@ def evaluate(
 
     knn = {key: value for key, value in (("k", k), ("temperature", temperature)) if value is not None}
     with user_errors(str(run)):
+        if seg_store is not None and "seg" not in tasks.split(","):
+            raise ValueError(f"--seg-store {seg_store} is read by the seg task only: add seg to --tasks")
         result = evaluate_run(run, store, [t.strip() for t in tasks.split(",") if t.strip()], bank=bank, device=device,
                               options={"knn": knn, "ensemble": dict(knn), "seg": {"store": seg_store}})
     if "knn" in result:

@@ -206,6 +206,8 @@ def test_seg_task_equals_a_recomputation_from_the_mask_files(seg_store, train_st
     report = write_report(run).read_text()
     assert "## Dense linear probe: per-pixel regression" in report
     assert f"| teacher/dino | {seg['rmse']['teacher/dino']:.3f} |" in report
+    error_line(run_pipeline("eval", run, "--store", urls["classes"], "--tasks", "knn", "--seg-store", urls["values"]),
+               "read by the seg task only")
     # a store of the same teacher without masks is refused in one line naming --masks; no store at all too
     error_line(run_pipeline("eval", run, "--store", urls["classes"], "--tasks", "seg", "--seg-store", train_store),
                "seg needs per-pixel masks", "--masks")

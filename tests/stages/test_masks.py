@@ -178,6 +178,26 @@ def test_refusals(seg_images, reference, tmp_path, ray_local):
     with pytest.raises(FileNotFoundError, match="seg_00005.png does not exist"):
         run_cache(str(bad / "images"), str(tmp_path / "s3"), _config(bad))
     assert not (tmp_path / "s2").exists() and not (tmp_path / "s3").exists()
+    # a class beyond the named classes; then the same store resumed with another mask kind (its staged
+    # units hold the first kind's masks) is refused, not mixed
+    classes = Image.open(seg_images / "masks" / "seg_00004.png")
+    Image.fromarray(np.where(np.asarray(classes) > 0, 12, 0).astype(np.uint8)).save(bad / "masks" / "seg_00004.png")
+    shutil.copy(seg_images / "masks" / "seg_00005.png", bad / "masks" / "seg_00005.png")
+    with pytest.raises(ValueError, match="seg_00004.png has class 12, but the mask classes name 11"):
+        run_cache(str(bad / "images"), str(tmp_path / "s4"), _config(bad))
+    for name in ("seg_00001.png", "seg_00002.png", "seg_00004.png"):
+        shutil.copy(seg_images / "masks" / name, bad / "masks" / name)
+    with pytest.raises(StoreError, match="unfinished ingest of another image list, shard size or masks"):
+        run_cache(str(bad / "images"), str(tmp_path / "s4"), _config(bad).model_copy(
+            update={"mask_classes": None, "mask_kind": "values", "mask_scale": 16.0}))
+    # a blank mask cell is an image without a mask
+    rows = list(csv.reader(open(bad / "masks.csv")))
+    with open(bad / "blank.csv", "w", newline="") as f:
+        csv.writer(f).writerows([rows[0], [rows[1][0], ""], *rows[2:]])
+    from stages.ingest import read_masks
+
+    listed = read_masks(str(bad / "blank.csv"), [str(bad / r[0]) for r in rows[1:]])
+    assert listed.files[0] == "" and all(listed.files[1:])
     # masks for a store cached without them, and other masks for a store that has some
     plain = str(tmp_path / "plain")
     run_cache(images, plain, _config(seg_images).model_copy(update={"masks": None, "mask_classes": None}))
@@ -204,6 +224,11 @@ def test_mask_codec_round_trips_and_never_interpolates():
         read_mask_file(b"nope", "classes", "x.png")
     with pytest.raises(ValueError, match="ignore value"):
         MaskInfo(kind="values", ignore=255)
+    negative = Image.fromarray(np.full((4, 4), -1, np.int32), mode="I")
+    buf = __import__("io").BytesIO()
+    negative.save(buf, format="TIFF")
+    with pytest.raises(ValueError, match="has value -1"):
+        read_mask_file(buf.getvalue(), "classes", "negative.tif")
 
 
 def test_version_1_stores_are_read_and_unknown_versions_refused(reference, tmp_path):
