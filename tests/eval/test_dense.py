@@ -122,12 +122,14 @@ def seg_store(tmp_path_factory):
     from stages.datasets import DISTANCE_SCALE, write_segmentation_set
     from stages.ray_cluster import ray_cluster
 
-    from conftest import cache_config
+    from stages.config import CacheConfig
     from train_helpers import TINY_VIT
 
     root = tmp_path_factory.mktemp("seg")
     data = write_segmentation_set(root / "data", n_images=24, crop=(48, 112), digit_px=(16, 40), seed=0)
-    cfg = cache_config(TINY_VIT, "dino", root / "none.csv").model_copy(update={"labels": None})
+    # the session stores' settings (tests/conftest.py), so that their "dino" has the same fingerprint
+    cfg = CacheConfig(teacher=TINY_VIT, name="dino", random_init=True, seed=0, min_tokens=4, max_tokens=48,
+                      shard_images=16, shard_rows=256, chunk_rows=64, batch_size=16, workers=1, num_cpus=2)
     urls = {"classes": str(root / "classes"), "values": str(root / "values")}
     with ray_cluster(num_cpus=2):
         run_cache(str(data.root / "images"), urls["classes"], cfg.model_copy(
