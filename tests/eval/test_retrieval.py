@@ -58,15 +58,12 @@ def test_a_captions_csv_maps_onto_store_rows_and_is_refused_when_it_names_other_
         read_captions(str(csv), sources)
 
 
-def test_eval_retrieval_equals_a_recomputation_from_the_features(train_store, tmp_path):
-    """Two captions per labelled digit ("the digit k" and its number word) written with the text tower's caption set
-    into a copy of the store; recall of each head and teacher recomputed from the extracted features."""
-    from eval.evaluate import evaluate_run
-    from eval.features import extract_features, load_trained
+def _captioned_copy(train_store: str, tmp_path):
+    """A copy of the store with two captions per labelled digit ("the digit k" and its number word) in siglip's
+    text/captions: (store, captioned rows, each caption's row, the caption set)."""
     from stages.teachers import build_teacher
     from stages.text_sets import caption_set
     from storage.store import FeatureStore
-    from train.rundir import read_run
 
     store = str(tmp_path / "store")
     shutil.copytree(train_store, store)
@@ -76,6 +73,17 @@ def test_eval_retrieval_equals_a_recomputation_from_the_features(train_store, tm
     images = [r for r in rows for _ in range(2)]
     text = caption_set(build_teacher(TINY_SIGLIP, random_init=True, seed=0), captions, images)
     FeatureStore.open(store, mode="r+").write_text("siglip", "captions", text.embeddings, text.attrs)
+    return store, rows, images, text
+
+
+def test_eval_retrieval_equals_a_recomputation_from_the_features(train_store, tmp_path):
+    """Two captions per labelled digit ("the digit k" and its number word) written with the text tower's caption set
+    into a copy of the store; recall of each head and teacher recomputed from the extracted features."""
+    from eval.evaluate import evaluate_run
+    from eval.features import extract_features, load_trained
+    from train.rundir import read_run
+
+    store, rows, images, text = _captioned_copy(train_store, tmp_path)
     run = tmp_path / "run"
     train_tiny(store, run)
     entry = evaluate_run(run, store, ["retrieval"], device="cpu")["retrieval"]["sets"]["siglip/captions"]
@@ -130,21 +138,12 @@ def test_ensembled_retrieval_equals_a_naive_fusion(train_store, tmp_path):
 
     from eval.evaluate import evaluate_run
     from eval.features import extract_features, load_trained
-    from stages.teachers import build_teacher
-    from stages.text_sets import caption_set
     from storage import layout as L
     from storage.store import FeatureStore
     from train.rundir import read_run
 
-    store = str(tmp_path / "store")
-    shutil.copytree(train_store, store)
-    labels = FeatureStore.open(store).labels()
-    rows = [int(r) for r in np.flatnonzero(labels >= 0)]
-    captions = [c for r in rows for c in (f"the digit {labels[r]}", DIGITS[labels[r]])]
-    images = [r for r in rows for _ in range(2)]
-    text = caption_set(build_teacher(TINY_SIGLIP, random_init=True, seed=0), captions, images)
+    store, rows, images, text = _captioned_copy(train_store, tmp_path)
     writable = FeatureStore.open(store, mode="r+")
-    writable.write_text("siglip", "captions", text.embeddings, text.attrs)
     summary = writable.teacher_group("dino")[L.SUMMARY][:].astype(np.float64)
     noisy = summary[images] + np.random.default_rng(0).normal(0, 0.2 * summary[rows].std(0), (len(images), summary.shape[1]))
     noisy = noisy.astype(np.float32).astype(np.float64)  # what the store holds

@@ -180,13 +180,13 @@ def test_refusals(seg_images, reference, tmp_path, ray_local):
     assert not (tmp_path / "s2").exists() and not (tmp_path / "s3").exists()
     # a class beyond the named classes; then the same store resumed with another mask kind (its staged
     # units hold the first kind's masks) is refused, not mixed
+    for name in ("seg_00001.png", "seg_00002.png", "seg_00005.png"):  # only this mask is wrong now
+        shutil.copy(seg_images / "masks" / name, bad / "masks" / name)
     classes = Image.open(seg_images / "masks" / "seg_00004.png")
     Image.fromarray(np.where(np.asarray(classes) > 0, 12, 0).astype(np.uint8)).save(bad / "masks" / "seg_00004.png")
-    shutil.copy(seg_images / "masks" / "seg_00005.png", bad / "masks" / "seg_00005.png")
     with pytest.raises(ValueError, match="seg_00004.png has class 12, but the mask classes name 11"):
         run_cache(str(bad / "images"), str(tmp_path / "s4"), _config(bad))
-    for name in ("seg_00001.png", "seg_00002.png", "seg_00004.png"):
-        shutil.copy(seg_images / "masks" / name, bad / "masks" / name)
+    shutil.copy(seg_images / "masks" / "seg_00004.png", bad / "masks" / "seg_00004.png")
     with pytest.raises(StoreError, match="unfinished ingest of another image list, shard size or masks"):
         run_cache(str(bad / "images"), str(tmp_path / "s4"), _config(bad).model_copy(
             update={"mask_classes": None, "mask_kind": "values", "mask_scale": 16.0}))
