@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cli_helpers import shared_ray
 from train_helpers import DIGITS, TINY_SIGLIP, TINY_VIT
 
 
@@ -55,6 +56,7 @@ def train_store(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("train_store")
     labels = write_train_images(root / "images")
     url = str(root / "store")
+    shared_ray()
     with ray_cluster(num_cpus=2):
         # with its two blocks cached as layers/1, layers/2 (routing analysis; the patches are unchanged by them)
         run_cache(str(root / "images"), url, cache_config(TINY_VIT, "dino", labels).model_copy(update={"layers": [1, 2]}))
@@ -82,6 +84,7 @@ def stage2_store(train_store, tmp_path_factory) -> str:
     root = Path(train_store).parent
     url = str(tmp_path_factory.mktemp("stage2_store") / "store")
     cfg = cache_config(TINY_VIT, "dino", root / "labels.csv").model_copy(update={"min_tokens": 16, "max_tokens": 96})
+    shared_ray()
     with ray_cluster(num_cpus=2):
         run_cache(str(root / "images"), url, cfg)
     return url

@@ -120,9 +120,9 @@ def seg_store(tmp_path_factory):
     distance targets in another."""
     from stages.cache import run_cache
     from stages.datasets import DISTANCE_SCALE, write_segmentation_set
-    from stages.ray_cluster import ray_cluster
-
+    from cli_helpers import shared_ray
     from stages.config import CacheConfig
+    from stages.ray_cluster import ray_cluster
     from train_helpers import TINY_VIT
 
     root = tmp_path_factory.mktemp("seg")
@@ -131,6 +131,7 @@ def seg_store(tmp_path_factory):
     cfg = CacheConfig(teacher=TINY_VIT, name="dino", random_init=True, seed=0, min_tokens=4, max_tokens=48,
                       shard_images=16, shard_rows=256, chunk_rows=64, batch_size=16, workers=1, num_cpus=2)
     urls = {"classes": str(root / "classes"), "values": str(root / "values")}
+    shared_ray()
     with ray_cluster(num_cpus=2):
         run_cache(str(data.root / "images"), urls["classes"], cfg.model_copy(
             update={"masks": str(data.masks_csv), "mask_classes": str(data.classes_txt)}))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from cache_helpers import write_image_folder
+from cli_helpers import shared_ray
 
 
 @pytest.fixture(scope="session")
@@ -18,12 +19,5 @@ def image_folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One embedded Ray cluster for every in-process cache test (starting one costs seconds)."""
-    import logging
-
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
-             _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
+    """The tests' one embedded Ray cluster (starting one costs seconds), shared with the in-process CLI runs."""
+    shared_ray()

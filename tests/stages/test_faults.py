@@ -35,7 +35,7 @@ SETTINGS = ["--random-init", *sum((["--set", f"{k}={v}"] for k, v in IN_PROCESS.
 
 def _cache(images: Path, store: Path, teacher: str, name: str, fault: str | None = None):
     return run_pipeline("cache-teachers", images, "--store", store, "--teacher", teacher, "--name", name, *SETTINGS,
-                        env={"AMOE_FAULT": fault} if fault else None, new_session=True)
+                        env={"AMOE_FAULT": fault} if fault else None, new_session=fault is not None)
 
 
 @pytest.fixture(scope="module")

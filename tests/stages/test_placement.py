@@ -104,10 +104,15 @@ def test_a_cuda_request_without_a_gpu_is_refused_before_any_work(tmp_path):
     images = tmp_path / "images"
     write_image_folder(images, bad=False)
     store, out = tmp_path / "store", tmp_path / "curated"
+    # on its own (no Ray running yet): refused before a cluster is started
     error_line(run_pipeline("cache-teachers", images, "--store", store, "--teacher", TINY_VIT, "--random-init",
-                            "--device", "cuda"), "--device cuda", "this machine has no CUDA GPU")
+                            "--device", "cuda", alone=True), "--device cuda", "this machine has no CUDA GPU")
     error_line(run_pipeline("curate", images, "--out", out, "--embedder", TINY_VIT, "--random-init",
-                            "--levels", "4,2", "--target", "5", "--device", "cuda"), "this machine has no CUDA GPU")
+                            "--levels", "4,2", "--target", "5", "--device", "cuda", alone=True),
+               "this machine has no CUDA GPU")
+    # joined to a running cluster without GPUs (the tests' own)
+    error_line(run_pipeline("cache-teachers", images, "--store", store, "--teacher", TINY_VIT, "--random-init",
+                            "--device", "cuda"), "--device cuda", "the running Ray cluster has no CUDA GPU")
     assert not store.exists() and not out.exists()
     with pytest.raises(ValueError, match="no CUDA GPU"):
         build_teacher(TINY_VIT, random_init=True, device="cuda")

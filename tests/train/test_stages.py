@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 import pytest
+
+from cli_helpers import run_pipeline
 import torch
 import zarr
 
@@ -30,8 +32,7 @@ BASE = ["--model", "tiny", "--set", "data.seq_len=112", "--set", "data.seqs_per_
 
 
 def _train(out, *args, check=True):
-    proc = subprocess.run([*PIPELINE, "train", "--out", str(out), *BASE, *args], capture_output=True, text=True,
-                          env=ENV, timeout=600)
+    proc = run_pipeline("train", "--out", out, *BASE, *args)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stdout + proc.stderr)
     return proc

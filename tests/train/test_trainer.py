@@ -16,7 +16,7 @@ import pytest
 import torch
 import zarr
 
-from cli_helpers import error_line
+from cli_helpers import error_line, run_pipeline
 from train.checkpoint import latest_checkpoint
 from train.config import OptimConfig, TrainConfig
 from train.trainer import lr_at
@@ -29,8 +29,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _train(store: str, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*PIPELINE, "train", "--store", store, "--out", str(out), *BASE, *extra],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    proc = run_pipeline("train", "--store", store, "--out", out, *BASE, *extra)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stdout + proc.stderr)
     return proc
@@ -169,8 +168,7 @@ def test_moe_student_trains_from_the_same_store_and_upcycles_from_dense(train_st
 def test_eval_writes_knn_for_student_heads_and_teachers_and_report(train_store, tmp_path):
     run = tmp_path / "run"
     _train(train_store, run, "--steps", "3")
-    proc = subprocess.run([*PIPELINE, "eval", str(run), "--store", train_store, "--tasks", "knn", "--k", "5"],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    proc = run_pipeline("eval", run, "--store", train_store, "--tasks", "knn", "--k", "5")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ev = json.loads((run / "eval.json").read_text())
     top1 = ev["knn"]["top1"]
@@ -181,15 +179,13 @@ def test_eval_writes_knn_for_student_heads_and_teachers_and_report(train_store, 
     assert ev["knn"]["self_excluded"] is True
     assert {"dino/summary", "dino/patches", "dino/registers", "siglip/summary", "siglip/patches"} <= set(ev["cosine"])
     assert set(ev["relational_error"]) == {"dino", "siglip"} and all(0 < v < 2 for v in ev["relational_error"].values())
-    proc = subprocess.run([*PIPELINE, "report", str(run)], capture_output=True, text=True, env=ENV, timeout=300)
+    proc = run_pipeline("report", run)
     assert proc.returncode == 0 and (run / "loss.png").stat().st_size > 1000
     text = (run / "report.md").read_text()
     assert "kNN top-1" in text and "student head siglip" in text and "![loss](loss.png)" in text
-    bad = subprocess.run([*PIPELINE, "eval", str(run), "--store", train_store, "--tasks", "knn,depth"],
-                         capture_output=True, text=True, env=ENV, timeout=300)
+    bad = run_pipeline("eval", run, "--store", train_store, "--tasks", "knn,depth")
     assert bad.returncode == 2 and "unknown task(s) ['depth']" in " ".join(bad.stderr.split())
-    none = subprocess.run([*PIPELINE, "eval", str(tmp_path), "--store", train_store],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    none = run_pipeline("eval", tmp_path, "--store", train_store)
     assert none.returncode == 2 and "not a run directory" in " ".join(none.stderr.split())
 
 
@@ -281,8 +277,7 @@ def test_a_store_that_is_not_a_store_is_one_line_in_train_and_eval(train_store, 
     assert kept.is_dir() and not any(kept.iterdir())  # a folder the user made is kept as it was
     run = tmp_path / "trained"
     _train(train_store, run, "--steps", "1")
-    proc = subprocess.run([*PIPELINE, "eval", str(run), "--store", str(tmp_path / "nothing")], capture_output=True,
-                          text=True, env=ENV, timeout=300)
+    proc = run_pipeline("eval", run, "--store", tmp_path / "nothing")
     error_line(proc, "no feature store")
 
 
@@ -297,16 +292,14 @@ def test_eval_refuses_a_teacher_with_another_fingerprint(train_store, tmp_path):
     from storage.fingerprint import digest
 
     g.attrs.update({"fingerprint": fp, "fingerprint_digest": digest(fp)})
-    proc = subprocess.run([*PIPELINE, "eval", str(run), "--store", str(other)], capture_output=True, text=True,
-                          env=ENV, timeout=300)
+    proc = run_pipeline("eval", run, "--store", other)
     error_line(proc, "teacher 'dino'", "model_kwargs.embed_dim")
     assert not (run / "eval.json").exists()
     # the same teacher as an older version recorded it (no compute_dtype: float32) is the same teacher
     legacy = {k: v for k, v in g.attrs["fingerprint"].items() if k != "compute_dtype"}
     legacy["model_kwargs"] = zarr.open_group(train_store, mode="r")["teachers/dino"].attrs["fingerprint"]["model_kwargs"]
     g.attrs.update({"fingerprint": legacy, "fingerprint_digest": digest(legacy)})
-    proc = subprocess.run([*PIPELINE, "eval", str(run), "--store", str(other), "--tasks", "knn", "--k", "5"],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    proc = run_pipeline("eval", run, "--store", other, "--tasks", "knn", "--k", "5")
     assert proc.returncode == 0, proc.stderr
 
 
