@@ -26,8 +26,9 @@ from storage.fingerprint import digest_strings
 from storage.fsutil import atomic_write
 from storage.image_policy import ImagePolicy
 from storage.masks import MaskInfo, encode_mask, read_mask_file, resize_mask
-from storage.shards import ShardPlan
-from storage.store import FeatureStore, StoreError
+from storage.shards import ShardPlan, flat_shard_rows
+from storage.store import STRING_ARRAYS, FeatureStore, StoreError
+from storage.strings import encode_strings
 
 from .runner import UnitJob
 from .sources import ImageRef, absolute_source, iter_decoded, printable_source, read_path_table
@@ -35,6 +36,7 @@ from .sources import ImageRef, absolute_source, iter_decoded, printable_source, 
 __all__ = ["IngestReport", "MaskInput", "ingest_images", "prepare_unit", "read_masks"]
 
 STAGING_IMAGES = f"{L.STAGING}/images"
+FLAT_INDEX = {L.PIXELS: L.PIXEL_OFFSETS, L.MASKS: L.MASK_OFFSETS, **STRING_ARRAYS}  # flat byte arrays -> offsets
 
 
 @dataclass
@@ -165,8 +167,16 @@ def _stage_task(store_url: str, unit: int, sources: list[str], policy: dict, mas
     return unit
 
 
-def _owned_bytes(store: FeatureStore, offsets: np.ndarray, r0: int, r1: int, key: str) -> np.ndarray:
-    """Rows [r0, r1) of a flat byte array (``pixels`` or ``masks``) from the staged units: the writing unit's
+def _unit_bytes(store: FeatureStore, unit: int, name: str) -> np.ndarray:
+    """A staged unit's bytes of flat array ``name``: its pixels or masks, or its ids' or sources' UTF-8."""
+    if name in STRING_ARRAYS:
+        key = "ids" if name == L.IDS else "sources"
+        return encode_strings(_load_npz(store, unit, (key,))[key])[0]
+    return _load_npz(store, unit, (name,))[name]
+
+
+def _owned_bytes(store: FeatureStore, offsets: np.ndarray, r0: int, r1: int, name: str) -> np.ndarray:
+    """Rows [r0, r1) of a flat byte array (pixels, masks, ids, source) from the staged units: the writing unit's
     file and, past its end, the next ones'."""
     plan = store.plan()
     first_image = int(np.searchsorted(offsets, r0, "right")) - 1
@@ -174,7 +184,7 @@ def _owned_bytes(store: FeatureStore, offsets: np.ndarray, r0: int, r1: int, key
     while cursor < r1:
         u0, u1 = plan.image_range(u)
         base = int(offsets[u0])
-        data = _load_npz(store, u, (key,))[key]
+        data = _unit_bytes(store, u, name)
         lo, hi = cursor - base, min(r1, int(offsets[u1])) - base
         parts.append(data[lo:hi])
         cursor = base + hi
@@ -182,23 +192,25 @@ def _owned_bytes(store: FeatureStore, offsets: np.ndarray, r0: int, r1: int, key
     return np.concatenate(parts)
 
 
-def _write_task(store_url: str, unit: int, offsets_ref: np.ndarray, mask_offsets_ref: np.ndarray | None) -> int:
-    """Step C for one unit (runs in a Ray task)."""
+def _write_task(store_url: str, unit: int, offsets_ref: dict[str, np.ndarray]) -> int:
+    """Step C for one unit (runs in a Ray task). ``offsets_ref``: the offsets of each flat array it writes
+    (pixels; masks where given; ids and source from format version 3)."""
     store = FeatureStore.open(store_url, mode="r+")
     plan = store.plan()
-    flat = {L.PIXELS: (L.PIXEL_OFFSETS, np.asarray(offsets_ref))}
-    if mask_offsets_ref is not None:
-        flat[L.MASKS] = (L.MASK_OFFSETS, np.asarray(mask_offsets_ref))
+    flat = {name: (FLAT_INDEX[name], np.asarray(offsets)) for name, offsets in offsets_ref.items()}
     i0, i1 = plan.image_range(unit)
     meta = _load_npz(store, unit, ("ids", "sources", "hw", "grid", "ok"))
     images = store.group[L.IMAGES]
     end = i1 + 1 if unit == plan.num_units - 1 else i1
-    owned = {name: plan.owned_rows(unit, offsets, images[name].shards[0]) for name, (_, offsets) in flat.items()}
+    owned = {name: plan.owned_rows(unit, offsets, int((images[name].shards or images[name].chunks)[0]))
+             for name, (_, offsets) in flat.items()}
     rows = {**owned, **{index: (i0, end) for index, _ in flat.values()}}
-    for name in (L.IDS, L.SOURCE, L.HW, L.GRID, L.OK, *rows):  # rewritten whole
+    per_image = [L.HW, L.GRID, L.OK, *([] if store.flat_strings else [L.IDS, L.SOURCE])]
+    for name in (*per_image, *rows):  # rewritten whole
         store.clear_rows(images[name], *rows.get(name, (i0, i1)))
-    images[L.IDS][i0:i1] = meta["ids"]
-    images[L.SOURCE][i0:i1] = meta["sources"]
+    if not store.flat_strings:  # a store of format version 1 or 2 being repaired
+        images[L.IDS][i0:i1] = meta["ids"]
+        images[L.SOURCE][i0:i1] = meta["sources"]
     images[L.HW][i0:i1] = meta["hw"]
     images[L.GRID][i0:i1] = meta["grid"]
     images[L.OK][i0:i1] = meta["ok"]
@@ -209,6 +221,18 @@ def _write_task(store_url: str, unit: int, offsets_ref: np.ndarray, mask_offsets
             images[name][r0:r1] = _owned_bytes(store, offsets, r0, r1, name)
     store.image_commits().commit(unit, {"images": [i0, i1], **{f"{n}_rows": list(r) for n, r in owned.items()}})
     return unit
+
+
+def _offsets(sizes: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+def _string_chunk_bytes(offsets: np.ndarray | None, shard_images: int) -> int:
+    """Chunk size of the ids and source bytes: a unit's strings span about four chunks, so a unit writing the
+    chunks it owns reads at most the next unit's staged file to fill its last one."""
+    if offsets is None:
+        return 4096
+    return flat_shard_rows(offsets, shard_images, 64, shards_per_unit=4, max_rows=1 << 20)
 
 
 def read_labels(path: str, sources: list[str]) -> np.ndarray:
@@ -281,7 +305,7 @@ def ingest_images(
     stored_sources = [printable_source(s) for s in sources]
     report = IngestReport()
     if store.images_complete:
-        stored = [str(s) for s in store.image_array(L.SOURCE)[:]]
+        stored = store.image_strings(L.SOURCE)
         if stored != stored_sources:
             first = next((i for i, (a, b) in enumerate(zip(stored, stored_sources)) if a != b),
                          min(len(stored), len(stored_sources)))
@@ -325,19 +349,26 @@ def ingest_images(
                                                  named)))
 
     # step B: offsets and arrays from the staged metadata
-    sizes, mask_sizes, ok, grid, reasons, ids = [], [], [], [], [], []
+    sizes, mask_sizes, ok, grid, reasons, ids, staged_sources = [], [], [], [], [], [], []
     for u in range(plan.num_units):
-        meta = _load_npz(store, u, ("sizes", "mask_sizes", "ok", "grid", "reasons", "ids"))
+        meta = _load_npz(store, u, ("sizes", "mask_sizes", "ok", "grid", "reasons", "ids", "sources"))
         sizes.append(meta["sizes"]), mask_sizes.append(meta["mask_sizes"]), ok.append(meta["ok"])
         grid.append(meta["grid"]), reasons.append(meta["reasons"]), ids.append(meta["ids"])
+        staged_sources.append(meta["sources"])
     sizes_a, ok_a = np.concatenate(sizes), np.concatenate(ok)
     reasons_a, ids_a = np.concatenate(reasons), np.concatenate(ids)
-    pixel_offsets = np.concatenate([[0], np.cumsum(sizes_a)]).astype(np.int64)
-    mask_offsets = np.concatenate([[0], np.cumsum(np.concatenate(mask_sizes))]).astype(np.int64) if masks else None
+    flat = {L.PIXELS: _offsets(sizes_a)}
+    if masks:
+        flat[L.MASKS] = _offsets(np.concatenate(mask_sizes))
+    if store.flat_strings:
+        flat[L.IDS] = _offsets(encode_strings(ids_a)[1])
+        flat[L.SOURCE] = _offsets(encode_strings(np.concatenate(staged_sources))[1])
     if not committed:
-        store.create_image_arrays(len(sources), int(pixel_offsets[-1]), shard_images=shard_images,
+        store.create_image_arrays(len(sources), int(flat[L.PIXELS][-1]), shard_images=shard_images,
                                   pixel_shard_bytes=pixel_shard_bytes, pixel_chunk_bytes=pixel_chunk_bytes,
-                                  num_mask_bytes=None if mask_offsets is None else int(mask_offsets[-1]))
+                                  num_mask_bytes=int(flat[L.MASKS][-1]) if masks else None,
+                                  num_string_bytes={n: int(flat[n][-1]) for n in STRING_ARRAYS if n in flat},
+                                  string_chunk_bytes=_string_chunk_bytes(flat.get(L.SOURCE), shard_images))
         if masks is not None:
             store.update_attrs(masks=masks.info.to_dict())
     failed = np.flatnonzero(~ok_a)
@@ -347,10 +378,9 @@ def ingest_images(
         report.labelled = int((labels >= 0).sum())
 
     # step C: write shards, unit by unit
-    offsets_ref = ray.put(pixel_offsets)
-    mask_ref = ray.put(mask_offsets) if mask_offsets is not None else None
+    offsets_ref = ray.put(flat)
     write = UnitJob("write images", plan.num_units, committed, progress)
-    list(write.run_tasks(_write_task, lambda u: (store.url, u, offsets_ref, mask_ref)))
+    list(write.run_tasks(_write_task, lambda u: (store.url, u, offsets_ref)))
 
     store.update_attrs(
         images_complete=True,
@@ -360,7 +390,7 @@ def ingest_images(
     if store.fs.exists(store.path(L.STAGING)):
         store.fs.rm(store.path(L.STAGING), recursive=True)
     report.num_images = len(sources)
-    report.masked = int((np.diff(mask_offsets) > 0).sum()) if mask_offsets is not None else None
+    report.masked = int((np.diff(flat[L.MASKS]) > 0).sum()) if masks else None
     report.num_failed = int((~ok_a).sum())
     report.failure_reasons = count_reasons(reasons_a[~ok_a])
     return report

@@ -1,15 +1,18 @@
 """Names of the feature-store contract (docs/store-format.md). Other tools read these: never rename."""
 
-FORMAT_VERSION = 2  # 2: optional images/masks + images/mask_offsets (per-pixel label maps)
-READABLE_VERSIONS = (1, 2)  # version 1 is version 2 without masks: read as is, extended by teachers alike
+FORMAT_VERSION = 3  # 3: strings as UTF-8 bytes + offsets (zarr v3 core types only); 2: optional masks
+READABLE_VERSIONS = (1, 2, 3)  # 1 is 2 without masks, 2 is 3 with zarr-python strings: read and extended alike
+FLAT_STRINGS_VERSION = 3  # from this version on, string arrays are flat bytes (storage.strings)
 
 IMAGES = "images"
 TEACHERS = "teachers"
 LABELS = "labels"  # [N] int32 next to images/, -1 where unknown
 
 # images/
-IDS = "ids"  # [N] str
-SOURCE = "source"  # [N] str
+IDS = "ids"  # [B] uint8, UTF-8 of every image id concatenated (versions 1-2: [N] str)
+ID_OFFSETS = "id_offsets"  # [N+1] int64 (version 3)
+SOURCE = "source"  # [B] uint8, UTF-8 of every source concatenated (versions 1-2: [N] str)
+SOURCE_OFFSETS = "source_offsets"  # [N+1] int64 (version 3)
 HW = "hw"  # [N, 2] int32
 GRID = "grid"  # [N, 2] int32
 PIXELS = "pixels"  # [B] uint8, encoded images concatenated
@@ -17,9 +20,10 @@ PIXEL_OFFSETS = "pixel_offsets"  # [N+1] int64
 OK = "ok"  # [N] bool
 MASKS = "masks"  # [M] uint8, PNG-encoded per-pixel label maps concatenated (format version 2, optional)
 MASK_OFFSETS = "mask_offsets"  # [N+1] int64; image i has no mask when mask_offsets[i] == mask_offsets[i+1]
-FAILURES = "failures"  # side table group: index [F] int64, reason [F] str
+FAILURES = "failures"  # side table group: index [F] int64, reason (UTF-8 bytes + reason_offsets; [F] str before 3)
 FAILURE_INDEX = "index"
 FAILURE_REASON = "reason"
+FAILURE_REASON_OFFSETS = "reason_offsets"
 
 # teachers/<name>/
 SUMMARY = "summary"  # [N, D]

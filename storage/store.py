@@ -25,8 +25,11 @@ from .image_policy import ImagePolicy
 from .locks import WriterLock
 from .masks import MaskInfo
 from .shards import ShardPlan
+from .strings import read_strings
 
-__all__ = ["FeatureStore", "StoreError", "TeacherGroupSpec", "feature_compressor", "token_offsets"]
+__all__ = ["STRING_ARRAYS", "FeatureStore", "StoreError", "TeacherGroupSpec", "feature_compressor", "token_offsets"]
+
+STRING_ARRAYS = {L.IDS: L.ID_OFFSETS, L.SOURCE: L.SOURCE_OFFSETS}  # images/ string arrays and their offsets (v3)
 
 
 class StoreError(RuntimeError):
@@ -72,8 +75,8 @@ class FeatureStore:
         group = zarr.open_group(str(url), mode=mode)
         version = group.attrs.get("format_version")
         if version not in L.READABLE_VERSIONS:
-            raise StoreError(f"{url}: store format version {version!r}, this code reads "
-                             f"{' and '.join(map(str, L.READABLE_VERSIONS))}")
+            raise StoreError(f"{url}: store format version {version!r}, this code reads versions "
+                             f"{', '.join(map(str, L.READABLE_VERSIONS))}")
         return cls(str(url), group)
 
     @classmethod
@@ -142,7 +145,16 @@ class FeatureStore:
 
     @property
     def num_images(self) -> int:
-        return int(self.group[f"{L.IMAGES}/{L.IDS}"].shape[0])
+        return int(self.group[f"{L.IMAGES}/{L.OK}"].shape[0])
+
+    @property
+    def format_version(self) -> int:
+        return int(self.group.attrs["format_version"])
+
+    @property
+    def flat_strings(self) -> bool:
+        """Whether this store's string arrays are UTF-8 bytes with offsets (format version 3 on) or zarr strings."""
+        return self.format_version >= L.FLAT_STRINGS_VERSION
 
     @property
     def teacher_names(self) -> list[str]:
@@ -203,14 +215,22 @@ class FeatureStore:
         pixel_shard_bytes: int,
         pixel_chunk_bytes: int,
         num_mask_bytes: int | None = None,
+        num_string_bytes: dict[str, int] | None = None,
+        string_chunk_bytes: int = 4096,
     ) -> None:
         """Create images/ arrays (empty), with masks/mask_offsets when ``num_mask_bytes`` is given; units then
-        fill their shards."""
+        fill their shards. ``num_string_bytes`` gives the UTF-8 size of ids and source (format version 3)."""
         g = self.group.require_group(L.IMAGES)
         n = max(num_images, 1)
         per_image = dict(chunks=(shard_images,))
-        create_array(g, L.IDS, shape=(num_images,), dtype=str, **per_image)
-        create_array(g, L.SOURCE, shape=(num_images,), dtype=str, **per_image)
+        if self.flat_strings:
+            for name, index in STRING_ARRAYS.items():
+                create_array(g, index, shape=(num_images + 1,), dtype="int64", chunks=(min(shard_images, n + 1),))
+                create_array(g, name, shape=((num_string_bytes or {}).get(name, 0),), dtype="uint8",
+                             chunks=(string_chunk_bytes,))
+        else:  # a store of format version 1 or 2
+            create_array(g, L.IDS, shape=(num_images,), dtype=str, **per_image)
+            create_array(g, L.SOURCE, shape=(num_images,), dtype=str, **per_image)
         create_array(g, L.OK, shape=(num_images,), dtype=bool, fill_value=False, **per_image)
         for name in (L.HW, L.GRID):
             create_array(g, name, shape=(num_images, 2), dtype="int32", chunks=(shard_images, 2))
@@ -232,7 +252,8 @@ class FeatureStore:
         return MaskInfo.from_dict(self.group.attrs["masks"]) if self.has_masks else None
 
     def write_failures(self, index: np.ndarray, reasons: list[str]) -> None:
-        write_failure_table(self.group.require_group(f"{L.IMAGES}/{L.FAILURES}"), index, reasons)
+        write_failure_table(self.group.require_group(f"{L.IMAGES}/{L.FAILURES}"), index, reasons,
+                            flat=self.flat_strings)
 
     def failures(self) -> tuple[np.ndarray, list[str]]:
         path = f"{L.IMAGES}/{L.FAILURES}"
@@ -263,6 +284,10 @@ class FeatureStore:
 
     def image_array(self, name: str) -> zarr.Array:
         return self.group[f"{L.IMAGES}/{name}"]
+
+    def image_strings(self, name: str, rows: slice | None = None) -> list[str]:
+        """``images/ids`` or ``images/source`` (rows ``rows``, default all) as strings, in any format version."""
+        return read_strings(self.group[L.IMAGES], name, STRING_ARRAYS[name], rows)
 
     def token_offsets(self) -> np.ndarray:
         """Student-grid token offsets [N+1] from images/grid (shared by every teacher)."""

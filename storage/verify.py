@@ -15,7 +15,7 @@ import numpy as np
 import zarr
 
 from . import layout as L
-from .store import FeatureStore
+from .store import STRING_ARRAYS, FeatureStore
 
 __all__ = ["Damage", "ShardCheck", "VerifyReport", "verify_store"]
 
@@ -92,13 +92,15 @@ def verify_store(url: str, *, repair: bool = False) -> VerifyReport:
     images = store.group[L.IMAGES]
     image_log = store.image_commits()
     flat = [(L.PIXELS, L.PIXEL_OFFSETS)] + ([(L.MASKS, L.MASK_OFFSETS)] if L.MASKS in images else [])
+    flat += list(STRING_ARRAYS.items()) if store.flat_strings else []
+    per_image = (L.HW, L.GRID, L.OK) if store.flat_strings else (L.IDS, L.SOURCE, L.HW, L.GRID, L.OK)
     flat_offsets: dict[str, np.ndarray | None] = {}
     for unit in sorted(image_log.committed()):
         i0, i1 = plan.image_range(unit)
         end = i1 + 1 if unit == plan.num_units - 1 else i1
         report.units_checked += 1
-        reasons = [_check(store, checks, f"images/{n}", images[n], i0, i1) for n in (L.IDS, L.SOURCE, L.HW, L.GRID, L.OK)]
-        for data, index in flat:  # pixels, and masks where the store has them
+        reasons = [_check(store, checks, f"images/{n}", images[n], i0, i1) for n in per_image]
+        for data, index in flat:  # pixels, masks where the store has them, and the strings from version 3
             reasons.append(_check(store, checks, f"images/{index}", images[index], i0, end))
             if data not in flat_offsets:
                 try:
@@ -106,7 +108,7 @@ def verify_store(url: str, *, repair: bool = False) -> VerifyReport:
                 except Exception:
                     flat_offsets[data] = None
             if flat_offsets[data] is not None:
-                r0, r1 = plan.owned_rows(unit, flat_offsets[data], int(images[data].shards[0]))
+                r0, r1 = plan.owned_rows(unit, flat_offsets[data], int((images[data].shards or images[data].chunks)[0]))
                 reasons.append(_check(store, checks, f"images/{data}", images[data], r0, r1))
         report.damaged += [Damage("images", unit, r) for r in reasons if r]
     try:

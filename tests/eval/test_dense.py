@@ -150,7 +150,7 @@ def _recomputed(run, url: str, data, csv_path: Path, kind: str, entry: dict) -> 
     cfg, record = read_run(run)
     model, _ = load_trained(run, url, cfg, record["teachers"], torch.device("cpu"))
     store = FeatureStore.open(url)
-    sources = [Path(str(s)).name for s in store.image_array(L.SOURCE)[:]]
+    sources = [Path(s).name for s in store.image_strings(L.SOURCE)]
     hw = store.image_array(L.HW)[:]
     files = {Path(r["path"]).name: data.root / r["mask"] for r in csv.DictReader(open(csv_path))}
     masked = np.flatnonzero(store.image_array(L.OK)[:])  # every usable image has a mask here

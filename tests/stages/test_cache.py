@@ -60,7 +60,7 @@ def test_store_layout_and_features_equal_library(spec, image_folder, tmp_path, r
     n = store.num_images
     assert report.ingest.num_images == n and n == len(list(folder.iterdir()))
     # contract: names, shapes, dtypes
-    for name in (L.IDS, L.SOURCE, L.HW, L.GRID, L.PIXELS, L.PIXEL_OFFSETS, L.OK):
+    for name in (L.IDS, L.ID_OFFSETS, L.SOURCE, L.SOURCE_OFFSETS, L.HW, L.GRID, L.PIXELS, L.PIXEL_OFFSETS, L.OK):
         assert name in g[L.IMAGES]
     assert g[L.IMAGES][L.HW].dtype == np.int32 and g[L.IMAGES][L.PIXEL_OFFSETS].shape == (n + 1,)
     t = g[L.TEACHERS][report.teacher]
@@ -69,7 +69,7 @@ def test_store_layout_and_features_equal_library(spec, image_folder, tmp_path, r
     np.testing.assert_array_equal(offsets, store.token_offsets())
     # failures recorded with reasons, never dropped
     ok = g[L.IMAGES][L.OK][:]
-    sources = [Path(s).name for s in g[L.IMAGES][L.SOURCE][:]]
+    sources = [Path(s).name for s in store.image_strings(L.SOURCE)]
     idx, reasons = store.failures()
     failed = {sources[i]: r for i, r in zip(idx, reasons)}
     for name, reason in bad.items():

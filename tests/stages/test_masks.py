@@ -60,7 +60,7 @@ def reference(seg_images, tmp_path_factory, ray_local) -> str:
 def _expected_masks(root: Path, url: str) -> dict[int, np.ndarray | None]:
     """Each stored image's mask from its file: PIL's nearest resize to the stored pixel size (None: no mask)."""
     store = FeatureStore.open(url)
-    sources = [str(s) for s in store.image_array(L.SOURCE)[:]]
+    sources = store.image_strings(L.SOURCE)
     hw, ok = store.image_array(L.HW)[:], store.image_array(L.OK)[:]
     out = {}
     for i, src in enumerate(sources):
@@ -88,7 +88,7 @@ def test_masks_equal_the_files_resized_by_nearest_neighbour(seg_images, referenc
     _assert_masks(seg_images, reference)
     store = FeatureStore.open(reference)
     info = store.mask_info()
-    assert store.attrs["format_version"] == L.FORMAT_VERSION == 2
+    assert store.attrs["format_version"] == L.FORMAT_VERSION == 3
     assert info.kind == "classes" and info.classes == list(SEG_CLASSES) and info.ignore == 255
     doc = (Path(__file__).resolve().parents[2] / "docs" / "store-format.md").read_text()  # the contract names them
     assert all(f"`{key}`" in doc for key in [*info.to_dict(), *store.attrs]), "an undocumented attribute"
@@ -110,7 +110,7 @@ def test_value_masks_are_16_bit_with_their_scale(seg_images, tmp_path, ray_local
     assert reader.mask_info.kind == "values" and reader.mask_info.scale == 16.0 and reader.mask_info.ignore == 65535
     i = int(np.flatnonzero(reader.ok)[0])
     got = reader.masks([i])[0]
-    name = Path(str(reader.store.image_array(L.SOURCE)[i])).name
+    name = Path(reader.store.image_strings(L.SOURCE, slice(i, i + 1))[0]).name
     want = np.asarray(Image.open(seg_images / "depth" / name).resize(got.shape[::-1], Image.NEAREST))
     assert got.dtype == np.uint16 and got.max() > 255
     np.testing.assert_array_equal(got, want)
@@ -243,6 +243,6 @@ def test_version_1_stores_are_read_and_unknown_versions_refused(reference, tmp_p
     assert reader.mask_info is None and len(reader) == 11
     with pytest.raises(StoreError, match="has no masks"):
         reader.masks([0])
-    group.attrs.put({**attrs, "format_version": 3})
-    with pytest.raises(StoreError, match="format version 3, this code reads 1 and 2"):
+    group.attrs.put({**attrs, "format_version": 4})
+    with pytest.raises(StoreError, match="format version 4, this code reads versions 1, 2, 3"):
         FeatureStore.open(str(old))

@@ -205,7 +205,7 @@ def test_a_non_utf8_file_name_is_a_recorded_failure_not_an_abort(small_images, t
     report = run_cache(str(folder), str(tmp_path / "store"), CacheConfig(teacher=TINY_CNN, name="cnn", **SMALL))
     store = FeatureStore.open(str(tmp_path / "store"))
     index, reasons = store.failures()
-    sources = [str(s) for s in store.image_array(L.SOURCE)[:]]
+    sources = store.image_strings(L.SOURCE)
     assert report.ingest.num_images == 4 and report.ingest.num_failed == 1
     assert reasons == ["unreadable: file name is not valid UTF-8"]
     assert sources[int(index[0])].endswith("caf\\xe9.png")
@@ -267,7 +267,7 @@ def test_labels_that_match_nothing_are_refused_and_a_corrected_csv_is_applied(sm
     corrected = write_csv([(str(small_images / n), 7 if k == 0 else k) for k, n in enumerate(names)])
     report = run_cache(str(small_images), str(store), cfg.model_copy(update={"labels": corrected}))
     labels = FeatureStore.open(str(store)).labels()
-    sources = [Path(str(s)).name for s in FeatureStore.open(str(store)).image_array(L.SOURCE)[:]]
+    sources = [Path(s).name for s in FeatureStore.open(str(store)).image_strings(L.SOURCE)]
     assert labels[sources.index(names[0])] == 7 and (labels >= 0).all()
     assert report.ingest.labelled == len(names) and report.ingest.labels_changed == len(names) - 5 + 1
 

@@ -61,9 +61,9 @@ def test_every_layout_name_is_on_the_page_where_the_code_puts_it():
     t = f"{L.TEACHERS}/*"
     expected = {
         L.IMAGES, L.LABELS, t, L.COMMITS, L.STAGING,
-        *(f"{L.IMAGES}/{n}" for n in (L.IDS, L.SOURCE, L.HW, L.GRID, L.PIXELS, L.PIXEL_OFFSETS, L.OK, L.FAILURES,
-                                       L.MASKS, L.MASK_OFFSETS)),
-        f"{L.IMAGES}/{L.FAILURES}/{L.FAILURE_INDEX}", f"{L.IMAGES}/{L.FAILURES}/{L.FAILURE_REASON}",
+        *(f"{L.IMAGES}/{n}" for n in (L.IDS, L.ID_OFFSETS, L.SOURCE, L.SOURCE_OFFSETS, L.HW, L.GRID, L.PIXELS,
+                                       L.PIXEL_OFFSETS, L.OK, L.FAILURES, L.MASKS, L.MASK_OFFSETS)),
+        *(f"{L.IMAGES}/{L.FAILURES}/{n}" for n in (L.FAILURE_INDEX, L.FAILURE_REASON, L.FAILURE_REASON_OFFSETS)),
         *(f"{t}/{n}" for n in (L.SUMMARY, L.PATCHES, L.OFFSETS, L.REGISTERS)),
         f"{t}/{L.LAYERS}/*", f"{t}/{L.HEADS}/*", f"{t}/{L.PHIS}/*.npz", f"{t}/{L.TEXT}/*",
     }
@@ -99,3 +99,19 @@ def test_a_written_store_holds_only_documented_names_and_attributes(train_store)
     for name in store.teacher_names:
         offsets = store.teacher_group(name)[L.OFFSETS][:]
         assert offsets[0] == 0 and np.array_equal(np.diff(offsets), counts)
+
+
+def test_every_array_reads_the_same_in_another_zarr_implementation(train_store):
+    """tensorstore opens every array of a store (no zarr-python-only data type) and reads zarr-python's values;
+    the strings decode from its bytes to what the store's reader gives."""
+    from storage.strings import decode_strings
+    from zarr_compat import assert_every_array_reads_alike, tensorstore_read
+
+    paths = assert_every_array_reads_alike(train_store)
+    assert {f"{L.IMAGES}/{L.IDS}", f"{L.IMAGES}/{L.SOURCE}", f"{L.TEACHERS}/dino/{L.PATCHES}"} <= set(paths)
+    store = FeatureStore.open(train_store)
+    for name, index in ((L.IDS, L.ID_OFFSETS), (L.SOURCE, L.SOURCE_OFFSETS)):
+        data, offsets = (tensorstore_read(train_store, f"{L.IMAGES}/{n}") for n in (name, index))
+        assert decode_strings(data, offsets) == store.image_strings(name)
+    ids = store.image_strings(L.IDS)
+    assert len(ids) == store.num_images and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
