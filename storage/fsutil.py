@@ -8,12 +8,30 @@ import uuid
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["atomic_write", "filesystem", "join", "du"]
+__all__ = ["atomic_write", "du", "filesystem", "is_local", "join", "zarr_options"]
+
+
+def is_local(url: str) -> bool:
+    """A path or ``file://`` URL (anything else is an fsspec URL: ``s3://``, ``gs://``, ``memory://``)."""
+    return "://" not in str(url) or str(url).startswith("file://")
+
+
+def _options(url: str) -> dict:
+    # Listings must be fresh: other processes (Ray workers, a second command) add commit markers and
+    # staged units that a cached listing of this process would not show.
+    return {} if is_local(url) else {"use_listings_cache": False}
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(str(url))
+    """The fsspec filesystem of ``url`` and the path inside it. Credentials and endpoint of an object store
+    come from its library's standard environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...)."""
+    fs, path = fsspec.core.url_to_fs(str(url), **_options(url))
     return fs, path.rstrip("/")
+
+
+def zarr_options(url: str) -> dict:
+    """Keyword arguments for ``zarr.open_group``/``create_group`` of ``url``: the same filesystem options."""
+    return {} if is_local(url) else {"storage_options": _options(url)}
 
 
 def join(*parts: str) -> str:

@@ -20,7 +20,7 @@ from .commits import CommitLog
 from .failures import read_failure_table, write_failure_table
 from .faults import fault_point
 from .fingerprint import diff, digest, with_added_fields
-from .fsutil import atomic_write, filesystem, join
+from .fsutil import atomic_write, filesystem, join, zarr_options
 from .image_policy import ImagePolicy
 from .locks import WriterLock
 from .masks import MaskInfo
@@ -72,7 +72,7 @@ class FeatureStore:
         fs, root = filesystem(str(url))
         if not fs.exists(join(root, "zarr.json")):
             raise StoreError(f"no feature store at {url} (missing zarr.json)")
-        group = zarr.open_group(str(url), mode=mode)
+        group = zarr.open_group(str(url), mode=mode, **zarr_options(url))
         version = group.attrs.get("format_version")
         if version not in L.READABLE_VERSIONS:
             raise StoreError(f"{url}: store format version {version!r}, this code reads versions "
@@ -95,7 +95,7 @@ class FeatureStore:
             attrs = {"format_version": L.FORMAT_VERSION, "created_by": created_by, "image_policy": policy.to_dict(),
                      "teachers": [], "images_complete": False}
             try:  # root metadata and attributes in one write: a concurrent opener sees all or nothing
-                zarr.create_group(str(url), attributes=attrs, overwrite=False)
+                zarr.create_group(str(url), attributes=attrs, overwrite=False, **zarr_options(url))
             except zarr.errors.ContainsGroupError:
                 pass  # another command created it first: use it
         store = cls.open(url, mode="r+")
@@ -132,7 +132,7 @@ class FeatureStore:
 
     def update_attrs(self, **values: Any) -> None:
         """Update root attributes on a freshly read copy (another command may have written since we opened)."""
-        self.group = zarr.open_group(self.url, mode="r+")
+        self.group = zarr.open_group(self.url, mode="r+", **zarr_options(self.url))
         self.group.attrs.update(values)
 
     @property
@@ -174,7 +174,7 @@ class FeatureStore:
     def repair_teacher_index(self) -> None:
         """Rewrite the root ``teachers`` attribute from the groups when it misses one."""
         names = self.teacher_names
-        if list(zarr.open_group(self.url, mode="r").attrs.get("teachers", [])) != names:
+        if list(zarr.open_group(self.url, mode="r", **zarr_options(self.url)).attrs.get("teachers", [])) != names:
             self.update_attrs(teachers=names)
 
     def fingerprint(self) -> dict:
