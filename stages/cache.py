@@ -28,7 +28,7 @@ from .config import CacheConfig
 from .ingest import IngestReport, MaskInput, ingest_images, read_labels, read_masks
 from .placement import Placement, place_job, replica_threads
 from .ray_cluster import ray_cluster
-from .runner import UnitJob
+from .runner import UnitJob, ray_node_id
 from .sources import list_images
 from .text_sets import (DEFAULT_TEMPLATES, TextSet, caption_set, class_set, classifier_set, prompt_set, read_captions,
                         read_lines)
@@ -66,6 +66,7 @@ class CacheReport:
     images_computed: int = 0
     images_forwarded: int = 0  # teacher forwards, counting neighbours' images a unit needs for its rows
     tokens: int = 0
+    units_lost: list[int] = field(default_factory=list)  # answered by an actor lost with its node, run again
     seconds: dict[str, float] = field(default_factory=dict)
     phis: dict[str, dict] = field(default_factory=dict)
     resumed: bool = False
@@ -164,7 +165,7 @@ class TeacherWorker:
                                            L.layer_path(k))
         if main:
             self._write_main(unit, i0, i1, r0, r1, results)
-        info = {"images": [i0, i1], "rows": [r0, r1], "host": platform.node()}
+        info = {"images": [i0, i1], "rows": [r0, r1], "host": platform.node(), "node": ray_node_id()}
         for k in layers:
             self.layer_logs[k].commit(unit, info)
         if main:
@@ -211,6 +212,14 @@ class TeacherWorker:
     def finish(self) -> None:
         """After the last unit: wait for its write (the runner calls this on every actor)."""
         self._wait_for_write()
+
+
+def _uncommitted(store: FeatureStore, name: str, layers: list[int], num_units: int) -> set[int]:
+    """Units of teacher ``name`` without their commit marker (or a requested layer's)."""
+    done = store.teacher_commits(name).committed()
+    for k in layers:
+        done &= store.layer_commits(name, k).committed()
+    return set(range(num_units)) - done
 
 
 def run_cache(
@@ -342,13 +351,24 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
                              placement=placement.describe())
         init = (store.url, name, {**cfg.teacher_kwargs(), **placement.teacher_kwargs()}, cfg.dtype, threads,
                 (cfg.batch_size, cfg.batch_tokens), ray.put(tokens), ray.put(pixel_offsets), tuple(extras.layer_dims))
-        for result in job.run_actors(TeacherWorker, init, workers=placement.workers, num_cpus=threads,
-                                     num_gpus=placement.gpus_per_worker):
-            report.images_computed += result["images"]
-            report.images_forwarded += result["images_forward"]
-            report.tokens += result["tokens"]
-            for key in ("decode_s", "forward_s", "write_s"):
-                seconds[key] = seconds.get(key, 0.0) + result[key]
+        for attempt in range(2):
+            for result in job.run_actors(TeacherWorker, init, workers=placement.workers, num_cpus=threads,
+                                         num_gpus=placement.gpus_per_worker):
+                report.images_computed += result["images"]
+                report.images_forwarded += result["images_forward"]
+                report.tokens += result["tokens"]
+                for key in ("decode_s", "forward_s", "write_s"):
+                    seconds[key] = seconds.get(key, 0.0) + result[key]
+            # an actor lost with its node (Ray restarted it and retried its open calls) may have taken the
+            # write of a unit it had already answered: such units have no marker and run once more, here
+            lost = _uncommitted(store, name, list(extras.layer_dims), plan.num_units)
+            if not lost:
+                break
+            if attempt:
+                raise StoreError(f"{store.url}: teacher {name!r} units {sorted(lost)[:8]} have no commit marker "
+                                 "after the job (workers lost?); rerun the same command to finish them")
+            report.units_lost = sorted(lost)
+            job = UnitJob(f"teacher {name}", plan.num_units, set(range(plan.num_units)) - lost, progress)
         seconds["teacher"] = time.perf_counter() - t
 
     if extras.layer_dims:

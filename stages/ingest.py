@@ -30,7 +30,7 @@ from storage.shards import ShardPlan, flat_shard_rows
 from storage.store import STRING_ARRAYS, FeatureStore, StoreError
 from storage.strings import encode_strings
 
-from .runner import UnitJob
+from .runner import UnitJob, ray_node_id
 from .sources import ImageRef, absolute_source, iter_decoded, printable_source, read_path_table
 
 __all__ = ["IngestReport", "MaskInput", "ingest_images", "prepare_unit", "read_masks"]
@@ -219,7 +219,8 @@ def _write_task(store_url: str, unit: int, offsets_ref: dict[str, np.ndarray]) -
         r0, r1 = owned[name]
         if r1 > r0:
             images[name][r0:r1] = _owned_bytes(store, offsets, r0, r1, name)
-    store.image_commits().commit(unit, {"images": [i0, i1], **{f"{n}_rows": list(r) for n, r in owned.items()}})
+    store.image_commits().commit(unit, {"images": [i0, i1], "node": ray_node_id(),
+                                        **{f"{n}_rows": list(r) for n, r in owned.items()}})
     return unit
 
 

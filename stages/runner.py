@@ -16,9 +16,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-__all__ = ["UnitJob"]
+__all__ = ["UnitJob", "ray_node_id"]
 
 Progress = Callable[[str, int, int], None]
+
+
+def ray_node_id() -> str | None:
+    """The Ray node this process runs on (recorded in commit markers: which node wrote a unit), or None."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
 
 
 def _no_progress(phase: str, done: int, total: int) -> None:
@@ -60,7 +70,10 @@ class UnitJob:
         """``fn(*args(u))`` as one Ray task per unit still to do; yields results as tasks finish."""
         import ray
 
-        remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(fn)
+        # SPREAD: units go to every node of a cluster rather than filling one node first (decoding and
+        # writing are I/O-heavy: a node's disk and network are worth as much as its cores)
+        remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
+                            scheduling_strategy="SPREAD")(fn)
         pending = [remote.remote(*args(u)) for u in self.todo]
 
         def results() -> Iterator[Any]:
@@ -72,14 +85,21 @@ class UnitJob:
         return self._collect(results())
 
     def run_actors(self, actor_cls: type, init_args: tuple, args: Callable[[int], tuple] = lambda u: (u,), *,
-                   workers: int = 1, num_cpus: float = 1, num_gpus: float = 0) -> Iterator[Any]:
-        """``actor.run_unit(*args(u))`` on a pool of ``workers`` actors (no more than units to do)."""
+                   workers: int = 1, num_cpus: float = 1, num_gpus: float = 0, max_restarts: int = 3
+                   ) -> Iterator[Any]:
+        """``actor.run_unit(*args(u))`` on a pool of ``workers`` actors (no more than units to do).
+
+        An actor lost with its node is restarted by Ray elsewhere (``max_restarts``) and the calls it had
+        not answered are retried there (``max_task_retries``): Ray's own fault tolerance, no loop here.
+        A unit it had answered but whose write it still held is not committed; callers check the commit
+        markers after the job (``stages.cache``)."""
         import ray
 
         todo = self.todo
         if not todo:
             return self._collect(iter(()))
-        remote_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(actor_cls)
+        remote_cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                                max_task_retries=max_restarts, scheduling_strategy="SPREAD")(actor_cls)
         actors = [remote_cls.remote(*init_args) for _ in range(min(workers, len(todo)))]
 
         def results() -> Iterator[Any]:

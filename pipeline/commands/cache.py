@@ -91,6 +91,9 @@ def _print_summary(report) -> None:
         table.add_row("labelled images", f"{ing.labelled} of {ing.num_images}{changed}")
     table.add_row("computed on", report.placement)
     table.add_row("units", f"{report.units_total} ({report.units_skipped} already committed)")
+    if report.units_lost:
+        table.add_row("units run again", f"{len(report.units_lost)} (answered by a worker lost with its node, "
+                      "never written)")
     table.add_row("images computed / tokens written", f"{report.images_computed} / {report.tokens}")
     for feature, info in report.phis.items():
         table.add_row(f"PHI-S {feature}", f"{info['method']}, scale {info['scale']:.4g}, from {info['count']} rows")
