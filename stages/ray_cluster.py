@@ -33,7 +33,9 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iter
 
         # the GPUs torch sees, so that placement (stages.placement.cluster_gpus) and Ray agree
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        # an embedded cluster serves this machine only: its servers listen on loopback, not on every interface
+        # an embedded cluster serves this machine only, so its nodes talk over loopback: without this Ray
+        # resolves 127.0.0.1 to the machine's interface address (services.resolve_ip_for_localhost)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=gpus, _node_ip_address="127.0.0.1", **kwargs)
     try:
         yield
