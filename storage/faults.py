@@ -7,6 +7,11 @@ SIGKILL its whole process group, which is what a machine losing power does to a 
 its Ray cluster and its workers die at once, nothing is flushed. ``AMOE_FAULT=<point>@<n>`` crashes on
 the n-th time the point is reached in that process (default the first). Unset, a point costs one
 dictionary lookup.
+
+Ray starts its workers in process groups of their own, so the process group to kill is the command's:
+the first process that imports this module with ``AMOE_FAULT`` set (the command) records its group in
+``AMOE_FAULT_PGID``, which the Ray cluster it starts, and so every worker, inherits. Killing only the
+worker would not be a crash: Ray restarts a lost actor and retries its calls (``stages.runner``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ POINTS = (
     "manifest",  # the manifest's arrays are written, its kind attribute is not
 )
 _seen: dict[str, int] = {}
+if os.environ.get("AMOE_FAULT") and not os.environ.get("AMOE_FAULT_PGID"):
+    os.environ["AMOE_FAULT_PGID"] = str(os.getpgrp())
 
 
 def fault_point(name: str) -> None:
@@ -38,4 +45,7 @@ def fault_point(name: str) -> None:
         return
     _seen[name] = _seen.get(name, 0) + 1
     if _seen[name] == int(nth or 1):
+        command = int(os.environ.get("AMOE_FAULT_PGID") or os.getpgrp())
+        if command != os.getpgrp():
+            os.killpg(command, signal.SIGKILL)
         os.killpg(os.getpgrp(), signal.SIGKILL)

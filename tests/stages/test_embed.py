@@ -19,6 +19,7 @@ from stages.config import CurateConfig
 from stages.embed import EmbedError, run_embed
 from stages.sources import decode_rgb, list_images
 from stages.teachers import build_teacher
+from storage.failures import read_failure_table
 from storage.image_policy import ImagePolicy
 
 from cache_helpers import TINY_VIT, write_image_folder
@@ -61,8 +62,8 @@ def test_embed_rows_equal_direct_adapter_call_and_failures_are_recorded(dtype, i
         assert abs(np.linalg.norm(emb[i].astype(np.float32)) - 1) < tol * 10
 
     # bad files: ok false, zero rows, reasons in the failure table; the job went on
-    index = list(g["pool/failures/index"][:])
-    reasons = [str(r) for r in g["pool/failures/reason"][:]]
+    index, reasons = read_failure_table(g["pool/failures"])
+    index = list(index)
     table = {names[i]: r for i, r in zip(index, reasons)}
     for name, reason in bad.items():
         assert table[name] == reason
