@@ -20,7 +20,7 @@ from .commits import CommitLog
 from .failures import read_failure_table, write_failure_table
 from .faults import fault_point
 from .fingerprint import diff, digest, with_added_fields
-from .fsutil import atomic_write, filesystem, join, zarr_options
+from .fsutil import atomic_write, filesystem, is_local, join, zarr_options
 from .image_policy import ImagePolicy
 from .locks import WriterLock
 from .masks import MaskInfo
@@ -196,6 +196,11 @@ class FeatureStore:
     def path(self, *parts: str) -> str:
         return join(self.root, *parts)
 
+    def url_of(self, *parts: str) -> str:
+        """``path(*parts)`` as a URL another filesystem lookup resolves to the same object (the protocol kept)."""
+        where = self.path(*parts)
+        return where if is_local(self.url) else self.fs.unstrip_protocol(where)
+
     def write_file(self, relpath: str, data: bytes) -> None:
         atomic_write(self.fs, self.path(relpath), data)
 
@@ -216,7 +221,7 @@ class FeatureStore:
         pixel_chunk_bytes: int,
         num_mask_bytes: int | None = None,
         num_string_bytes: dict[str, int] | None = None,
-        string_chunk_bytes: int = 4096,
+        string_chunk_bytes: dict[str, int] | None = None,
     ) -> None:
         """Create images/ arrays (empty), with masks/mask_offsets when ``num_mask_bytes`` is given; units then
         fill their shards. ``num_string_bytes`` gives the UTF-8 size of ids and source (format version 3)."""
@@ -227,7 +232,7 @@ class FeatureStore:
             for name, index in STRING_ARRAYS.items():
                 create_array(g, index, shape=(num_images + 1,), dtype="int64", chunks=(min(shard_images, n + 1),))
                 create_array(g, name, shape=((num_string_bytes or {}).get(name, 0),), dtype="uint8",
-                             chunks=(string_chunk_bytes,))
+                             chunks=((string_chunk_bytes or {}).get(name, 4096),))
         else:  # a store of format version 1 or 2
             create_array(g, L.IDS, shape=(num_images,), dtype=str, **per_image)
             create_array(g, L.SOURCE, shape=(num_images,), dtype=str, **per_image)
@@ -423,7 +428,9 @@ class FeatureStore:
         return {key: (np.asarray(arr[:], np.float32), dict(arr.attrs)) for key, arr in g[L.TEXT].arrays()}
 
     def phis_path(self, teacher: str, feature: str) -> str:
-        return self.path(L.TEACHERS, teacher, L.PHIS, f"{feature}.npz")
+        """The URL of a PHI-S file (a local path, or e.g. ``s3://bucket/...``): what ``PhisTransform.save/load``
+        open with their own filesystem, so it keeps the store's protocol."""
+        return self.url_of(L.TEACHERS, teacher, L.PHIS, f"{feature}.npz")
 
     def teacher_attrs(self, name: str) -> dict:
         return dict(self.teacher_group(name).attrs)

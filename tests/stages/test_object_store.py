@@ -99,6 +99,19 @@ def test_a_job_into_a_bucket_killed_before_a_commit_marker_resumes_equal_to_the_
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
         assert fs.exists("stores/job/zarr.json") and fs.exists("stores/job/teachers/dino/patches/zarr.json")
         assert not fs.exists("stores/job/_staging")  # the staged units are removed once the images are complete
+        # PHI-S statistics live in the bucket (not in a local folder of the same name) and equal the local job's
+        from storage import layout as L
+        from storage.phis import PhisTransform
+
+        bucket, local = FeatureStore.open(url), FeatureStore.open(reference[2])
+        for feature in L.PHIS_FEATURES:
+            assert bucket.phis_path("dino", feature).startswith("s3://")
+            assert fs.exists(f"stores/job/teachers/dino/phis/{feature}.npz")
+            a, b = (PhisTransform.load(s.phis_path("dino", feature)) for s in (local, bucket))
+            assert (a.method, a.count) == (b.method, b.count)
+            np.testing.assert_allclose(b.mean, a.mean, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(b.eigenvalues, a.eigenvalues, rtol=1e-9, atol=1e-9 * a.eigenvalues.max())
+        assert not Path("stores").exists(), "a bucket path was written as a local folder"
         assert "no damage" in assert_ok(run_pipeline("inspect", url, "--verify")).stdout
         assert "dino" in assert_ok(run_pipeline("inspect", url)).stdout
         runs = {}
