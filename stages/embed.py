@@ -251,7 +251,9 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
     for u in range(num_units):
         failures += [(int(i), str(r)) for i, r in commits.info(u)["failures"]]
     failures.sort()
-    write_failure_table(group.require_group(f"{POOL}/{L.FAILURES}"), [i for i, _ in failures], [r for _, r in failures])
+    # the curation folder keeps zarr strings, like its pool/ids and pool/source (the store's format 3 is not its)
+    write_failure_table(group.require_group(f"{POOL}/{L.FAILURES}"), [i for i, _ in failures], [r for _, r in failures],
+                        flat=False)
     group.attrs.update({"embed_complete": True, "num_failed": len(failures)})
     report.num_failed = len(failures)
     report.failure_reasons = count_reasons(r for _, r in failures)

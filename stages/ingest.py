@@ -228,11 +228,9 @@ def _offsets(sizes: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
-def _string_chunk_bytes(offsets: np.ndarray | None, shard_images: int) -> int:
-    """Chunk size of the ids and source bytes: a unit's strings span about four chunks, so a unit writing the
-    chunks it owns reads at most the next unit's staged file to fill its last one."""
-    if offsets is None:
-        return 4096
+def _string_chunk_bytes(offsets: np.ndarray, shard_images: int) -> int:
+    """Chunk size of a string array's bytes (ids, source): a unit's strings span about four chunks (at least
+    64 bytes), so a unit writing the chunks it owns reads at most the next unit's staged file to fill its last."""
     return flat_shard_rows(offsets, shard_images, 64, shards_per_unit=4, max_rows=1 << 20)
 
 
@@ -369,7 +367,8 @@ def ingest_images(
                                   pixel_shard_bytes=pixel_shard_bytes, pixel_chunk_bytes=pixel_chunk_bytes,
                                   num_mask_bytes=int(flat[L.MASKS][-1]) if masks else None,
                                   num_string_bytes={n: int(flat[n][-1]) for n in STRING_ARRAYS if n in flat},
-                                  string_chunk_bytes=_string_chunk_bytes(flat.get(L.SOURCE), shard_images))
+                                  string_chunk_bytes={n: _string_chunk_bytes(flat[n], shard_images)
+                                                      for n in STRING_ARRAYS if n in flat})
         if masks is not None:
             store.update_attrs(masks=masks.info.to_dict())
     failed = np.flatnonzero(~ok_a)

@@ -26,7 +26,7 @@ __all__ = ["count_reasons", "read_failure_table", "write_failure_table"]
 def write_failure_table(group: zarr.Group, index: Iterable[int], reasons: Iterable[str], *, flat: bool = True
                         ) -> None:
     """(Re)write ``group``'s ``index`` and reasons, one row per failed image, sorted as given; ``flat=False``
-    writes the reasons as zarr strings, for a store of format version 1 or 2 being repaired."""
+    writes the reasons as zarr strings (a store of format version 1 or 2 being repaired; a curation folder)."""
     index = np.asarray(list(index), dtype=np.int64)
     reasons = [str(r) for r in reasons]
     if len(index) != len(reasons):

@@ -41,6 +41,8 @@ def read_strings(group: zarr.Group, name: str, offsets_name: str, rows: slice | 
     """The strings of ``group[name]`` (rows ``rows``, default all) in either layout."""
     array = group[name]
     rows = rows or slice(None)
+    if rows.step not in (None, 1):
+        raise ValueError(f"{name}: strings are read in contiguous rows, not with step {rows.step}")
     if not is_flat(array):
         return [str(s) for s in array[rows]]
     start, stop, _ = rows.indices(int(group[offsets_name].shape[0]) - 1)

@@ -111,6 +111,13 @@ def verify_store(url: str, *, repair: bool = False) -> VerifyReport:
                 r0, r1 = plan.owned_rows(unit, flat_offsets[data], int((images[data].shards or images[data].chunks)[0]))
                 reasons.append(_check(store, checks, f"images/{data}", images[data], r0, r1))
         report.damaged += [Damage("images", unit, r) for r in reasons if r]
+    if image_log.committed() and L.FAILURES in images:  # written whole by the ingest's driver: redone with unit 0
+        table = images[L.FAILURES]
+        for n in (L.FAILURE_INDEX, L.FAILURE_REASON, L.FAILURE_REASON_OFFSETS):
+            if n in table:
+                why = _check(store, checks, f"images/{L.FAILURES}/{n}", table[n], 0, int(table[n].shape[0]))
+                if why:
+                    report.damaged.append(Damage("images", 0, why))
     try:
         tokens = store.token_offsets()
     except Exception:

@@ -90,17 +90,19 @@ def test_damaged_images_are_named_refused_and_repaired(pristine, tmp_path):
     s.write_bytes(s.read_bytes()[:-3])
     s = _shard(store, "images/source", 1)  # the strings' bytes (format version 3) are owned by units alike
     s.write_bytes(s.read_bytes()[:-1] + bytes([s.read_bytes()[-1] ^ 1]))
+    _shard(store, "images/failures/reason_offsets", 0).unlink()  # the failure table, written whole
     with pytest.raises(StoreError, match="images/"):
         _read_all(str(store))
     proc = run_pipeline("inspect", store, "--verify")
     error_line(proc, "images units")
-    assert all(f"images/{n}" in proc.stdout for n in ("pixels", "grid", "source"))
+    assert all(f"images/{n}" in proc.stdout for n in ("pixels", "grid", "source", "failures/reason_offsets"))
     assert not FeatureStore.open(str(store)).images_complete
     run_cache(str(images), str(store), CacheConfig(teacher=TINY_VIT, name="vit", **SMALL))
     a, b = store_arrays(str(clean)), store_arrays(str(store))
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert not verify_store(str(store)).damaged
+    assert FeatureStore.open(str(store)).failures()[1] == FeatureStore.open(str(clean)).failures()[1]
 
 
 def test_a_clean_store_verifies_clean(pristine):
