@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from .commands import cache as cache_cmd
@@ -35,6 +37,8 @@ app.command("demo")(demo_cmd.demo)
 
 
 def main() -> None:
+    if os.environ.get("AMOE_FAULT"):  # fault injection (storage.faults) kills this command's process group
+        os.environ["AMOE_FAULT_PGID"] = str(os.getpgrp())
     app()
 
 

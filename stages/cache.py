@@ -351,12 +351,11 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
                              placement=placement.describe())
         init = (store.url, name, {**cfg.teacher_kwargs(), **placement.teacher_kwargs()}, cfg.dtype, threads,
                 (cfg.batch_size, cfg.batch_tokens), ray.put(tokens), ray.put(pixel_offsets), tuple(extras.layer_dims))
+        per_unit: dict[int, dict] = {}  # a unit run again counts once in the report (its last run)
         for attempt in range(2):
             for result in job.run_actors(TeacherWorker, init, workers=placement.workers, num_cpus=threads,
                                          num_gpus=placement.gpus_per_worker):
-                report.images_computed += result["images"]
-                report.images_forwarded += result["images_forward"]
-                report.tokens += result["tokens"]
+                per_unit[result["unit"]] = result
                 for key in ("decode_s", "forward_s", "write_s"):
                     seconds[key] = seconds.get(key, 0.0) + result[key]
             # an actor lost with its node (Ray restarted it and retried its open calls) may have taken the
@@ -369,6 +368,9 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
                                  "after the job (workers lost?); rerun the same command to finish them")
             report.units_lost = sorted(lost)
             job = UnitJob(f"teacher {name}", plan.num_units, set(range(plan.num_units)) - lost, progress)
+        report.images_computed = sum(r["images"] for r in per_unit.values())
+        report.images_forwarded = sum(r["images_forward"] for r in per_unit.values())
+        report.tokens = sum(r["tokens"] for r in per_unit.values())
         seconds["teacher"] = time.perf_counter() - t
 
     if extras.layer_dims:

@@ -33,9 +33,11 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iter
 
         # the GPUs torch sees, so that placement (stages.placement.cluster_gpus) and Ray agree
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        # an embedded cluster serves this machine only, so its nodes talk over loopback: without this Ray
-        # resolves 127.0.0.1 to the machine's interface address (services.resolve_ip_for_localhost)
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # An embedded cluster serves this machine only, but Ray still resolves 127.0.0.1 to the machine's
+        # interface address (services.resolve_ip_for_localhost) and listens on every interface, unless
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is in the environment before Ray is first imported (Ray reads
+        # it once, at import; the tests set it in tests/conftest.py). It cannot be set here: by now Ray is
+        # imported, and a command that joins a cluster (--ray-address) must not have it.
         ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=gpus, _node_ip_address="127.0.0.1", **kwargs)
     try:
         yield

@@ -29,7 +29,6 @@ def shared_ray() -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # for Ray's workers, as the subprocess runs have it
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # its nodes on 127.0.0.1 (stages.ray_cluster)
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
     atexit.register(ray.shutdown)
 

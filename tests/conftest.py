@@ -4,6 +4,12 @@ with a tiny DINOv3-architecture ViT (CLS + 4 registers) and a tiny SigLIP2 (atte
 
 from __future__ import annotations
 
+import os
+
+# Before anything imports Ray (it reads this once, at import): every Ray node the tests start, and every
+# command they run, addresses this machine as 127.0.0.1 rather than by its network interface.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 from pathlib import Path
 
 import numpy as np
