@@ -68,14 +68,20 @@ def _expected() -> tuple[type[BaseException], ...]:
     from storage.locks import LockError
     from storage.store import StoreError
 
-    return ValueError, OSError, StoreError, LockError, EmbedError
+    try:  # an object store that cannot be reached or refuses the credentials (s3fs passes these through)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        remote: tuple[type[BaseException], ...] = (BotoCoreError, ClientError)
+    except ImportError:
+        remote = ()
+    return ValueError, OSError, StoreError, LockError, EmbedError, *remote
 
 
 @contextlib.contextmanager
 def user_errors(where: str) -> Iterator[None]:
     """Failures a user can cause or fix end the command with ``fail``: bad input or config, a store or
     run that cannot be used, a lock another writer holds, an I/O error (full disk, read-only store),
-    or a Ray task that failed with one of these. ``where`` (the path being written) prefixes an I/O
+    an object store that cannot be reached, or a Ray task that failed with one of these. ``where`` (the path being written) prefixes an I/O
     error that does not name its file. Anything else is a bug and keeps its traceback."""
     expected = _expected()
     try:

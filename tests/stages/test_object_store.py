@@ -160,3 +160,13 @@ def test_commit_markers_written_by_another_process_are_seen_at_once(s3):
         subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ}, timeout=120)
         assert log.committed() == {0, 1}
         assert CommitLog(url, "_commits/images").committed() == {0, 1}
+
+
+def test_an_unreachable_endpoint_or_a_missing_bucket_is_one_line(s3, reference):
+    from s3_server import _free_port
+
+    closed = {**s3, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}", "AWS_MAX_ATTEMPTS": "1"}
+    error_line(run_pipeline("inspect", "s3://stores/job", env=closed), "Could not connect to the endpoint URL")
+    error_line(run_pipeline("inspect", "s3://no-such-bucket/store", env=s3), "no feature store at s3://no-such-bucket")
+    error_line(_cache_to("s3://no-such-bucket/store", reference, s3), "s3://no-such-bucket/store",
+               "bucket does not exist")
