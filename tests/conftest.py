@@ -12,36 +12,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from cli_helpers import shared_ray
-from train_helpers import DIGITS, TINY_SIGLIP, TINY_VIT
-
-
-def write_train_images(root: Path, digits_per_class: int = 4) -> Path:
-    """Real photos at several sizes and aspect ratios, labelled digits, and one broken file; returns labels CSV."""
-    from skimage import data
-    from sklearn.datasets import load_digits
-
-    root.mkdir(parents=True, exist_ok=True)
-    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
-    rows = ["path,label"]
-    for k, photo in enumerate(photos):
-        img = Image.fromarray(photo)
-        for j, (sx, sy) in enumerate(((0.12, 0.12), (0.2, 0.1), (0.1, 0.25))):
-            img.resize((max(16, int(img.width * sx)), max(16, int(img.height * sy)))).save(root / f"photo{k}_{j}.png")
-    digits = load_digits()
-    picked = np.concatenate([np.flatnonzero(digits.target == c)[:digits_per_class] for c in range(10)])
-    for i in picked:
-        name = f"digit{i:04d}.png"
-        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((32, 32), Image.NEAREST).convert("RGB").save(root / name)
-        rows.append(f"{root.name}/{name},{digits.target[i]}")
-    (root / "broken.png").write_bytes(b"not a png")
-    labels = root.parent / "labels.csv"
-    labels.write_text("\n".join(rows) + "\n")
-    return labels
+from train_helpers import DIGITS, TINY_SIGLIP, TINY_VIT, write_train_images
 
 
 def cache_config(teacher: str, name: str, labels: Path):

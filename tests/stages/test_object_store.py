@@ -26,6 +26,7 @@ from storage.store import FeatureStore
 from storage.verify import verify_store
 
 from cache_helpers import TINY_VIT, store_arrays
+from train_helpers import write_train_images
 
 SETTINGS = {"random_init": True, "seed": 0, "min_tokens": 16, "max_tokens": 48, "shard_images": 8, "shard_rows": 64,
             "chunk_rows": 32, "pixel_shard_bytes": 1 << 14, "pixel_chunk_bytes": 1 << 12, "batch_size": 8,
@@ -47,20 +48,11 @@ def s3():
         yield env
 
 
-def _images(tmp_path_factory) -> tuple[Path, Path]:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("top_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    root = tmp_path_factory.mktemp("s3_images")
-    labels = module.write_train_images(root / "images")
-    return root / "images", labels
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, ray_local):
-    images, labels = _images(tmp_path_factory)
+    root = tmp_path_factory.mktemp("s3_images")
+    labels = write_train_images(root / "images")
+    images = root / "images"
     url = str(images.parent / "local_store")
     run_cache(str(images), url, CacheConfig(teacher=TINY_VIT, name="dino", labels=str(labels), **SETTINGS))
     return images, labels, url
