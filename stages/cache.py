@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from storage import layout as L
+from storage.codecs import BFLOAT16_MAX, STORED_DTYPE, fidelity, merge_fidelity
 from storage.image_policy import ImagePolicy
 from storage.shards import ShardPlan, flat_shard_rows
 from storage.faults import fault_point
@@ -33,27 +34,28 @@ from .sources import list_images
 from .text_sets import (DEFAULT_TEMPLATES, TextSet, caption_set, class_set, classifier_set, prompt_set, read_captions,
                         read_lines)
 
-__all__ = ["CacheReport", "TeacherWorker", "run_cache", "check_range"]
+__all__ = ["CacheReport", "TeacherWorker", "check_range", "codec_fidelity", "run_cache"]
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 class FeatureOverflowError(ValueError):
-    """A teacher feature that the store's dtype cannot hold (never written as inf)."""
+    """A teacher feature that the store's codec cannot hold (never written as inf)."""
 
 
-def check_range(values: np.ndarray, dtype: str, teacher: str, feature: str) -> np.ndarray:
-    """Cast to the store dtype; non-finite values or float16 overflow are errors naming the feature."""
+def check_range(values: np.ndarray, codec: str, teacher: str, feature: str) -> np.ndarray:
+    """Cast to the dtype the codec stores; non-finite values or a 16-bit overflow are errors naming the feature."""
     if not np.isfinite(values).all():
         raise FeatureOverflowError(f"teacher '{teacher}' produced NaN/inf in '{feature}'")
-    if dtype == "float16":
+    limit = {"float16": FLOAT16_MAX, "bfloat16": BFLOAT16_MAX}.get(codec)
+    if limit is not None:
         peak = float(np.abs(values).max(initial=0.0))
-        if peak > FLOAT16_MAX:
+        if peak > limit:
             raise FeatureOverflowError(
-                f"teacher '{teacher}' feature '{feature}' has |value| up to {peak:.4g}, beyond float16's "
-                f"{FLOAT16_MAX:.0f}: use --dtype float32 for this teacher"
+                f"teacher '{teacher}' feature '{feature}' has |value| up to {peak:.4g}, beyond {codec}'s "
+                f"{limit:.4g}: use --codec float32 for this teacher"
             )
-    return values.astype(dtype)
+    return values.astype(STORED_DTYPE[codec])
 
 
 @dataclass
@@ -82,7 +84,7 @@ class TeacherWorker:
     +6 s of forward for 1 s of writing, Lite0 over 600 images on 2 cores).
     """
 
-    def __init__(self, store_url: str, name: str, teacher_kwargs: dict, dtype: str, threads: int,
+    def __init__(self, store_url: str, name: str, teacher_kwargs: dict, codec: str, threads: int,
                  batch: tuple[int, int | None], token_offsets: np.ndarray, pixel_offsets: np.ndarray,
                  layers: tuple[int, ...] = ()):
         import torch
@@ -93,7 +95,8 @@ class TeacherWorker:
         self.teacher = build_teacher(**teacher_kwargs)
         self.store = FeatureStore.open(store_url, mode="r+")
         self.group = self.store.teacher_group(name)
-        self.name, self.dtype = name, dtype
+        self.name, self.codec = name, codec
+        self.fidelity: dict[str, dict] = {}  # the unit being written: per feature, its codec's measured cosine
         self.batch_size, self.batch_tokens = batch
         self.plan = self.store.plan()
         self.tokens = np.asarray(token_offsets)
@@ -161,11 +164,12 @@ class TeacherWorker:
             array = g[L.layer_path(k)]
             self.store.clear_rows(array, r0, r1)
             if r1 > r0:
-                array[r0:r1] = check_range(self._rows(results, r0, r1, lambda res: res[3][k]), self.dtype, self.name,
-                                           L.layer_path(k))
+                self._put(array, r0, r1, self._rows(results, r0, r1, lambda res: res[3][k]), L.layer_path(k))
         if main:
             self._write_main(unit, i0, i1, r0, r1, results)
-        info = {"images": [i0, i1], "rows": [r0, r1], "host": platform.node(), "node": ray_node_id()}
+        info = {"images": [i0, i1], "rows": [r0, r1], "host": platform.node(), "node": ray_node_id(),
+                "fidelity": self.fidelity}
+        self.fidelity = {}
         for k in layers:
             self.layer_logs[k].commit(unit, info)
         if main:
@@ -196,13 +200,19 @@ class TeacherWorker:
                 summary[i - i0] = results[i][0]
                 if registers is not None:
                     registers[i - i0] = results[i][2]
-        g[L.SUMMARY][i0:i1] = check_range(summary, self.dtype, self.name, L.SUMMARY)
+        self._put(g[L.SUMMARY], i0, i1, summary, L.SUMMARY)
         if registers is not None:
-            g[L.REGISTERS][i0:i1] = check_range(registers, self.dtype, self.name, L.REGISTERS)
+            self._put(g[L.REGISTERS], i0, i1, registers, L.REGISTERS)
         g[L.OFFSETS][i0:end] = self.tokens[i0:end]
         if r1 > r0:
-            g[L.PATCHES][r0:r1] = check_range(self._rows(results, r0, r1, lambda res: res[1]), self.dtype, self.name,
-                                              L.PATCHES)
+            self._put(g[L.PATCHES], r0, r1, self._rows(results, r0, r1, lambda res: res[1]), L.PATCHES)
+
+    def _put(self, array, a: int, b: int, values: np.ndarray, feature: str) -> None:
+        """Write float32 ``values`` as rows ``a:b`` of a feature array and measure what its codec kept of them."""
+        array[a:b] = check_range(values, self.codec, self.name, feature)
+        if self.codec != "float32":
+            measured = fidelity(self.codec, values, int(array.chunks[0]))
+            self.fidelity[feature] = merge_fidelity(self.fidelity.get(feature), measured)
 
     def _wait_for_write(self) -> None:
         if self.pending is not None:
@@ -250,9 +260,11 @@ def run_cache(
     placement = placement.for_teacher(teacher)
     name = cfg.name or teacher.name
     # the replicas' compute dtype is part of the targets' identity (the device is not)
+    # "dtype" names the feature codec (float16 and float32 are plain dtypes; storage.codecs)
     fingerprint = {**teacher.fingerprint(), "image_policy": policy.to_dict(), "student_patch_size": cfg.patch_size,
-                   "dtype": cfg.dtype, "compute_dtype": placement.compute_dtype}
-    spec = TeacherGroupSpec(name, teacher.summary_dim, teacher.embed_dim, teacher.num_registers, cfg.dtype, fingerprint)
+                   "dtype": cfg.feature_codec, "compute_dtype": placement.compute_dtype}
+    spec = TeacherGroupSpec(name, teacher.summary_dim, teacher.embed_dim, teacher.num_registers, cfg.feature_codec,
+                            fingerprint)
     # also refuses --layers the teacher does not have and text it cannot encode, before any work
     extras = _TeacherExtras.of(teacher, cfg, [r.source for r in refs])
     del teacher  # the actors build their own replicas
@@ -349,7 +361,7 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
         job = UnitJob(f"teacher {name}", plan.num_units, done, progress)
         report = CacheReport(store.url, name, ingest, plan.num_units, plan.num_units - len(job.todo), resumed=resumed,
                              placement=placement.describe())
-        init = (store.url, name, {**cfg.teacher_kwargs(), **placement.teacher_kwargs()}, cfg.dtype, threads,
+        init = (store.url, name, {**cfg.teacher_kwargs(), **placement.teacher_kwargs()}, cfg.feature_codec, threads,
                 (cfg.batch_size, cfg.batch_tokens), ray.put(tokens), ray.put(pixel_offsets), tuple(extras.layer_dims))
         per_unit: dict[int, dict] = {}  # a unit run again counts once in the report (its last run)
         for attempt in range(2):
@@ -389,10 +401,25 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
             report.phis[feature] = {"method": transform.method, "scale": float(transform.scale), "count": int(transform.count)}
         seconds["phis"] = time.perf_counter() - t
 
+    if spec.codec != "float32":
+        store.teacher_group(name).attrs.update({"codec_fidelity": codec_fidelity(store, name, plan.num_units)})
     store.teacher_group(name).attrs.update({"complete": True})
     store.repair_teacher_index()
     report.seconds = seconds
     return report
+
+
+def codec_fidelity(store: FeatureStore, name: str, num_units: int, sample_units: int = 64) -> dict:
+    """The codec's measured fidelity per feature, from the commit markers of up to ``sample_units`` units spread
+    over the store (each marker holds what its writer measured): mean and worst cosine to the float32 targets."""
+    commits = store.teacher_commits(name)
+    units = sorted(set(np.linspace(0, num_units - 1, min(sample_units, num_units)).round().astype(int).tolist()))
+    merged: dict[str, dict] = {}
+    for unit in units:
+        for feature, measured in (commits.info(unit).get("fidelity") or {}).items():
+            merged[feature] = merge_fidelity(merged.get(feature), measured)
+    return {feature: {"mean_cosine": m["cosine_sum"] / max(m["rows"], 1), "min_cosine": m["cosine_min"],
+                      "rows": m["rows"], "units_sampled": len(units)} for feature, m in merged.items()}
 
 
 def _check_not_inside(images: str, store_url: str) -> None:

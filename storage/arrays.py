@@ -14,22 +14,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
-__all__ = ["create_array", "feature_compressor"]
+__all__ = ["create_array"]
 
 zarr.config.set({"array.write_empty_chunks": True})
 
 
-def feature_compressor(dtype: str) -> BloscCodec:
-    """Blosc+zstd with byte shuffle: groups the high bytes of float16/32 values, which compress well."""
-    return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, typesize=np.dtype(dtype).itemsize)
-
-
 def create_array(group: zarr.Group, name: str, *, compressor: Any = "zstd", **kwargs: Any) -> zarr.Array:
     """``group.create_array(name, ...)`` with ``compressor`` (a codec, ``"zstd"`` or None) then crc32c.
+
+    Teacher features take their keywords (dtype, serializer, compressor) from ``storage.codecs``.
 
     ``overwrite`` defaults to True: callers own the names they create (a rerun recreates its arrays).
     """

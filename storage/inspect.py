@@ -87,6 +87,8 @@ def describe_store(url: str) -> dict:
             "dims": ta.get("dims"),
             "num_registers": ta.get("num_registers"),
             "dtype": ta.get("dtype"),
+            "codec": store.teacher_codec(name),
+            "codec_fidelity": ta.get("codec_fidelity"),
             "resampled": ta.get("resampled"),
             "fingerprint_digest": ta.get("fingerprint_digest"),
             "bytes_on_disk": on_disk,  # targets only: summary, patches, registers, offsets

@@ -15,7 +15,8 @@ import zarr
 import zarr.errors
 
 from . import layout as L
-from .arrays import create_array, feature_compressor
+from .arrays import create_array
+from .codecs import feature_array_options
 from .commits import CommitLog
 from .failures import read_failure_table, write_failure_table
 from .faults import fault_point
@@ -27,7 +28,7 @@ from .masks import MaskInfo
 from .shards import ShardPlan
 from .strings import read_strings
 
-__all__ = ["STRING_ARRAYS", "FeatureStore", "StoreError", "TeacherGroupSpec", "feature_compressor", "token_offsets"]
+__all__ = ["STRING_ARRAYS", "FeatureStore", "StoreError", "TeacherGroupSpec", "token_offsets"]
 
 STRING_ARRAYS = {L.IDS: L.ID_OFFSETS, L.SOURCE: L.SOURCE_OFFSETS}  # images/ string arrays and their offsets (v3)
 
@@ -44,7 +45,7 @@ class TeacherGroupSpec:
     summary_dim: int
     patch_dim: int
     num_registers: int
-    dtype: str
+    codec: str  # how features are stored: float16, float32, bfloat16 or int8 (storage.codecs)
     fingerprint: dict
 
     @property
@@ -302,6 +303,11 @@ class FeatureStore:
     def teacher_group(self, name: str) -> zarr.Group:
         return self.group[f"{L.TEACHERS}/{name}"]
 
+    def teacher_codec(self, name: str) -> str:
+        """How the teacher's features are stored (``storage.codecs``); groups written before codecs: their dtype."""
+        attrs = self.teacher_attrs(name)
+        return str(attrs.get("codec") or attrs.get("dtype") or self.teacher_group(name)[L.PATCHES].dtype)
+
     def has_teacher(self, name: str) -> bool:
         return f"{L.TEACHERS}/{name}" in self.group
 
@@ -350,7 +356,8 @@ class FeatureStore:
             "fingerprint_digest": spec.fingerprint_digest,
             "dims": {"summary": spec.summary_dim, "patches": spec.patch_dim},
             "num_registers": spec.num_registers,
-            "dtype": spec.dtype,
+            "dtype": feature_array_options(spec.codec)["dtype"],  # what a read returns
+            "codec": spec.codec,
             "layers": [],
             "created": False,
             "complete": False,
@@ -360,20 +367,18 @@ class FeatureStore:
         }
         g = self.group.require_group(L.TEACHERS).create_group(spec.name, attributes=attrs, overwrite=True)
         fault_point("teacher.create")
-        comp = feature_compressor(spec.dtype)
+        opts = feature_array_options(spec.codec)
         # per-image features: one shard per write unit, small inner chunks for random access
         inner = min(image_chunk, shard_images)
-        create_array(g, L.SUMMARY, shape=(num_images, spec.summary_dim), dtype=spec.dtype,
-                     chunks=(inner, spec.summary_dim), shards=(shard_images, spec.summary_dim), compressor=comp,
-                     fill_value=0)
-        create_array(g, L.PATCHES, shape=(total, spec.patch_dim), dtype=spec.dtype,
-                     chunks=(min(chunk_rows, shard_rows), spec.patch_dim), shards=(shard_rows, spec.patch_dim),
-                     compressor=comp, fill_value=0)
+        create_array(g, L.SUMMARY, shape=(num_images, spec.summary_dim), chunks=(inner, spec.summary_dim),
+                     shards=(shard_images, spec.summary_dim), fill_value=0, **opts)
+        create_array(g, L.PATCHES, shape=(total, spec.patch_dim), chunks=(min(chunk_rows, shard_rows), spec.patch_dim),
+                     shards=(shard_rows, spec.patch_dim), fill_value=0, **opts)
         create_array(g, L.OFFSETS, shape=(num_images + 1,), dtype="int64", chunks=(shard_images,))
         if spec.num_registers:
-            create_array(g, L.REGISTERS, shape=(num_images, spec.num_registers, spec.patch_dim), dtype=spec.dtype,
+            create_array(g, L.REGISTERS, shape=(num_images, spec.num_registers, spec.patch_dim),
                          chunks=(inner, spec.num_registers, spec.patch_dim),
-                         shards=(shard_images, spec.num_registers, spec.patch_dim), compressor=comp, fill_value=0)
+                         shards=(shard_images, spec.num_registers, spec.patch_dim), fill_value=0, **opts)
         fault_point("teacher.heads")
         if heads is not None and heads[0]:
             self.write_heads(spec.name, *heads)
@@ -387,7 +392,7 @@ class FeatureStore:
         they hold. ``layers`` (the complete ones) is only extended by ``complete_layers``."""
         g = self.teacher_group(name)
         patches = g[L.PATCHES]
-        dtype = str(patches.dtype)
+        opts = feature_array_options(self.teacher_codec(name))
         group = g.require_group(L.LAYERS)
         for k, dim in dims.items():
             if str(k) in group:
@@ -395,9 +400,8 @@ class FeatureStore:
                     raise StoreError(f"{self.url}: teachers/{name}/{L.layer_path(k)} has width {group[str(k)].shape[1]}, "
                                      f"the teacher gives {dim}")
                 continue
-            create_array(group, str(k), shape=(patches.shape[0], dim), dtype=dtype,
-                         chunks=(patches.chunks[0], dim), shards=(patches.shards[0], dim),
-                         compressor=feature_compressor(dtype), fill_value=0)
+            create_array(group, str(k), shape=(patches.shape[0], dim), chunks=(patches.chunks[0], dim),
+                         shards=(patches.shards[0], dim), fill_value=0, **opts)
         known = {str(k): int(v) for k, v in (g.attrs.get("layer_dims") or {}).items()}
         g.attrs.update({"layer_dims": {**known, **{str(k): int(v) for k, v in dims.items()}}, "layer_rule": rule})
 

@@ -21,7 +21,10 @@ def cache_teachers(
     name: Annotated[Optional[str], typer.Option("--name", help="teacher group name in the store")] = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="safetensors / torch state dict")] = None,
     random_init: Annotated[Optional[bool], typer.Option("--random-init/--no-random-init", help="seeded random weights")] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16 (default) or float32")] = None,
+    codec: Annotated[Optional[str], typer.Option(
+        "--codec", help="how targets are stored: float16 (default), float32, bfloat16 or int8 (half of float16's "
+                        "bytes; read back as float32 by plain zarr)")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="older name of --codec: float16 or float32")] = None,
     min_tokens: Annotated[Optional[int], typer.Option("--min-tokens", help="fewest student tokens per image")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="most student tokens per image")] = None,
     labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV path,label stored as the labels array")] = None,
@@ -57,7 +60,7 @@ def cache_teachers(
 
     given = {
         "teacher": teacher, "name": name, "weights": str(weights) if weights else None, "random_init": random_init,
-        "dtype": dtype, "min_tokens": min_tokens, "max_tokens": max_tokens, "labels": str(labels) if labels else None,
+        "codec": codec, "dtype": dtype, "min_tokens": min_tokens, "max_tokens": max_tokens, "labels": str(labels) if labels else None,
         "ray_address": ray_address, "workers": workers, **accelerator_flags(device, compute_dtype, gpus_per_worker),
         "text_classes": str(text_classes) if text_classes else None,
         "text_templates": str(text_templates) if text_templates else None, "classifier": classifier,

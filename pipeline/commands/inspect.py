@@ -15,6 +15,12 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
+def _codec(t: dict) -> str:
+    """The codec and its measured worst patch cosine to the float32 targets (where recorded)."""
+    measured = (t.get("codec_fidelity") or {}).get("patches")
+    return t["codec"] + (f" (cos >= {measured['min_cosine']:.4f})" if measured else "")
+
+
 def inspect_store(
     store: Annotated[str, typer.Argument(help="store directory or fsspec URL")],
     as_json: Annotated[bool, typer.Option("--json", help="print the facts as JSON")] = False,
@@ -51,7 +57,7 @@ def inspect_store(
         what = (f"{len(m['classes'])} named classes" if m["classes"] else "class indices") if m["kind"] == "classes" \
             else f"values / {m['scale']:g}"
         console.print(f"masks: {m['kind']} ({what}) on {m['images']} images, {_mb(m['bytes_on_disk'])}")
-    table = Table("teacher", "dims (summary/patch)", "regs", "dtype", "units", "targets on disk", "per image",
+    table = Table("teacher", "dims (summary/patch)", "regs", "codec", "units", "targets on disk", "per image",
                   "per token", "compression", "PHI-S files", "PHI-S summary / patches")
     for name, t in facts["teachers"].items():
         phis = " / ".join(
@@ -62,7 +68,7 @@ def inspect_store(
         table.add_row(
             name + (" (resampled)" if t["resampled"] else ""),
             f"{t['dims']['summary']}/{t['dims']['patches']}",
-            str(t["num_registers"]), t["dtype"], status, _mb(t["bytes_on_disk"]),
+            str(t["num_registers"]), _codec(t), status, _mb(t["bytes_on_disk"]),
             _mb(t["bytes_per_image"]), f"{t['bytes_per_token']:.0f} B", ratio, _mb(t["phis_bytes"]), phis,
         )
     console.print(table)

@@ -1,0 +1,66 @@
+"""cache-teachers with --codec: what the store holds equals the float32 job through the codec's definition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from config import load_config
+from stages.cache import run_cache
+from stages.config import CacheConfig
+from storage import layout as L
+from storage.codecs import as_stored
+from storage.store import FeatureStore, StoreError
+
+from cache_helpers import TINY_CNN
+
+SMALL = {"min_tokens": 16, "max_tokens": 64, "shard_images": 4, "shard_rows": 96, "chunk_rows": 32,
+         "pixel_shard_bytes": 1 << 14, "pixel_chunk_bytes": 1 << 12, "batch_size": 4, "phis_max_rows": 5000}
+
+
+def _cache(folder, url: str, **extra):
+    cfg = load_config(CacheConfig, None, {"teacher": TINY_CNN, "random_init": True, "layers": [3], **SMALL, **extra})
+    return run_cache(str(folder), url, cfg)
+
+
+def _cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    got, want = got.reshape(-1, got.shape[-1]).astype(np.float64), want.reshape(-1, want.shape[-1]).astype(np.float64)
+    keep = np.linalg.norm(want, axis=1) > 0
+    return ((got * want).sum(1) / np.linalg.norm(got, axis=1).clip(1e-300) / np.linalg.norm(want, axis=1).clip(1e-300))[keep]
+
+
+def test_codec_stores_equal_the_float32_job_through_the_codec(image_folder, tmp_path, ray_local):
+    folder, _ = image_folder
+    reference = tmp_path / "float32"
+    _cache(folder, str(reference), codec="float32")
+    want = zarr.open_group(str(reference), mode="r")[f"{L.TEACHERS}/efficientnet_lite0"]
+    for codec in ("bfloat16", "int8"):
+        url = str(tmp_path / codec)
+        report = _cache(folder, url, codec=codec)
+        store = FeatureStore.open(url)
+        g = zarr.open_group(url, mode="r")[f"{L.TEACHERS}/{report.teacher}"]
+        assert store.teacher_codec(report.teacher) == codec and g.attrs["fingerprint"]["dtype"] == codec
+        fidelity = g.attrs["codec_fidelity"]
+        for feature in (L.SUMMARY, L.PATCHES, L.layer_path(3)):
+            got, ref = g[feature], want[feature]
+            assert got.dtype == np.float32 and got.shape == ref.shape
+            values, exact = got[:], ref[:]
+            rows = got.chunks[0]
+            padded = np.concatenate([exact, np.zeros((-len(exact) % rows, *exact.shape[1:]), exact.dtype)])
+            expected = np.concatenate([as_stored(codec, padded[i: i + rows]) for i in range(0, len(exact), rows)])
+            np.testing.assert_allclose(values, expected[: len(exact)], rtol=1e-6, atol=1e-6 * np.abs(exact).max())
+            cos = _cosines(values, exact)
+            assert cos.min() > (0.999 if codec == "bfloat16" else 0.99), (codec, feature, cos.min())
+            # the recorded fidelity is what a reader measures against the float32 targets
+            assert fidelity[feature]["rows"] == cos.size
+            assert fidelity[feature]["mean_cosine"] == pytest.approx(float(cos.mean()), abs=1e-5)
+            assert fidelity[feature]["min_cosine"] == pytest.approx(float(cos.min()), abs=1e-5)
+        # PHI-S statistics come from the decoded values
+        with np.load(store.phis_path(report.teacher, L.PATCHES)) as stats:
+            assert np.isfinite(stats["whiten"]).all()
+    # another codec for a cached teacher is another fingerprint: refused, the store left as it was
+    with pytest.raises(StoreError, match="another fingerprint"):
+        _cache(folder, str(tmp_path / "int8"), codec="bfloat16")
+    with pytest.raises(ValueError, match="disagree"):
+        load_config(CacheConfig, None, {"teacher": TINY_CNN, "codec": "int8", "dtype": "float16"})
