@@ -49,13 +49,14 @@ def diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[s
     return keys
 
 
-# A teacher cached under another image policy (a stage-2 store at a larger --max-tokens) is the same
-# teacher: its targets live in the same space, only the images' sizes differ.
-POLICY_FIELDS = ("image_policy",)
+# A teacher cached under another image policy (a stage-2 store at a larger --max-tokens), or stored with
+# another codec ("dtype": float16, bfloat16, int8, ...), is the same teacher: its targets live in the same
+# space, only the images' sizes or the precision on disk differ.
+POLICY_FIELDS = ("image_policy", "dtype")
 
 
 def diff_but_policy(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
-    """``diff`` of two teacher fingerprints, the image policy left out (and missing fields filled in)."""
+    """``diff`` of two teacher fingerprints, the image policy and codec left out (and missing fields filled in)."""
     def strip(fp: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in with_added_fields(fp).items() if k not in POLICY_FIELDS}
     return diff(strip(a), strip(b))

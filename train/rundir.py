@@ -167,7 +167,7 @@ def init_source(cfg: TrainConfig, teachers: list[str], fingerprints: dict[str, d
         changes = diff_but_policy(src_fps[t], fingerprints[t])
         if changes:
             raise RunError(f"{what}: teacher '{t}' is not the same teacher in this run's store (beyond the image "
-                           "policy): " + "; ".join(changes))
+                           "policy and codec): " + "; ".join(changes))
     changes = diff(_architecture(src_cfg), _architecture(cfg))
     if changes:
         raise RunError(f"{what}: the student or heads differ: " + "; ".join(changes))
@@ -217,7 +217,7 @@ def prepare_run(run: Path, cfg: TrainConfig, *, write: bool = True) -> dict:
             changes = diff_but_policy(full[t], other[t])
             if changes:
                 raise RunError(f"{store.url}: teacher '{t}' is not the one of {stores[0].url} (the stores of a run "
-                               "must cache the same teachers; only the image policy may differ): " + "; ".join(changes))
+                               "must cache the same teachers; only the image policy and codec may differ): " + "; ".join(changes))
     record = {"url": stores[0].url, "teachers": teachers, "fingerprint": fingerprints[0],
               "stores": [{"url": s.url, "weight": s.weight, "fingerprint": fp}
                          for s, fp in zip(cfg.data.stores, fingerprints)],

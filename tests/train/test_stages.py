@@ -209,3 +209,10 @@ def test_init_from_and_mixtures_refuse_other_teachers_or_students(train_store, s
     assert result["knn"]["query_images"] > 0 and set(result["relational_error"]) == {"dino"}
     with pytest.raises(EvalError, match="weights.sha256"):
         evaluate_run(stage1, str(other), ["knn"], device="cpu")
+    # ... and one stored with another codec is the same teacher too (the precision on disk differs, not the space)
+    recoded = tmp_path / "recoded"
+    shutil.copytree(stage2_store, recoded)
+    g = zarr.open_group(str(recoded / "teachers" / "dino"), mode="r+")
+    g.attrs["fingerprint"] = {**g.attrs["fingerprint"], "dtype": "int8"}
+    g.attrs["fingerprint_digest"] = "e" * 64
+    assert evaluate_run(stage1, str(recoded), ["knn"], bank=stage2_store, device="cpu")["knn"]["query_images"] > 0
