@@ -27,6 +27,7 @@ from storage.store import FeatureStore, StoreError, TeacherGroupSpec
 
 from .config import CacheConfig
 from .ingest import IngestReport, MaskInput, ingest_images, read_labels, read_masks
+from .memory import WorkerMemory, memory_sample
 from .placement import Placement, place_job, replica_threads
 from .ray_cluster import ray_cluster
 from .runner import UnitJob, ray_node_id
@@ -73,6 +74,7 @@ class CacheReport:
     phis: dict[str, dict] = field(default_factory=dict)
     resumed: bool = False
     placement: str = ""  # where the replicas computed (stages.placement)
+    workers: dict[str, WorkerMemory] = field(default_factory=dict)  # per teacher worker: its memory over its units
 
 
 class TeacherWorker:
@@ -151,9 +153,11 @@ class TeacherWorker:
             self._write(unit, i0, i1, r0, r1, results, main, layers)
         else:
             self.pending = self.writer.submit(self._write, unit, i0, i1, r0, r1, results, main, layers)
+        held = sum(a.nbytes for a in images.values()) + sum(
+            x.nbytes for res in results.values() for x in (*res[:3], *res[3].values()) if x is not None)
         return {"unit": unit, "images": sum(1 for i in results if i0 <= i < i1), "tokens": r1 - r0,
                 "decode_s": t1 - t0, "forward_s": t2 - t1, "write_s": time.perf_counter() - t2,
-                "images_forward": len(results)}
+                "images_forward": len(results), "memory": memory_sample(held)}
 
     def _write(self, unit: int, i0: int, i1: int, r0: int, r1: int, results: dict, main: bool = True,
                layers: list[int] = ()) -> None:
@@ -368,6 +372,7 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
             for result in job.run_actors(TeacherWorker, init, workers=placement.workers, num_cpus=threads,
                                          num_gpus=placement.gpus_per_worker):
                 per_unit[result["unit"]] = result
+                report.workers.setdefault(result["memory"]["worker"], WorkerMemory()).add(result["memory"])
                 for key in ("decode_s", "forward_s", "write_s"):
                     seconds[key] = seconds.get(key, 0.0) + result[key]
             # an actor lost with its node (Ray restarted it and retried its open calls) may have taken the

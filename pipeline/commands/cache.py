@@ -98,6 +98,9 @@ def _print_summary(report) -> None:
         table.add_row("units run again", f"{len(report.units_lost)} (answered by a worker lost with its node, "
                       "never written)")
     table.add_row("images computed / tokens written", f"{report.images_computed} / {report.tokens}")
+    for k, (worker, memory) in enumerate(sorted(report.workers.items())):
+        table.add_row(f"worker {k} memory" if len(report.workers) > 1 else "worker memory",
+                      f"{memory.describe()} ({worker})")
     for feature, info in report.phis.items():
         table.add_row(f"PHI-S {feature}", f"{info['method']}, scale {info['scale']:.4g}, from {info['count']} rows")
     table.add_row("seconds", ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))

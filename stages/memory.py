@@ -1,0 +1,65 @@
+"""What a unit's worker reports of its memory, and the driver's per-worker summary of it.
+
+A worker holds one unit in flight (its decoded images and the teacher's outputs) and, on CUDA, one
+being written. Its resident memory should therefore level off after the first units and stay there
+however many units it runs: the summary keeps, per worker, the RSS after its first unit, after its
+last, and the peak, next to the bytes of the largest unit it held, so a leak shows as growth.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+from dataclasses import dataclass
+
+__all__ = ["WorkerMemory", "memory_sample"]
+
+
+def _rss_bytes() -> int:
+    """Resident set size now (Linux /proc; elsewhere the peak, the best the standard library offers)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return _peak_bytes()
+
+
+def _peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory_sample(unit_bytes: int) -> dict:
+    """Fields a unit's result carries: which worker, its RSS now and at peak, the unit's bytes in flight."""
+    return {"worker": f"{platform.node()}:{os.getpid()}", "rss": _rss_bytes(), "peak_rss": _peak_bytes(),
+            "unit_bytes": int(unit_bytes)}
+
+
+@dataclass
+class WorkerMemory:
+    """One worker's memory over the units it ran, in the order it ran them."""
+
+    units: int = 0
+    first_rss: int = 0
+    last_rss: int = 0
+    peak_rss: int = 0
+    max_unit_bytes: int = 0
+
+    def add(self, sample: dict) -> None:
+        if not self.units:
+            self.first_rss = sample["rss"]
+        self.units += 1
+        self.last_rss = sample["rss"]
+        self.peak_rss = max(self.peak_rss, sample["peak_rss"])
+        self.max_unit_bytes = max(self.max_unit_bytes, sample["unit_bytes"])
+
+    @property
+    def growth(self) -> int:
+        """RSS after the last unit minus after the first: about zero when memory is bounded by the unit."""
+        return self.last_rss - self.first_rss
+
+    def describe(self) -> str:
+        mb = 1e6
+        return (f"{self.units} units: RSS {self.first_rss / mb:.0f} MB after the first, {self.last_rss / mb:.0f} MB "
+                f"after the last ({self.growth / mb:+.0f} MB), peak {self.peak_rss / mb:.0f} MB; largest unit "
+                f"{self.max_unit_bytes / mb:.1f} MB")
