@@ -4,7 +4,7 @@
 
 The real EfficientNet-Lite0 caches the bundled photos and digits (mixed sizes, 64-256 tokens) into a
 fresh store once per unit size, with ``--workers`` actors of one thread each on the embedded Ray
-cluster. Per worker: RSS after its first unit, after its last, the peak, and the bytes of the largest
+cluster. Per worker: RSS after its first unit, after the warm-up units, after its last, the peak, and the bytes of the largest
 unit it held (decoded images + the teacher's float32 outputs), as `pipeline cache-teachers` prints them.
 """
 
@@ -41,14 +41,15 @@ def main() -> None:
                                               "phis": False})
         report = run_cache(str(listing), str(work / f"store_{shard_images}"), cfg)
         for k, (worker, m) in enumerate(sorted(report.workers.items())):
-            runs.append({"shard_images": shard_images, "worker": k, "units": m.units, "first_rss": m.first_rss,
-                         "last_rss": m.last_rss, "peak_rss": m.peak_rss, "growth": m.growth,
+            runs.append({"shard_images": shard_images, "worker": k, "units": m.units, "rss_per_unit": m.rss,
+                         "settled_rss": m.settled_rss, "peak_rss": m.peak_rss, "growth": m.growth,
                          "max_unit_bytes": m.max_unit_bytes})
-            rows.append([shard_images, k, m.units, f"{m.first_rss / 1e6:.0f}", f"{m.last_rss / 1e6:.0f}",
+            rows.append([shard_images, k, m.units, f"{m.first_rss / 1e6:.0f}", f"{m.settled_rss / 1e6:.0f}",
+                         f"{m.last_rss / 1e6:.0f}",
                          f"{m.growth / 1e6:+.0f}", f"{m.peak_rss / 1e6:.0f}", f"{m.max_unit_bytes / 1e6:.1f}"])
             print(shard_images, m.describe(), flush=True)
-    table = md_table(["images per unit", "worker", "units", "RSS after first unit (MB)", "RSS after last (MB)",
-                      "growth (MB)", "peak RSS (MB)", "largest unit held (MB)"], rows)
+    table = md_table(["images per unit", "worker", "units", "RSS after first unit (MB)", "after warm-up (MB)",
+                      "after last (MB)", "growth after warm-up (MB)", "peak RSS (MB)", "largest unit held (MB)"], rows)
     write_results("worker_memory", {"images": args.images, "workers": args.workers, "runs": runs}, table)
     print(table)
 

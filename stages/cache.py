@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from storage import layout as L
-from storage.codecs import BFLOAT16_MAX, STORED_DTYPE, fidelity, merge_fidelity
+from storage.codecs import BFLOAT16_MAX, STORED_DTYPE, fidelity, merge_fidelity, summarize_fidelity
 from storage.image_policy import ImagePolicy
 from storage.shards import ShardPlan, flat_shard_rows
 from storage.faults import fault_point
@@ -48,7 +48,9 @@ def check_range(values: np.ndarray, codec: str, teacher: str, feature: str) -> n
     """Cast to the dtype the codec stores; non-finite values or a 16-bit overflow are errors naming the feature."""
     if not np.isfinite(values).all():
         raise FeatureOverflowError(f"teacher '{teacher}' produced NaN/inf in '{feature}'")
-    limit = {"float16": FLOAT16_MAX, "bfloat16": BFLOAT16_MAX}.get(codec)
+    # int8: the rows' DCT (norm ≤ 2·√D·max|x|) and its inverse run in float32
+    int8_limit = float(np.finfo(np.float32).max) / (4.0 * np.sqrt(max(values.shape[-1], 1)))
+    limit = {"float16": FLOAT16_MAX, "bfloat16": BFLOAT16_MAX, "int8": int8_limit}.get(codec)
     if limit is not None:
         peak = float(np.abs(values).max(initial=0.0))
         if peak > limit:
@@ -171,13 +173,14 @@ class TeacherWorker:
                 self._put(array, r0, r1, self._rows(results, r0, r1, lambda res: res[3][k]), L.layer_path(k))
         if main:
             self._write_main(unit, i0, i1, r0, r1, results)
-        info = {"images": [i0, i1], "rows": [r0, r1], "host": platform.node(), "node": ray_node_id(),
-                "fidelity": self.fidelity}
-        self.fidelity = {}
-        for k in layers:
-            self.layer_logs[k].commit(unit, info)
+        info = {"images": [i0, i1], "rows": [r0, r1], "host": platform.node(), "node": ray_node_id()}
+        measured, self.fidelity = self.fidelity, {}
+        for k in layers:  # each marker carries the measurements of what it commits
+            self.layer_logs[k].commit(unit, {**info, "fidelity": {f: m for f, m in measured.items()
+                                                                  if f == L.layer_path(k)}})
         if main:
-            self.commits.commit(unit, info)
+            self.commits.commit(unit, {**info, "fidelity": {f: m for f, m in measured.items()
+                                                            if not f.startswith(f"{L.LAYERS}/")}})
 
     def _rows(self, results: dict, r0: int, r1: int, pick: Callable[[tuple], np.ndarray]) -> np.ndarray:
         """Flat token rows ``r0:r1`` gathered from the per-image arrays ``pick(results[image])``."""
@@ -406,25 +409,35 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
             report.phis[feature] = {"method": transform.method, "scale": float(transform.scale), "count": int(transform.count)}
         seconds["phis"] = time.perf_counter() - t
 
-    if spec.codec != "float32":
-        store.teacher_group(name).attrs.update({"codec_fidelity": codec_fidelity(store, name, plan.num_units)})
+    if spec.codec != "float32" and (report.units_total > report.units_skipped or not was_complete):
+        measured = codec_fidelity(store, name, plan.num_units, list(extras.layer_dims))
+        store.teacher_group(name).attrs.update({"codec_fidelity": {
+            **(store.teacher_attrs(name).get("codec_fidelity") or {}), **measured}})
     store.teacher_group(name).attrs.update({"complete": True})
     store.repair_teacher_index()
     report.seconds = seconds
     return report
 
 
-def codec_fidelity(store: FeatureStore, name: str, num_units: int, sample_units: int = 64) -> dict:
+def codec_fidelity(store: FeatureStore, name: str, num_units: int, layers: list[int] = (),
+                   sample_units: int = 64) -> dict:
     """The codec's measured fidelity per feature, from the commit markers of up to ``sample_units`` units spread
-    over the store (each marker holds what its writer measured): mean and worst cosine to the float32 targets."""
-    commits = store.teacher_commits(name)
+    over the store (each marker holds what its writer measured; ``layers``: also their own markers, since layers
+    added to a cached teacher commit apart): mean and worst cosine to the float32 targets, raw and centred, over
+    the sampled units (``units_sampled``: those whose markers carry a measurement)."""
     units = sorted(set(np.linspace(0, num_units - 1, min(sample_units, num_units)).round().astype(int).tolist()))
     merged: dict[str, dict] = {}
-    for unit in units:
-        for feature, measured in (commits.info(unit).get("fidelity") or {}).items():
-            merged[feature] = merge_fidelity(merged.get(feature), measured)
-    return {feature: {"mean_cosine": m["cosine_sum"] / max(m["rows"], 1), "min_cosine": m["cosine_min"],
-                      "rows": m["rows"], "units_sampled": len(units)} for feature, m in merged.items()}
+    sampled: dict[str, int] = {}
+    for log in (store.teacher_commits(name), *(store.layer_commits(name, k) for k in layers)):
+        for unit in units:
+            try:
+                info = log.info(unit)
+            except FileNotFoundError:  # not committed in this log
+                continue
+            for feature, measured in (info.get("fidelity") or {}).items():
+                merged[feature] = merge_fidelity(merged.get(feature), measured)
+                sampled[feature] = sampled.get(feature, 0) + 1
+    return {feature: {**summarize_fidelity(m), "units_sampled": sampled[feature]} for feature, m in merged.items()}
 
 
 def _check_not_inside(images: str, store_url: str) -> None:

@@ -43,7 +43,8 @@ class CacheConfig(_ModelSource):
     codec: Literal["float16", "float32", "bfloat16", "int8"] | None = Field(
         None, description="how teacher features are stored (storage.codecs): float16 (default), float32, bfloat16 "
         "(16-bit words read back as float32) or int8 (per-row scales, ~half of float16's bytes)")
-    dtype: Literal["float16", "float32"] | None = Field(None, description="the older name of codec (plain dtypes)")
+    dtype: Literal["float16", "float32"] | None = Field(None, description="the older name of codec (plain dtypes); "
+                                                        "codec wins where both are set")
     # image policy (AMoE §3.2/§3.4): aspect kept, sides multiple of the patch, tokens clamped
     patch_size: int = Field(16, gt=0)
     min_tokens: int = Field(64, gt=0)
@@ -94,13 +95,12 @@ class CacheConfig(_ModelSource):
 
     @property
     def feature_codec(self) -> str:
-        """The codec the features are stored with (``codec``, else ``dtype``, else float16)."""
+        """The codec the features are stored with (``codec``, else ``dtype``, else float16): a config file that still
+        says ``dtype`` takes ``--codec`` from the command line."""
         return self.codec or self.dtype or "float16"
 
     @model_validator(mode="after")
     def _check(self) -> "CacheConfig":
-        if self.codec and self.dtype and self.codec != self.dtype:
-            raise ValueError(f"codec {self.codec!r} and dtype {self.dtype!r} disagree; dtype is codec's older name")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.shard_rows and self.shard_rows % self.chunk_rows and self.chunk_rows < self.shard_rows:

@@ -4,7 +4,7 @@ An array written with one of these has data type float32 and the codec as its se
 array-to-bytes step), followed by Blosc and crc32c like every feature array. Plain zarr reads it
 as float32 once the codec is registered: the project registers them under zarr's ``zarr.codecs``
 entry points (pyproject.toml), so any Python process with the project installed needs no import,
-and importing ``storage`` registers them too. Every name below is part of the store contract
+and importing this module (``storage.store`` does) registers them too. Every name below is part of the store contract
 (docs/store-format.md): a reader in another language implements the decoding described there.
 
 ``amoe.bfloat16``: each float32 value rounded to nearest-even on its upper 16 bits (bfloat16's bit
@@ -24,12 +24,20 @@ two data-free steps, centring (on the chunk's own mean, stored in the chunk) and
 spreads outlier channels, and needs nothing outside the chunk to decode. The DCT-II is defined for
 every width (Hadamard is not) and is one library call in any language.
 
+A row that is exactly zero (a failed image's, or zarr's padding of the array's last chunk) is stored
+with the scale −1 and decodes to exact zeros; μ is the mean of the chunk's other rows.
+
 Chunk bytes (little-endian): μ float32 [D], then s float32 [m], then q int8 [m, D], for a chunk of
 m rows of width D (m = the product of the chunk's leading axes).
+
+Both codecs encode whole chunks; the store's writers only ever write whole chunks (units own whole
+shards, ``storage.shards``). A partial write of an ``amoe.int8`` chunk would re-quantize its other
+rows with a new mean and is not something the store does.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,8 +51,8 @@ if TYPE_CHECKING:
     from zarr.core.array_spec import ArraySpec
 
 __all__ = ["BFLOAT16", "CODECS", "FEATURE_CODECS", "INT8", "BFloat16Codec", "Int8RowCodec", "as_stored",
-           "STORED_DTYPE", "decode_bfloat16", "decode_int8", "encode_bfloat16", "encode_int8", "feature_array_options",
-           "fidelity", "merge_fidelity", "round_trip"]
+           "STORED_DTYPE", "WORD_BYTES", "decode_bfloat16", "decode_int8", "encode_bfloat16", "encode_int8",
+           "feature_array_options", "fidelity", "merge_fidelity", "round_trip", "summarize_fidelity"]
 
 BFLOAT16 = "amoe.bfloat16"
 INT8 = "amoe.int8"
@@ -55,10 +63,14 @@ BFLOAT16_MAX = float(np.frombuffer(np.uint32(0x7F7F0000).tobytes(), np.float32)[
 # --------------------------------------------------------------------------- pure numpy (the definition)
 
 def encode_bfloat16(x: np.ndarray) -> np.ndarray:
-    """float32 → uint16 bfloat16 words, round to nearest, ties to even (values must be finite)."""
+    """float32 → uint16 bfloat16 words, round to nearest, ties to even; NaN stays a (quiet) NaN."""
     bits = np.ascontiguousarray(x, dtype="<f4").view("<u4")
     rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
-    return (rounded >> np.uint32(16)).astype("<u2")
+    words = (rounded >> np.uint32(16)).astype("<u2")
+    nan = np.isnan(np.asarray(x, np.float32))
+    if nan.any():  # rounding a NaN's payload could carry into the sign bit and give ±0
+        words[nan] = ((bits[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype("<u2")
+    return words
 
 
 def decode_bfloat16(words: np.ndarray) -> np.ndarray:
@@ -69,11 +81,14 @@ def encode_int8(x: np.ndarray) -> bytes:
     """float32 [..., D] → the chunk bytes of ``amoe.int8`` (module docstring)."""
     d = x.shape[-1]
     rows = np.asarray(x, np.float32).reshape(-1, d)
-    mean = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
+    zero = ~rows.any(axis=1)
+    kept = rows[~zero]
+    mean = (kept.mean(axis=0, dtype=np.float64) if len(kept) else np.zeros(d)).astype(np.float32)
     y = fft.dct(rows - mean, type=2, norm="ortho", axis=-1)
     scale = (np.abs(y).max(axis=-1) / 127.0).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
     q = np.clip(np.rint(y / safe[:, None]), -127, 127).astype(np.int8)
+    q[zero], scale[zero] = 0, -1.0
     return mean.astype("<f4").tobytes() + scale.astype("<f4").tobytes() + q.tobytes()
 
 
@@ -87,8 +102,10 @@ def decode_int8(data: bytes | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     mean = raw[: 4 * d].view("<f4")
     scale = raw[4 * d: 4 * d + 4 * m].view("<f4")
     q = raw[4 * d + 4 * m:].view(np.int8).reshape(m, d)
-    y = q.astype(np.float32) * scale[:, None]
-    return (fft.idct(y, type=2, norm="ortho", axis=-1) + mean).astype(np.float32).reshape(shape)
+    y = q.astype(np.float32) * np.maximum(scale, 0)[:, None]
+    x = (fft.idct(y, type=2, norm="ortho", axis=-1) + mean).astype(np.float32)
+    x[scale < 0] = 0.0
+    return x.reshape(shape)
 
 
 def round_trip(codec: str, x: np.ndarray) -> np.ndarray:
@@ -104,7 +121,8 @@ def round_trip(codec: str, x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- zarr codecs
 
 class _FloatRowCodec(ArrayBytesCodec):
-    """Shared zarr plumbing: float32 arrays only, no configuration, encoded size depends on the chunk."""
+    """Shared zarr plumbing: float32 arrays only, no configuration; the encoded size is a function of the
+    chunk's shape (``compute_encoded_size``)."""
 
     is_fixed_size = True
     codec_name = ""
@@ -113,6 +131,8 @@ class _FloatRowCodec(ArrayBytesCodec):
     def from_dict(cls, data: dict) -> "_FloatRowCodec":
         if data.get("name") != cls.codec_name:
             raise ValueError(f"expected codec {cls.codec_name!r}, got {data.get('name')!r}")
+        if data.get("configuration"):  # a later version with parameters must not be decoded as this one
+            raise ValueError(f"codec {cls.codec_name} has no configuration; got {data['configuration']!r}")
         return cls()
 
     def to_dict(self) -> dict:
@@ -136,11 +156,13 @@ class _FloatRowCodec(ArrayBytesCodec):
         values = self._decode_array(chunk_bytes.as_numpy_array().view(np.uint8), tuple(chunk_spec.shape))
         return chunk_spec.prototype.nd_buffer.from_numpy_array(values)
 
+    # in threads, as zarr's Blosc and Zstd do: the chunks of one selection decode in parallel (numpy and
+    # scipy release the GIL) instead of one after another on zarr's event loop
     async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: "ArraySpec") -> Buffer | None:
-        return self._encode_sync(chunk_array, chunk_spec)
+        return await asyncio.to_thread(self._encode_sync, chunk_array, chunk_spec)
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: "ArraySpec") -> NDBuffer:
-        return self._decode_sync(chunk_bytes, chunk_spec)
+        return await asyncio.to_thread(self._decode_sync, chunk_bytes, chunk_spec)
 
 
 @dataclass(frozen=True)
@@ -218,29 +240,45 @@ def as_stored(codec: str, chunk: np.ndarray) -> np.ndarray:
 
 
 STORED_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "float32", "int8": "float32"}
+WORD_BYTES = {"float16": 2, "float32": 4, "bfloat16": 2, "int8": 1}  # bytes a value takes before compression
+_SUMS = ("cosine", "centred")  # cosine to the values, and to the values centred on their chunk's mean
 
 
 def fidelity(codec: str, values: np.ndarray, chunk_rows: int) -> dict:
-    """Cosine of each stored vector (last axis) to ``values`` as written, ``values`` cut into the array's
-    chunks of ``chunk_rows`` along axis 0 (the rows must start on a chunk boundary and end on one or at the
-    array's end, as a unit's do).
+    """What a store with ``codec`` keeps of ``values``: per stored vector (last axis), its cosine to the value
+    written, and the same cosine with both centred on the chunk's mean (non-zero rows). PHI-S rotates and
+    scales isotropically, so the distillation loss sees the cosine of vectors centred on the global mean;
+    the chunk's mean is the writer's stand-in for it, and the raw cosine alone hides errors under a large
+    shared mean. ``values`` are cut into the array's chunks of ``chunk_rows`` along axis 0 (the rows start
+    on a chunk boundary and end on one or at the array's end, as a unit's do).
 
-    Returns ``{"rows", "cosine_sum", "cosine_min"}`` over the non-zero vectors (a failed image's are zero):
-    the measured fidelity a teacher group records for its codec.
+    Returns ``{"rows", "cosine_sum", "cosine_min", "centred_sum", "centred_min"}`` over the non-zero vectors
+    (a failed image's are zero); a NaN cosine counts as −1.
     """
     values = np.asarray(values, np.float32)
     d = values.shape[-1]
-    count, total, worst = 0, 0.0, 1.0
+    out = {"rows": 0, **{f"{k}_sum": 0.0 for k in _SUMS}, **{f"{k}_min": 1.0 for k in _SUMS}}
     for start in range(0, len(values), max(int(chunk_rows), 1)):
         block = values[start: start + chunk_rows]
         got = as_stored(codec, _padded(block, chunk_rows))[: len(block)].reshape(-1, d).astype(np.float64)
         want = block.reshape(-1, d).astype(np.float64)
-        norms = np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1)
         keep = np.linalg.norm(want, axis=1) > 0
-        cos = np.where(norms > 0, (want * got).sum(axis=1) / np.maximum(norms, 1e-300), 0.0)[keep]
-        count, total = count + cos.size, total + float(cos.sum())
-        worst = min(worst, float(cos.min(initial=1.0)))
-    return {"rows": count, "cosine_sum": total, "cosine_min": worst}
+        if not keep.any():
+            continue
+        got, want = got[keep], want[keep]
+        mean = want.mean(axis=0)
+        out["rows"] += int(keep.sum())
+        for key, (a, b) in {"cosine": (got, want), "centred": (got - mean, want - mean)}.items():
+            cos = np.nan_to_num(_row_cosines(a, b), nan=-1.0)
+            out[f"{key}_sum"] += float(cos.sum())
+            out[f"{key}_min"] = min(out[f"{key}_min"], float(cos.min()))
+    return out
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)  # a row equal to the mean
+    return np.where(both_zero, 1.0, (a * b).sum(axis=1) / np.where(norms > 0, norms, np.inf))
 
 
 def _padded(block: np.ndarray, rows: int) -> np.ndarray:
@@ -251,7 +289,23 @@ def _padded(block: np.ndarray, rows: int) -> np.ndarray:
 
 
 def merge_fidelity(a: dict | None, b: dict) -> dict:
+    """Two measurements as one (markers written before the centred cosine existed lack its keys)."""
     if not a:
         return dict(b)
-    return {"rows": a["rows"] + b["rows"], "cosine_sum": a["cosine_sum"] + b["cosine_sum"],
-            "cosine_min": min(a["cosine_min"], b["cosine_min"])}
+    out = {"rows": a["rows"] + b["rows"]}
+    for key in _SUMS:
+        if f"{key}_sum" in a and f"{key}_sum" in b:
+            out[f"{key}_sum"] = a[f"{key}_sum"] + b[f"{key}_sum"]
+            out[f"{key}_min"] = min(a[f"{key}_min"], b[f"{key}_min"])
+    return out
+
+
+def summarize_fidelity(measured: dict) -> dict:
+    """The ``codec_fidelity`` entry of one feature: mean and worst cosines over its measured rows."""
+    rows = max(measured["rows"], 1)
+    out = {"rows": measured["rows"]}
+    for key, name in (("cosine", "cosine"), ("centred", "centred_cosine")):
+        if f"{key}_sum" in measured:
+            out[f"mean_{name}"] = measured[f"{key}_sum"] / rows
+            out[f"min_{name}"] = measured[f"{key}_min"]
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import layout as L
+from .codecs import WORD_BYTES
 from .failures import count_reasons
 from .fsutil import du
 from .store import FeatureStore
@@ -12,13 +13,14 @@ from .store import FeatureStore
 __all__ = ["describe_store"]
 
 
-def _logical_bytes(group) -> int:
-    """Uncompressed bytes of the target arrays (what raw storage of the same values would take)."""
+def _logical_bytes(group, codec: str) -> int:
+    """Bytes of the target arrays before compression, in the codec's words (what compression is measured against)."""
     total = 0
     for key in (L.SUMMARY, L.PATCHES, L.REGISTERS, L.OFFSETS):
         if key in group:
             arr = group[key]
-            total += int(np.prod(arr.shape)) * arr.dtype.itemsize
+            word = arr.dtype.itemsize if key == L.OFFSETS else WORD_BYTES.get(codec, arr.dtype.itemsize)
+            total += int(np.prod(arr.shape)) * word
     return total
 
 
@@ -76,7 +78,7 @@ def describe_store(url: str) -> dict:
         g = store.teacher_group(name)
         ta = dict(g.attrs)
         on_disk = sum(du(store.fs, store.path(L.TEACHERS, name, k)) for k in (L.SUMMARY, L.PATCHES, L.REGISTERS, L.OFFSETS))
-        logical = _logical_bytes(g)
+        logical = _logical_bytes(g, store.teacher_codec(name))
         phis_bytes = du(store.fs, store.path(L.TEACHERS, name, L.PHIS))
         plan = store.plan()
         teachers[name] = {

@@ -1,7 +1,8 @@
 """Names of the feature-store contract (docs/store-format.md). Other tools read these: never rename."""
 
-FORMAT_VERSION = 3  # 3: strings as UTF-8 bytes + offsets (zarr v3 core types only); 2: optional masks
-READABLE_VERSIONS = (1, 2, 3)  # 1 is 2 without masks, 2 is 3 with zarr-python strings: read and extended alike
+FORMAT_VERSION = 4  # 4: teacher features may use the project's codecs; 3: strings as UTF-8 bytes + offsets
+READABLE_VERSIONS = (1, 2, 3, 4)  # 1 is 2 without masks, 2 is 3 with zarr-python strings, 3 is 4 without codecs
+CODEC_VERSION = 4  # from this version on, a teacher's features may be stored with storage.codecs' codecs
 FLAT_STRINGS_VERSION = 3  # from this version on, string arrays are flat bytes (storage.strings)
 
 IMAGES = "images"

@@ -16,7 +16,7 @@ import zarr.errors
 
 from . import layout as L
 from .arrays import create_array
-from .codecs import feature_array_options
+from .codecs import STORED_DTYPE, feature_array_options
 from .commits import CommitLog
 from .failures import read_failure_table, write_failure_table
 from .faults import fault_point
@@ -351,6 +351,7 @@ class FeatureStore:
         ``created`` true. Until then no unit is computed, so recreating loses nothing.
         """
         num_images, total = len(offsets) - 1, int(offsets[-1])
+        self._allow_codec(spec.codec)
         attrs = {
             "fingerprint": spec.fingerprint,
             "fingerprint_digest": spec.fingerprint_digest,
@@ -385,6 +386,18 @@ class FeatureStore:
         g.attrs.update({"created": True})
         self.repair_teacher_index()
         return g
+
+    def _allow_codec(self, codec: str) -> None:
+        """A codec beyond the plain dtypes needs a reader that knows it: the store says so with its version (4).
+
+        A version 3 store is raised to 4 (its layout is 4's); versions 1-2 keep zarr strings, which 4 does not."""
+        if STORED_DTYPE[codec] == codec or self.format_version >= L.CODEC_VERSION:
+            return
+        if self.format_version < L.FLAT_STRINGS_VERSION:
+            raise StoreError(f"{self.url} is a format version {self.format_version} store: it cannot hold targets "
+                             f"stored with --codec {codec} (version {L.CODEC_VERSION}); use float16 or float32, or a "
+                             "new store")
+        self.group.attrs.update({"format_version": L.CODEC_VERSION})
 
     def create_layers(self, name: str, dims: dict[int, int], rule: str) -> None:
         """Create the arrays ``layers/<k>`` [T, Dk] missing for ``dims`` with the chunks and shards of ``patches``

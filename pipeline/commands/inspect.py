@@ -16,9 +16,10 @@ def _mb(n: float) -> str:
 
 
 def _codec(t: dict) -> str:
-    """The codec and its measured worst patch cosine to the float32 targets (where recorded)."""
-    measured = (t.get("codec_fidelity") or {}).get("patches")
-    return t["codec"] + (f" (cos >= {measured['min_cosine']:.4f})" if measured else "")
+    """The codec and the worst centred patch cosine to the float32 targets its writers measured (sampled units)."""
+    measured = (t.get("codec_fidelity") or {}).get("patches") or {}
+    worst = measured.get("min_centred_cosine", measured.get("min_cosine"))
+    return t["codec"] + (f" (sampled min cos {worst:.4f})" if worst is not None else "")
 
 
 def inspect_store(

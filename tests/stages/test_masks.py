@@ -88,7 +88,7 @@ def test_masks_equal_the_files_resized_by_nearest_neighbour(seg_images, referenc
     _assert_masks(seg_images, reference)
     store = FeatureStore.open(reference)
     info = store.mask_info()
-    assert store.attrs["format_version"] == L.FORMAT_VERSION == 3
+    assert store.attrs["format_version"] == L.FORMAT_VERSION == 4
     assert info.kind == "classes" and info.classes == list(SEG_CLASSES) and info.ignore == 255
     doc = (Path(__file__).resolve().parents[2] / "docs" / "store-format.md").read_text()  # the contract names them
     assert all(f"`{key}`" in doc for key in [*info.to_dict(), *store.attrs]), "an undocumented attribute"
@@ -243,6 +243,6 @@ def test_version_1_stores_are_read_and_unknown_versions_refused(reference, tmp_p
     assert reader.mask_info is None and len(reader) == 11
     with pytest.raises(StoreError, match="has no masks"):
         reader.masks([0])
-    group.attrs.put({**attrs, "format_version": 4})
-    with pytest.raises(StoreError, match="format version 4, this code reads versions 1, 2, 3"):
+    group.attrs.put({**attrs, "format_version": 5})
+    with pytest.raises(StoreError, match="format version 5, this code reads versions 1, 2, 3, 4"):
         FeatureStore.open(str(old))
