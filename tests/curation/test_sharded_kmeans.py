@@ -39,7 +39,7 @@ def sizes_of(n, shards):
 
 @pytest.mark.parametrize("shards", [1, 3])
 def test_sharded_lloyd_equals_a_naive_float64_loop(shards):
-    x, truth = blobs([90, 70, 50, 40, 30, 20])
+    x, _ = blobs([90, 70, 50, 40, 30, 20])
     rng = np.random.default_rng(1)
     init = x[rng.choice(x.shape[0], 6, replace=False)]  # random points: several start in one blob
     ref_c, ref_lab = naive_lloyd_float64(x, init, 15)
