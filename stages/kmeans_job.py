@@ -41,9 +41,11 @@ class ShardWorker:
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.shard, method)(*args)
 
-    def peak_rss_mb(self) -> float:
-        """This worker process's peak resident memory (ru_maxrss; faiss allocates outside Python)."""
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    def usage(self) -> tuple[float, float]:
+        """This worker process's peak resident memory in MB (ru_maxrss; faiss allocates outside Python) and
+        CPU seconds (user + system)."""
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_maxrss / 1024.0, r.ru_utime + r.ru_stime
 
 
 class RayShards:
@@ -67,7 +69,7 @@ class DistributedLevel1Fit:
     ``source`` is the zarr array of embeddings; ``row_map`` maps the row indices the hierarchy sees to
     rows of that array (the decodable rows of a curation pool), None when they are the same. Joins the
     running Ray cluster, or starts one (``ray_address``, ``num_cpus``) for the fit. After a call,
-    ``report`` holds the workers' shard sizes, threads and peak RSS.
+    ``report`` holds the workers' shard sizes, threads, peak RSS and CPU seconds.
     """
 
     def __init__(self, source: str, workers: int, *, row_map: np.ndarray | None = None,
@@ -97,9 +99,10 @@ class DistributedLevel1Fit:
             try:
                 result = sharded_kmeans_with_resampling(RayShards(actors), np.diff(bounds), k,
                                                         spherical=spherical, **kmeans)
+                usage = ray.get([a.usage.remote() for a in actors])
                 self.report = {"workers": self.workers, "threads_per_worker": threads,
                                "shard_rows": np.diff(bounds).tolist(),
-                               "worker_peak_rss_mb": ray.get([a.peak_rss_mb.remote() for a in actors])}
+                               "worker_peak_rss_mb": [m for m, _ in usage], "worker_cpu_s": [c for _, c in usage]}
             finally:
                 for a in actors:
                     ray.kill(a)
