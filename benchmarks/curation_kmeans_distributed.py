@@ -120,6 +120,7 @@ def agreement(got: dict, ref: dict) -> dict:
     d = np.linalg.norm(got["centroids"].astype(np.float64) - ref["centroids"], axis=1)
     scale = float(np.linalg.norm(ref["centroids"].astype(np.float64), axis=1).mean())
     return {"max_centroid_dist_rel": float(d.max() / scale), "mean_centroid_dist_rel": float(d.mean() / scale),
+            "centroids_within_1e-4": float((d / scale < 1e-4).mean()),
             "label_agreement": float((got["labels"] == ref["labels"]).mean()),
             "inertia_rel_diff": float(abs(got["inertia"] - ref["inertia"]) / ref["inertia"])}
 
@@ -183,14 +184,14 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{r['peak_rss_mb']:.0f}" + (" (driver)" if workers_rss else ""),
                      " / ".join(f"{v:.0f}" for v in workers_rss) if workers_rss else "-",
                      f"{agree['max_centroid_dist_rel']:.1e}", f"{agree['mean_centroid_dist_rel']:.1e}",
-                     f"{agree['label_agreement']:.5f}", f"{agree['inertia_rel_diff']:.1e}"])
+                     f"{agree['centroids_within_1e-4']:.4f}", f"{agree['label_agreement']:.5f}", f"{agree['inertia_rel_diff']:.1e}"])
     payload = {"config": vars(a), "seconds_generate": generate, "load_average": load, "fits": results}
     table = "\n\n".join([
         f"### Level-1 k-means fit: {a.k:,} centroids on {a.fit_sample:,} of {a.n:,} x {a.dim} float32 rows in "
         f"zarr ({shard_mb:.0f} MB of fit rows), spherical, {a.n_iter} Lloyd iterations from the same random init, "
         f"{a.refine_steps} resampling steps, {a.threads} CPUs",
         md_table(["fit", "seconds", "CPU seconds", "peak RSS MB", "worker peak RSS MB", "max centroid dist / mean norm",
-                  "mean centroid dist / mean norm", "same label", "inertia rel. diff"], rows),
+                  "mean centroid dist / mean norm", "centroids within 1e-4", "same label", "inertia rel. diff"], rows),
         "Seconds: reading the fit rows from zarr + fitting + assigning the fit rows (Ray: actor start and each "
         f"actor's shard read included; Ray's own start, {runs['ray']['seconds']['ray_start (not in fit)']:.1f} s, "
         "not). CPU seconds: user + system of the process from its imports on, plus the workers' (Ray's own "

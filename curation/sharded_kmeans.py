@@ -30,6 +30,8 @@ from curation.kmeans import (DEFAULT_CHUNK_ROWS, DEFAULT_ITERATIONS, Init, KMean
                              _check_k, _prep, assign, kmeans_plusplus, rank_within_clusters)
 from curation.lloyd import partial_stats, reduce_stats, update_centroids
 
+SHARD_CHUNK_ROWS = 8192  # rows a shard assigns at once
+
 
 class Shard:
     """One shard of the fit set: its rows (prepared float32), the subset the current k-means runs on
@@ -38,7 +40,8 @@ class Shard:
     def __init__(self, x: np.ndarray, *, spherical: bool = False, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                  gpu: bool | None = None, prepared: bool = False):
         self.x = x if prepared else _prep(np.asarray(x), spherical)
-        self.spherical, self.chunk_rows, self.gpu = spherical, chunk_rows, gpu
+        # faiss searches 4,096 queries at a time anyway; small chunks bound assign's float32 and float64 copies
+        self.spherical, self.chunk_rows, self.gpu = spherical, min(int(chunk_rows), SHARD_CHUNK_ROWS), gpu
         self.subset: np.ndarray | None = None  # local indices, sorted; None = all rows
         self.labels = np.zeros(0, np.int64)
         self.sqdist = np.zeros(0, np.float32)
