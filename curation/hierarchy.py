@@ -13,14 +13,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from curation.kmeans import (DEFAULT_CHUNK_ROWS, DEFAULT_ITERATIONS, Init, RefineInit, Strategy, _prep, _shape,
-                             assign, kmeans_with_resampling, take_rows)
+from curation.kmeans import (DEFAULT_CHUNK_ROWS, DEFAULT_ITERATIONS, Init, KMeansResult, RefineInit, Strategy, _prep,
+                             _shape, assign, kmeans_with_resampling, take_rows)
 
 log = logging.getLogger(__name__)
+
+# Fits level 1 somewhere else (a distributed job): ``fit(rows, K, refine_steps=, points_per_cluster=,
+# seed=, n_iter=, init=, spherical=, gpu=, chunk_rows=, strategy=, refine_init=)`` -> KMeansResult over
+# ``embeddings[rows]`` (rows sorted), the same contract as ``kmeans_with_resampling``. It reads the rows
+# itself, so the caller never holds them.
+Level1Fit = Callable[..., KMeansResult]
 
 
 @dataclass
@@ -152,7 +158,7 @@ def fit_hierarchy(embeddings: Any, levels: Sequence[int], *,
                   refine_strategy: Strategy = "closest", refine_init: RefineInit = "fresh",
                   n_iter: int = DEFAULT_ITERATIONS, init: Init = "kmeans++", spherical: bool = False, seed: int = 0,
                   chunk_rows: int = DEFAULT_CHUNK_ROWS, gpu: bool | None = None,
-                  timings: dict[str, float] | None = None) -> Hierarchy:
+                  timings: dict[str, float] | None = None, level1_fit: Level1Fit | None = None) -> Hierarchy:
     """Fit the tree on ``embeddings`` ([N, d] numpy or zarr, float32/float16).
 
     Level 1 runs :func:`kmeans_with_resampling` on the fit rows (all rows, or ``fit_sample``: a
@@ -166,6 +172,8 @@ def fit_hierarchy(embeddings: Any, levels: Sequence[int], *,
     phase. Memory: the fit rows (float32), 12 bytes per pool row (label + distance) and a few
     read buffers of ``chunk_rows x d`` floats; the pool itself is streamed, never held.
     ``init="kmeans++"`` costs K passes over the fit rows: use ``"random"`` for very large K.
+    ``level1_fit`` (e.g. ``stages.kmeans_job.DistributedLevel1Fit``) replaces the in-process level-1
+    fit; this process then never reads the fit rows.
     """
     n, _ = _shape(embeddings)
     fit_rows = sample_fit_rows(n, fit_sample, seed)
@@ -180,22 +188,27 @@ def fit_hierarchy(embeddings: Any, levels: Sequence[int], *,
     ppc = _per_level(points_per_cluster, len(levels), "points_per_cluster")
     t = timings if timings is not None else {}
 
-    t0 = time.perf_counter()
-    if fit_rows is None and isinstance(embeddings, np.ndarray):
-        x_fit = _prep(embeddings, spherical)  # no copy when already float32 and not spherical
-    else:  # blockwise read: float32, unit-norm rows when spherical
-        x_fit = take_rows(embeddings, np.arange(n) if fit_rows is None else fit_rows, chunk_rows,
-                          spherical)
-    t["read_fit_rows"] = time.perf_counter() - t0
-
     common = dict(n_iter=n_iter, init=init, spherical=spherical, gpu=gpu, chunk_rows=chunk_rows,
                   strategy=refine_strategy, refine_init=refine_init)
-    t0 = time.perf_counter()
-    res = kmeans_with_resampling(x_fit, levels[0], refine_steps=steps[0],
-                                 points_per_cluster=ppc[0], seed=seed, prepared=True, **common)
-    t["level_1_fit"] = time.perf_counter() - t0
+    if level1_fit is not None:
+        t0 = time.perf_counter()
+        res = level1_fit(np.arange(n) if fit_rows is None else fit_rows, levels[0], refine_steps=steps[0],
+                         points_per_cluster=ppc[0], seed=seed, **common)
+        t["level_1_fit"] = time.perf_counter() - t0
+    else:
+        t0 = time.perf_counter()
+        if fit_rows is None and isinstance(embeddings, np.ndarray):
+            x_fit = _prep(embeddings, spherical)  # no copy when already float32 and not spherical
+        else:  # blockwise read: float32, unit-norm rows when spherical
+            x_fit = take_rows(embeddings, np.arange(n) if fit_rows is None else fit_rows, chunk_rows,
+                              spherical)
+        t["read_fit_rows"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = kmeans_with_resampling(x_fit, levels[0], refine_steps=steps[0],
+                                     points_per_cluster=ppc[0], seed=seed, prepared=True, **common)
+        t["level_1_fit"] = time.perf_counter() - t0
+        del x_fit
     log.info("level 1: K=%d on %d points in %.1fs", levels[0], n_fit, t["level_1_fit"])
-    del x_fit
 
     t0 = time.perf_counter()
     if fit_rows is None:

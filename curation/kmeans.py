@@ -133,7 +133,9 @@ def assign(x: Any, centroids: np.ndarray, *, spherical: bool = False,
         score, lab = index.search(block, 1)
         lab = lab[:, 0].astype(np.int64)
         if spherical:
-            x_sq = np.einsum("nd,nd->n", block.astype(np.float64), block.astype(np.float64))
+            b64 = block.astype(np.float64)  # one float64 copy of the chunk, not two
+            x_sq = np.einsum("nd,nd->n", b64, b64)
+            del b64
             dist = x_sq + c_sq[lab] - 2.0 * score[:, 0].astype(np.float64)
         else:
             dist = score[:, 0].astype(np.float64)

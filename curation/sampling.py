@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from curation.hierarchy import Hierarchy, fit_hierarchy
+from curation.hierarchy import Hierarchy, Level1Fit, fit_hierarchy
 from curation.kmeans import DEFAULT_CHUNK_ROWS, DEFAULT_ITERATIONS, Init, RefineInit, Strategy, rank_within_clusters
 from curation.metrics import curation_metrics
 
@@ -131,13 +131,15 @@ def curate_embeddings(embeddings: Any, levels: list[int], target: int, *,
                       refine_strategy: Strategy = "closest", refine_init: RefineInit = "fresh",
                       selection: Selection = "random", n_iter: int = DEFAULT_ITERATIONS, init: Init = "kmeans++",
                       spherical: bool = False, seed: int = 0,
-                      chunk_rows: int = DEFAULT_CHUNK_ROWS, gpu: bool | None = None) -> CurationResult:
+                      chunk_rows: int = DEFAULT_CHUNK_ROWS, gpu: bool | None = None,
+                      level1_fit: Level1Fit | None = None) -> CurationResult:
     """Embeddings [N, d] (numpy or zarr) -> hierarchy, balanced selection of ``target`` rows, metrics.
 
     The one call the embedding job / CLI needs: :func:`fit_hierarchy` (see it for the defaults
     of ``refine_steps`` / ``points_per_cluster``) then :func:`hierarchical_sample`; ``metrics``
     holds per-level cluster sizes, inertia and the normalized entropy of the pool vs the
     selection over each level's clusters, plus timings in seconds.
+    ``level1_fit``: see :func:`fit_hierarchy` (a distributed level-1 fit).
     """
     if int(target) <= 0:
         raise ValueError(f"target must be a positive number of points, got {target}")
@@ -145,7 +147,7 @@ def curate_embeddings(embeddings: Any, levels: list[int], target: int, *,
     h = fit_hierarchy(embeddings, levels, fit_sample=fit_sample, refine_steps=refine_steps,
                       points_per_cluster=points_per_cluster, refine_strategy=refine_strategy,
                       refine_init=refine_init, n_iter=n_iter, init=init, spherical=spherical,
-                      seed=seed, chunk_rows=chunk_rows, gpu=gpu, timings=timings)
+                      seed=seed, chunk_rows=chunk_rows, gpu=gpu, timings=timings, level1_fit=level1_fit)
     t0 = time.perf_counter()
     selected = hierarchical_sample(h, target, selection=selection, seed=seed)
     timings["sampling"] = time.perf_counter() - t0

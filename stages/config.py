@@ -156,6 +156,7 @@ class CurateConfig(_ModelSource):
     spherical: bool = Field(False, description="spherical k-means (cosine) instead of L2")
     chunk_rows: int = Field(65536, gt=0, description="rows read at once when assigning the pool")
     gpu: bool | None = Field(None, description="faiss on GPU (default: when one is visible)")
+    fit_workers: int = Field(0, ge=0, description="Ray actors for the level-1 fit, each holding a shard of the fit rows (0 or 1: in this process, faiss)")
     concepts: str | None = Field(None, description="CSV path,concept (or path,label): concept entropy/coverage in metrics.json")
     plots: bool = Field(True, description="write DIR/plots/*.png")
     # job layout

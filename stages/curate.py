@@ -1,6 +1,7 @@
 """`pipeline curate`: embed a pool, cluster it hierarchically, sample it balanced, write the manifest.
 
-embed (``stages.embed``, Ray, resumable) -> hierarchical k-means on ``fit_sample`` rows, the rest
+embed (``stages.embed``, Ray, resumable) -> hierarchical k-means on ``fit_sample`` rows (level 1 in
+this process, or with ``fit_workers`` > 1 by Ray actors: ``stages.kmeans_job``), the rest
 of the pool assigned in bounded-memory chunks (``curation.hierarchy``) -> hierarchical balanced
 sampling (``curation.sampling``) -> ``DIR/manifest`` (``stages.manifest``), ``DIR/metrics.json``,
 ``DIR/hierarchy.npz`` and ``DIR/plots/*.png``. Images that failed to decode are left out of the
@@ -126,10 +127,19 @@ def run_curate(images: str, out: str, cfg: CurateConfig, *,
 
     progress("cluster + sample", 0, 1)
     t = time.perf_counter()
+    level1_fit = None
+    if cfg.fit_workers > 1:  # level 1 fitted by Ray actors that read their shards from DIR/embeddings
+        from .kmeans_job import DistributedLevel1Fit
+
+        level1_fit = DistributedLevel1Fit(str(out_path / EMBEDDINGS), cfg.fit_workers,
+                                          row_map=None if ok_rows.size == ok.size else ok_rows,
+                                          ray_address=cfg.ray_address, num_cpus=cfg.num_cpus)
     result = curate_embeddings(
         data, list(cfg.levels), cfg.target, fit_sample=cfg.fit_sample, refine_steps=cfg.refine_steps,
         points_per_cluster=cfg.points_per_cluster, selection=cfg.selection, n_iter=cfg.n_iter, init=cfg.init,
-        spherical=cfg.spherical, seed=cfg.seed, chunk_rows=cfg.chunk_rows, gpu=cfg.gpu)
+        spherical=cfg.spherical, seed=cfg.seed, chunk_rows=cfg.chunk_rows, gpu=cfg.gpu, level1_fit=level1_fit)
+    if level1_fit is not None:
+        result.metrics["level1_fit"] = level1_fit.report
     report.seconds["curate"] = time.perf_counter() - t
     progress("cluster + sample", 1, 1)
     h, sel = result.hierarchy, result.selected_indices

@@ -23,6 +23,7 @@ def curate(
     levels: Annotated[Optional[str], typer.Option("--levels", help="clusters per level, finest first: K1,K2,... (strictly decreasing)")] = None,
     target: Annotated[Optional[int], typer.Option("--target", help="number of images to select")] = None,
     fit_sample: Annotated[Optional[int], typer.Option("--fit-sample", help="fit level 1 on M random rows, assign the rest")] = None,
+    fit_workers: Annotated[Optional[int], typer.Option("--fit-workers", help="fit level 1 with N Ray actors, each holding a shard of the fit rows (0/1: in this process)")] = None,
     selection: Annotated[Optional[str], typer.Option("--selection", help="random (default) or closest to the centroid")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="seed of fitting and sampling")] = None,
     concepts: Annotated[Optional[Path], typer.Option("--concepts", help="CSV path,concept: concept entropy and coverage vs random")] = None,
@@ -48,7 +49,7 @@ def curate(
 
     given = {
         "embedder": embedder, "weights": str(weights) if weights else None, "random_init": random_init,
-        "levels": levels, "target": target, "fit_sample": fit_sample, "selection": selection, "seed": seed,
+        "levels": levels, "target": target, "fit_sample": fit_sample, "fit_workers": fit_workers, "selection": selection, "seed": seed,
         "concepts": str(concepts) if concepts else None, "dtype": dtype, "ray_address": ray_address,
         "workers": workers, **accelerator_flags(device, compute_dtype, gpus_per_worker),
     }

@@ -82,3 +82,32 @@ def test_curate_cli_writes_a_manifest_that_cache_teachers_accepts(image_folder, 
     assert result.exit_code == 0, result.output
     assert "already committed" in result.output
     assert len(read_manifest(out)["index"]) == 3
+
+
+def test_curate_fit_workers_fits_level_1_with_ray_actors(image_folder, tmp_path, ray_local):
+    """``--fit-workers 2``: level 1 is fitted by two actors reading the decodable rows of DIR/embeddings (the
+    folder has failed images) and equals the same two-shard fit run in this process on those rows, bit for bit.
+    (Not compared with the faiss path here: the random-init embedder puts these images almost on one point, so
+    clusters empty out and the split draws, which differ from faiss', decide the result.)"""
+    from curation.kmeans import take_rows
+    from curation.sharded_kmeans import LocalShards, shard_bounds, sharded_kmeans_with_resampling
+
+    folder, _ = image_folder
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "curate", str(folder), "--out", str(out), "--embedder", TINY_VIT, "--random-init", "--levels", "4,2",
+        "--target", "5", "--fit-workers", "2", "--set", "plots=false",
+        *_sets({"min_tokens": 16, "max_tokens": 64, "unit_images": 4})])
+    assert result.exit_code == 0, result.output
+    g = zarr.open_group(str(out), mode="r")
+    ok_rows = np.flatnonzero(g["pool/ok"][:])
+    assert ok_rows.size < g["pool/ok"].shape[0]  # the actors read through the row map
+    x = take_rows(g["embeddings"], ok_rows)
+    ref = sharded_kmeans_with_resampling(LocalShards(x, 2), np.diff(shard_bounds(x.shape[0], 2)), 4, refine_steps=0,
+                                         points_per_cluster=1, n_iter=50, seed=0, init="kmeans++")
+    with np.load(out / "hierarchy.npz") as z:
+        np.testing.assert_array_equal(z["centroids_1"], ref.centroids)
+        np.testing.assert_array_equal(z["assignments"], ref.labels)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["level1_fit"]["workers"] == 2 and metrics["config"]["fit_workers"] == 2
+    assert metrics["level1_fit"]["shard_rows"] == np.diff(shard_bounds(x.shape[0], 2)).tolist()
