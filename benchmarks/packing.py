@@ -33,8 +33,7 @@ from train.trainer import batch_to_device, compute_terms  # noqa: E402
 
 def batches(cfg: TrainConfig, store: str, teachers: list[str], n: int) -> list[dict]:
     ds = StoreBatches(store, teachers, cfg.data, patch=cfg.model.patch_size, registers=cfg.model.registers, seed=0)
-    plans = PlanStream(ds.reader.ok, ds.reader.grid, FeatureStore.open(store).shard_images, cfg.data,
-                       registers=cfg.model.registers, seed=0).steps()
+    plans = PlanStream(ds.reader.indexes, cfg.data, registers=cfg.model.registers, seed=0).steps()
     return [ds[next(plans)] for _ in range(n)]
 
 

@@ -40,9 +40,10 @@ LAYOUTS = {  # name: (patch chunk rows, patch shard rows, pixel chunk bytes, pix
 def _batches(reader, batch: int, seed: int = 0) -> list[list[int]]:
     from storage.streaming import epoch_stream
 
-    valid = reader.ok
-    stream = epoch_stream(valid, reader.store.shard_images, seed=seed, buffer=4 * batch)
-    rows = [next(stream)[1] for _ in range(int(valid.sum()))]
+    index = reader.index
+    stream = epoch_stream(lambda u: np.where(index.unit(u).ok, 0, -1), len(index), index.unit_rows, seed=seed,
+                          buffer=4 * batch)
+    rows = [next(stream)[1] for _ in range(int(reader.ok.sum()))]
     return [rows[i:i + batch] for i in range(0, len(rows), batch)]
 
 

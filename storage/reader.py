@@ -1,7 +1,9 @@
 """Read access to a store: whole images' targets by index, and dask views for streaming statistics.
 
-Small per-image index arrays (offsets, ok, grid) are loaded once; feature rows are read on demand,
-so memory stays bounded by what the caller asks for. Safe to use from several threads.
+The per-image index (ok, grid, offsets, labels) is read one write unit at a time (``storage.index``) and
+feature rows on demand, so memory stays bounded by what the caller asks for, not by the store's size.
+The whole index arrays (``ok``, ``grid``, ...) are there for evaluation over a whole store, read on first
+use; the training path never touches them. Safe to use from several threads.
 
 Damage is never read as data: a chunk object that should be there and is not (it would read as zeros)
 and a chunk that fails its checksum both raise ``StoreError`` naming the store, the array and the
@@ -11,10 +13,12 @@ rows, and pointing at ``pipeline inspect --verify``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
 from . import layout as L
+from .index import DEFAULT_CACHE_UNITS, StoreIndex
 from .masks import decode_mask
 from .store import FeatureStore, StoreError, token_offsets
 from .verify import ShardCheck
@@ -41,9 +45,11 @@ class ImageTargets:
 
 
 class StoreReader:
-    """``layers`` names the cached teacher layers to read with each image (``{teacher: [k, ...]}``)."""
+    """``layers`` names the cached teacher layers to read with each image (``{teacher: [k, ...]}``);
+    ``index_units``: write units of the per-image index kept in memory (``storage.index``)."""
 
-    def __init__(self, url: str, teachers: list[str] | None = None, layers: dict[str, list[int]] | None = None):
+    def __init__(self, url: str, teachers: list[str] | None = None, layers: dict[str, list[int]] | None = None,
+                 index_units: int = DEFAULT_CACHE_UNITS):
         self.store = FeatureStore.open(url)
         if not self.store.images_complete:
             raise StoreError(f"{url}: images are not complete (an interrupted cache-teachers?)")
@@ -54,15 +60,11 @@ class StoreReader:
         self.teachers = list(names)
         self.url = url
         self._checks: dict[str, ShardCheck] = {}
-        self.ok = self._whole(f"{L.IMAGES}/{L.OK}", self.store.image_array(L.OK))
-        self.grid = self._whole(f"{L.IMAGES}/{L.GRID}", self.store.image_array(L.GRID))
-        self.pixel_offsets = self._whole(f"{L.IMAGES}/{L.PIXEL_OFFSETS}", self.store.image_array(L.PIXEL_OFFSETS))
-        self.token_offsets = token_offsets(self.ok, self.grid)
+        self.num_images = self.store.num_images
+        self.index = StoreIndex(self.store, self.select, teacher=self.teachers[0] if self.teachers else None,
+                                capacity=index_units)
         self.pixels = self.store.image_array(L.PIXELS)
-        self.labels = self._whole(L.LABELS, self.store.group[L.LABELS]) if L.LABELS in self.store.group else None
         self.mask_info = self.store.mask_info()
-        self.mask_offsets = (self._whole(f"{L.IMAGES}/{L.MASK_OFFSETS}", self.store.image_array(L.MASK_OFFSETS))
-                             if self.mask_info is not None else None)
         self.arrays = {}
         for name in self.teachers:
             g = self.store.teacher_group(name)
@@ -76,6 +78,32 @@ class StoreReader:
                                  f"{sorted(complete) or 'none'}); cache them with `pipeline cache-teachers ... --name "
                                  f"{name} --layers {','.join(map(str, missing))}`")
             self.layers[name] = {k: self.store.teacher_group(name)[L.layer_path(k)] for k in ks}
+
+    # the whole index, for evaluation over a whole store: read on first use, never by the training path
+    @cached_property
+    def ok(self) -> np.ndarray:
+        return self._whole(f"{L.IMAGES}/{L.OK}", self.store.image_array(L.OK))
+
+    @cached_property
+    def grid(self) -> np.ndarray:
+        return self._whole(f"{L.IMAGES}/{L.GRID}", self.store.image_array(L.GRID))
+
+    @cached_property
+    def pixel_offsets(self) -> np.ndarray:
+        return self._whole(f"{L.IMAGES}/{L.PIXEL_OFFSETS}", self.store.image_array(L.PIXEL_OFFSETS))
+
+    @cached_property
+    def token_offsets(self) -> np.ndarray:
+        return token_offsets(self.ok, self.grid)
+
+    @cached_property
+    def labels(self) -> np.ndarray | None:
+        return self._whole(L.LABELS, self.store.group[L.LABELS]) if L.LABELS in self.store.group else None
+
+    @cached_property
+    def mask_offsets(self) -> np.ndarray | None:
+        return (self._whole(f"{L.IMAGES}/{L.MASK_OFFSETS}", self.store.image_array(L.MASK_OFFSETS))
+                if self.mask_info is not None else None)
 
     def _whole(self, name: str, array) -> np.ndarray:
         return self.select(name, array, slice(None), np.arange(array.shape[0]) if array.shape[0] else np.zeros(0, int))
@@ -98,7 +126,7 @@ class StoreReader:
                              f"{str(exc)[:160]}); run `pipeline inspect --verify {self.url}`") from None
 
     def __len__(self) -> int:
-        return len(self.ok)
+        return self.num_images
 
     def masks(self, indices) -> list[np.ndarray | None]:
         """Decoded masks [H, W] (``storage.masks``) of ``indices``, None for an image without one; one read."""
@@ -115,12 +143,14 @@ class StoreReader:
         return np.flatnonzero(self.ok)
 
     def read(self, i: int) -> ImageTargets:
-        if not 0 <= i < len(self.ok):
-            raise IndexError(f"image {i} out of range [0, {len(self.ok)})")
-        if not self.ok[i]:
+        if not 0 <= i < self.num_images:
+            raise IndexError(f"image {i} out of range [0, {self.num_images})")
+        unit = self.index.unit(i // self.index.unit_rows)
+        k = i - unit.start
+        if not unit.ok[k]:
             raise ValueError(f"image {i} failed to decode at cache time (see images/failures)")
-        t0, t1 = int(self.token_offsets[i]), int(self.token_offsets[i + 1])
-        p0, p1 = int(self.pixel_offsets[i]), int(self.pixel_offsets[i + 1])
+        t0, t1 = (int(unit.token_offsets[k]), int(unit.token_offsets[k + 1])) if self.arrays else (0, 0)
+        p0, p1 = int(unit.pixel_offsets[k]), int(unit.pixel_offsets[k + 1])
         one = np.array([i])
         summary, patches, registers = {}, {}, {}
         for name, arrays in self.arrays.items():
@@ -133,11 +163,11 @@ class StoreReader:
         return ImageTargets(
             index=i,
             pixels=self.select(f"{L.IMAGES}/{L.PIXELS}", self.pixels, slice(p0, p1), np.arange(p0, p1)),
-            grid=(int(self.grid[i, 0]), int(self.grid[i, 1])),
+            grid=(int(unit.grid[k, 0]), int(unit.grid[k, 1])),
             summary=summary,
             patches=patches,
             registers=registers,
-            label=int(self.labels[i]) if self.labels is not None else -1,
+            label=int(unit.labels[k]),
         )
 
 
@@ -159,12 +189,13 @@ def read_batch(reader: StoreReader, indices) -> list[ImageTargets]:
     idx = np.asarray(indices, np.int64)
     if len(idx) == 0:
         return []
-    if (~reader.ok[idx]).any():
-        raise ValueError(f"images {idx[~reader.ok[idx]].tolist()} failed to decode at cache time")
     order = np.argsort(idx, kind="stable")
     sidx = idx[order]
-    t0, t1 = reader.token_offsets[sidx], reader.token_offsets[sidx + 1]
-    p0, p1 = reader.pixel_offsets[sidx], reader.pixel_offsets[sidx + 1]
+    index = reader.index.rows(sidx, tokens=bool(reader.arrays))  # few units: the stream is shuffled by unit
+    if (~index.ok).any():
+        raise ValueError(f"images {sidx[~index.ok].tolist()} failed to decode at cache time")
+    t0, t1 = index.tokens or (np.zeros_like(sidx), np.zeros_like(sidx))
+    p0, p1 = index.pixels
     rows, pixel_rows = _ranges(t0, t1), _ranges(p0, p1)
     pix = reader.select(f"{L.IMAGES}/{L.PIXELS}", reader.pixels, pixel_rows, pixel_rows)
     tok_split = np.cumsum(t1 - t0)[:-1]
@@ -186,12 +217,12 @@ def read_batch(reader: StoreReader, indices) -> list[ImageTargets]:
         out[pos] = ImageTargets(
             index=i,
             pixels=pixels[k],
-            grid=(int(reader.grid[i, 0]), int(reader.grid[i, 1])),
+            grid=(int(index.grid[k, 0]), int(index.grid[k, 1])),
             summary={n: v[0][k] for n, v in per_teacher.items()},
             patches={n: v[1][k] for n, v in per_teacher.items()},
             registers={n: v[2][k] for n, v in per_teacher.items() if v[2] is not None},
             layers={n: {layer: maps[k] for layer, maps in per.items()} for n, per in per_layer.items()},
-            label=int(reader.labels[i]) if reader.labels is not None else -1,
+            label=int(index.labels[k]),
         )
     return out
 

@@ -1,8 +1,8 @@
 """From the store to packed microbatches: replayable plans in the main process, loading in workers.
 
 The main process turns the shuffled stream (``storage.streaming``) into microbatch plans using only
-``images/grid`` and ``images/ok``; workers of a ``DataLoader`` read, decode and augment the images of
-each plan. Because plans are a pure function of (store, config, seed), a run resumed at microbatch m
+``images/grid`` and ``images/ok``, read one write unit at a time (``storage.index``); workers of a
+``DataLoader`` read, decode and augment the images of each plan. Because plans are a pure function of (store, config, seed), a run resumed at microbatch m
 replays the same plans from m on, and augmentation draws from an RNG keyed by (seed, microbatch,
 image slot), so the number of workers never changes what a step sees.
 
@@ -15,12 +15,14 @@ exactly as one store is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from functools import cached_property
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from storage.image_policy import ImagePolicy
+from storage.index import ArrayIndex, StoreIndex
 from storage.reader import ImageTargets, StoreReader, read_batch
 from storage.streaming import epoch_stream, mixture_stream
 
@@ -54,38 +56,59 @@ class StorePart:
 class PlanStream:
     """Microbatch plans of a run: shuffled, packed, split over ranks; replayable from any step.
 
-    ``ok`` and ``grid`` cover every store of the run, concatenated in the order of ``parts`` (default:
-    one store, all rows, ``unit_rows``)."""
+    ``indexes`` are the per-unit indexes (``storage.index``) of every store of the run, rows numbered store
+    after store (as in ``StoreMix``); ``weights`` draw the stores (default: equal). Only one unit's ``ok``
+    and ``grid`` are looked at at a time, as the stream reaches it: an image longer than ``seq_len`` is
+    refused when its unit is reached, not before."""
 
-    def __init__(self, ok: np.ndarray, grid: np.ndarray, unit_rows: int, cfg: DataConfig, *, registers: int, seed: int,
-                 accumulation: int = 1, world: int = 1, rank: int = 0, parts: list[StorePart] | None = None):
-        self.ok, self.grid, self.unit_rows, self.cfg = ok, grid, unit_rows, cfg
-        self.parts = parts or [StorePart(0, len(ok), unit_rows)]
+    def __init__(self, indexes: Sequence[StoreIndex | ArrayIndex], cfg: DataConfig, *, registers: int, seed: int,
+                 weights: Sequence[float] | None = None, accumulation: int = 1, world: int = 1, rank: int = 0):
+        self.indexes, self.cfg = list(indexes), cfg
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.indexes)
+        self.starts = np.cumsum([0] + [len(ix) for ix in self.indexes])[:-1].tolist()
         self.prefix, self.seed = 1 + registers, seed
         self.accumulation, self.world, self.rank = accumulation, world, rank
-        longest = int((grid[:, 0] * grid[:, 1])[ok].max()) + self.prefix if ok.any() else 0
-        if cfg.mode == "packed" and longest > cfg.seq_len:
-            raise ValueError(f"the store's largest image needs {longest} tokens (CLS + registers + patches) but "
-                             f"data.seq_len is {cfg.seq_len}: raise data.seq_len")
 
-    def tokens_of(self, row: int) -> int:
-        return self.prefix + int(self.grid[row, 0]) * int(self.grid[row, 1])
+    @classmethod
+    def from_arrays(cls, ok: np.ndarray, grid: np.ndarray, unit_rows: int, cfg: DataConfig, *,
+                    parts: list[StorePart] | None = None, **kwargs) -> "PlanStream":
+        """The plans of whole ``ok`` and ``grid`` arrays in memory (tests; small stores), cut into ``parts``."""
+        parts = parts or [StorePart(0, len(ok), unit_rows)]
+        indexes = [ArrayIndex(ok[p.start:p.stop], grid[p.start:p.stop], p.unit_rows) for p in parts]
+        return cls(indexes, cfg, weights=[p.weight for p in parts], **kwargs)
 
-    def stream(self) -> Iterator[tuple[int, int]]:
-        """(epoch, row) in training order: one store's shuffled epochs, or several drawn by weight.
+    def unit_tokens(self, source: int, u: int) -> np.ndarray:
+        """Slots each image of unit ``u`` of store ``source`` takes (CLS + registers + patches), -1 if failed."""
+        unit = self.indexes[source].unit(u)
+        tokens = np.where(unit.ok, self.prefix + unit.grid[:, 0].astype(np.int64) * unit.grid[:, 1], -1)
+        if self.cfg.mode == "packed" and len(tokens) and tokens.max() > self.cfg.seq_len:
+            raise ValueError(f"image {unit.start + int(np.argmax(tokens))} of {self.indexes[source].name} needs "
+                             f"{int(tokens.max())} tokens (CLS + registers + patches) but data.seq_len is "
+                             f"{self.cfg.seq_len}: raise data.seq_len")
+        return tokens
+
+    def stream(self) -> Iterator[tuple[int, int, int]]:
+        """(epoch, row, tokens) in training order: one store's shuffled epochs, or several drawn by weight.
 
         The first store keeps the run seed (a one-store run sees exactly the order it always had);
         the others get seeds of their own."""
-        streams = [epoch_stream(self.ok[p.start:p.stop], p.unit_rows, seed=self.seed if k == 0 else self.seed + 7919 * k,
-                                buffer=self.cfg.shuffle_buffer) for k, p in enumerate(self.parts)]
-        for source, epoch, row in mixture_stream(streams, [p.weight for p in self.parts], seed=self.seed):
-            yield epoch, self.parts[source].start + row
+        streams = [epoch_stream(lambda u, k=k: self.unit_tokens(k, u), len(ix), ix.unit_rows,
+                                seed=self.seed if k == 0 else self.seed + 7919 * k, buffer=self.cfg.shuffle_buffer)
+                   for k, ix in enumerate(self.indexes)]
+        for source, epoch, row, tokens in mixture_stream(streams, self.weights, seed=self.seed):
+            yield epoch, self.starts[source] + row, tokens
 
     def microbatches(self) -> Iterator[Microbatch]:
-        stream = self.stream()
+        pending: dict[int, int] = {}  # the token count of the row just handed to the packer, which asks for it at once
+
+        def rows():
+            for epoch, row, tokens in self.stream():
+                pending[row] = tokens
+                yield epoch, row
+
         if self.cfg.mode == "padded":
-            return padded_stream(stream, self.tokens_of, images=self.cfg.padded_images)
-        return pack_stream(stream, self.tokens_of, seq_len=self.cfg.seq_len, seqs=self.cfg.seqs_per_batch,
+            return padded_stream(rows(), pending.pop, images=self.cfg.padded_images)
+        return pack_stream(rows(), pending.pop, seq_len=self.cfg.seq_len, seqs=self.cfg.seqs_per_batch,
                            max_images=self.cfg.max_images_per_seq)
 
     def steps(self, start_step: int = 0) -> Iterator[StepPlan]:
@@ -146,11 +169,19 @@ class StoreMix:
         self.readers = [StoreReader(u, teachers, layers) for u in urls]
         sizes = np.cumsum([0] + [len(r) for r in self.readers])
         self.starts = sizes[:-1]
-        self.ok = np.concatenate([r.ok for r in self.readers])
-        self.grid = np.concatenate([r.grid for r in self.readers])
+        self.indexes = [r.index for r in self.readers]  # what the plan stream reads, one unit at a time
 
     def __len__(self) -> int:
-        return len(self.ok)
+        return int(sum(len(r) for r in self.readers))
+
+    # the whole index of every store, for evaluation: read on first use, never by the training path
+    @cached_property
+    def ok(self) -> np.ndarray:
+        return np.concatenate([r.ok for r in self.readers])
+
+    @cached_property
+    def grid(self) -> np.ndarray:
+        return np.concatenate([r.grid for r in self.readers])
 
     def parts(self, weights: list[float] | None = None) -> list[StorePart]:
         weights = weights or [1.0] * len(self.readers)

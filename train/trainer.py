@@ -183,11 +183,10 @@ def _batches(cfg: TrainConfig, teachers: list[str], start: int, rank: int, world
     by DataLoader workers; ``layers``: cached teacher layers read with each image (TGR-MoE)."""
     dataset = StoreBatches([s.url for s in cfg.data.stores], teachers, cfg.data, patch=cfg.model.patch_size,
                            registers=cfg.model.registers, seed=cfg.run.seed, layers=layers)
-    mix = dataset.reader
-    parts = mix.parts([s.weight for s in cfg.data.stores])
-    plans = PlanStream(mix.ok, mix.grid, parts[0].unit_rows, cfg.data, registers=cfg.model.registers,
-                       seed=cfg.run.seed, accumulation=cfg.optim.accumulation, world=world, rank=rank, parts=parts)
-    dataset.drop_reader()
+    plans = PlanStream(dataset.reader.indexes, cfg.data, registers=cfg.model.registers, seed=cfg.run.seed,
+                       weights=[s.weight for s in cfg.data.stores], accumulation=cfg.optim.accumulation, world=world,
+                       rank=rank)
+    dataset.drop_reader()  # the plans keep their stores' indexes; each loader worker opens its own readers
     return iter(make_loader(dataset, plans.steps(start), cfg.data))
 
 

@@ -138,12 +138,13 @@ def test_shuffled_order_is_a_seeded_permutation_in_bounded_windows():
     assert len({r // 64 for r in a[:32]}) <= 2
     valid = np.ones(10, bool)
     valid[[2, 5]] = False
-    stream = epoch_stream(valid, 4, seed=0, buffer=3)
+    stream = epoch_stream(lambda u: np.where(valid[4 * u:4 * u + 4], 10 * u, -1), 10, 4, seed=0, buffer=3)
     first = [next(stream) for _ in range(16)]
-    assert sorted(r for e, r in first if e == 0) == [0, 1, 3, 4, 6, 7, 8, 9]
-    assert {e for e, _ in first} == {0, 1}
+    assert sorted(r for e, r, _ in first if e == 0) == [0, 1, 3, 4, 6, 7, 8, 9]
+    assert {e for e, _, _ in first} == {0, 1}
+    assert all(v == 10 * (r // 4) for _, r, v in first)  # each row carries its unit's value
     with pytest.raises(ValueError, match="no usable image"):
-        next(epoch_stream(np.zeros(3, bool), 2, seed=0, buffer=2))
+        next(epoch_stream(lambda u: np.full(2, -1), 3, 2, seed=0, buffer=2))
 
 
 def test_router_losses_are_summed_over_moe_layers(train_store):
@@ -162,7 +163,7 @@ def test_router_losses_are_summed_over_moe_layers(train_store):
     torch.manual_seed(0)
     model = build_model(cfg, store, store.teacher_names)
     ds = StoreBatches(train_store, store.teacher_names, cfg.data, patch=16, registers=4, seed=0)
-    plan = next(PlanStream(ds.reader.ok, ds.reader.grid, store.shard_images, cfg.data, registers=4, seed=0).steps())
+    plan = next(PlanStream(ds.reader.indexes, cfg.data, registers=4, seed=0).steps())
     batch = ds[plan]
     terms, out = compute_terms(model, batch, cfg)
     per_layer = [0.01 * float(a["load_balance_loss"]) + 1e-3 * float(a["z_loss"]) for a in out.aux]

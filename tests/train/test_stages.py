@@ -14,15 +14,14 @@ import time
 import numpy as np
 import pytest
 
+import stream_reference
 from cli_helpers import run_pipeline
 import torch
 import zarr
 
-from storage.streaming import epoch_stream
 from train.checkpoint import latest_checkpoint
 from train.config import DataConfig, TrainConfig, with_stores
 from train.data import PlanStream, StorePart
-from train.packing import pack_stream
 
 PIPELINE = [sys.executable, "-m", "pipeline.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -47,7 +46,7 @@ def _mixture(sizes, weights, cfg, seed=0):
     parts = [StorePart(int(a), int(b), 7, w) for a, b, w in zip(starts[:-1], starts[1:], weights)]
     ok = np.ones(starts[-1], bool)
     grid = np.full((starts[-1], 2), 2)
-    return PlanStream(ok, grid, 7, cfg, registers=0, seed=seed, parts=parts), starts
+    return PlanStream.from_arrays(ok, grid, 7, cfg, registers=0, seed=seed, parts=parts), starts
 
 
 def test_the_plan_stream_draws_each_store_by_weight_and_replays_it():
@@ -76,9 +75,8 @@ def test_one_store_keeps_the_order_it_had_before_mixtures():
     ok = np.ones(90, bool)
     ok[[3, 40]] = False
     grid = np.random.default_rng(0).integers(1, 5, size=(90, 2))
-    plans = PlanStream(ok, grid, 10, cfg, registers=4, seed=3)
-    old = pack_stream(epoch_stream(ok, 10, seed=3, buffer=16), lambda r: 5 + int(grid[r, 0] * grid[r, 1]),
-                      seq_len=64, seqs=2, max_images=8)
+    plans = PlanStream.from_arrays(ok, grid, 10, cfg, registers=4, seed=3)
+    old = stream_reference.microbatches(ok, grid, cfg, registers=4, seed=3, parts=[(0, 90, 10, 1.0)])
     assert _take(plans.microbatches(), 50) == _take(old, 50)
 
 
@@ -146,8 +144,7 @@ def test_stage_two_starts_from_stage_one_weights_and_records_it(train_store, sta
     cfg, _ = read_run(stage2)
     ds = StoreBatches([stage2_store, train_store], ["dino"], cfg.data, patch=16, registers=cfg.model.registers, seed=0)
     mix = ds.reader
-    plan = next(PlanStream(mix.ok, mix.grid, 16, cfg.data, registers=cfg.model.registers, seed=0,
-                           parts=mix.parts()).steps(0))
+    plan = next(PlanStream(mix.indexes, cfg.data, registers=cfg.model.registers, seed=0).steps(0))
     torch.manual_seed(123)
     model = build_model(cfg, FeatureStore.open(stage2_store), ["dino"])
     load_checkpoint(latest_checkpoint(stage1 / "checkpoints"), model)

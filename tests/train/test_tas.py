@@ -75,8 +75,7 @@ def test_tas_joins_training_as_its_own_term_and_needs_an_moe_student(train_store
     model = build_model(cfg, store, store.teacher_names)
     assert set(model.tas) == {"0", "1"} and sum(p.numel() for p in model.tas.parameters()) > 0
     ds = StoreBatches(train_store, store.teacher_names, cfg.data, patch=16, registers=cfg.model.registers, seed=0)
-    plan = next(PlanStream(ds.reader.ok, ds.reader.grid, store.shard_images, cfg.data, registers=cfg.model.registers,
-                           seed=0).steps())
+    plan = next(PlanStream(ds.reader.indexes, cfg.data, registers=cfg.model.registers, seed=0).steps())
     terms, _ = compute_terms(model, batch_to_device(ds[plan], torch.device("cpu")), cfg)
     assert float(terms["tas"]) > 0
     terms["tas"].backward()

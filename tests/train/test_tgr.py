@@ -175,7 +175,7 @@ def test_batches_carry_the_cached_layers_of_each_patch_token_through_flips_and_c
 
     cfg = DataConfig(seq_len=160, seqs_per_batch=2, workers=0)
     plain = StoreBatches(train_store, ["dino"], cfg, patch=16, registers=4, seed=0, layers={"dino": [1, 2]})
-    plan = next(PlanStream(plain.reader.ok, plain.reader.grid, 16, cfg, registers=4, seed=0).steps())
+    plan = next(PlanStream(plain.reader.indexes, cfg, registers=4, seed=0).steps())
     batch = plain[plan]
     items = read_batch(StoreReader(train_store, ["dino"], {"dino": [1, 2]}), plan.microbatch.rows)
     for k in (1, 2):  # layout order = the images' patch rows one after the other, as the patch targets
@@ -236,7 +236,7 @@ def test_in_a_packed_batch_the_teacher_router_of_each_patch_token_reads_that_tok
     model = build_model(cfg, store, ["dino", "siglip"], training=True)
     ds = StoreBatches(train_store, ["dino", "siglip"], cfg.data, patch=16, registers=cfg.model.registers, seed=0,
                       layers=model.guide.reads)
-    batch = ds[next(PlanStream(ds.reader.ok, ds.reader.grid, 16, cfg.data, registers=4, seed=0).steps())]
+    batch = ds[next(PlanStream(ds.reader.indexes, cfg.data, registers=4, seed=0).steps())]
     layout = batch["layout"]
     assert layout.num_images > 2 and bool((layout.doc_ids < 0).any())  # several images per sequence, padding
     with torch.no_grad():

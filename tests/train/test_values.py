@@ -48,8 +48,8 @@ def _step0_batches(cfg, store_url: str, teachers: list[str]) -> list[dict]:
 
     ds = StoreBatches(store_url, teachers, cfg.data, patch=cfg.model.patch_size, registers=cfg.model.registers,
                       seed=cfg.run.seed)
-    plans = PlanStream(ds.reader.ok, ds.reader.grid, FeatureStore.open(store_url).shard_images, cfg.data,
-                       registers=cfg.model.registers, seed=cfg.run.seed, accumulation=cfg.optim.accumulation).steps(0)
+    plans = PlanStream(ds.reader.indexes, cfg.data, registers=cfg.model.registers, seed=cfg.run.seed,
+                       accumulation=cfg.optim.accumulation).steps(0)
     return [ds[next(plans)] for _ in range(cfg.optim.accumulation)]
 
 

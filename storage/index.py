@@ -1,0 +1,176 @@
+"""The per-image index of a store (ok, grid, pixel and token offsets, labels), read one write unit at a time.
+
+Training needs, per image, whether it decoded, its token grid and where its bytes and tokens lie in the
+flat arrays. Held whole that is ~25 B per image in every process (5 GB at 200M images). Every per-image
+array is chunked by write unit, so one unit's index is one chunk per array: ``StoreIndex`` reads units when
+asked and keeps the last few, so memory is bounded by the units in flight, as for the targets themselves.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
+
+import numpy as np
+
+from . import layout as L
+from .store import StoreError
+
+__all__ = ["ArrayIndex", "IndexRows", "StoreIndex", "UnitIndex", "DEFAULT_CACHE_UNITS"]
+
+DEFAULT_CACHE_UNITS = 64  # units kept per reader: a shuffle buffer spans a few units, a batch fewer
+
+
+class UnitIndex:
+    """Rows ``start:stop`` of the index (one write unit); each array is read on first use, so the plan
+    stream, which needs only ``ok`` and ``grid``, reads only those."""
+
+    def __init__(self, start: int, stop: int, read: Callable[[str, "UnitIndex"], np.ndarray]):
+        self.start, self.stop, self._read = start, stop, read
+
+    @cached_property
+    def ok(self) -> np.ndarray:  # [n] bool
+        return self._read(L.OK, self)
+
+    @cached_property
+    def grid(self) -> np.ndarray:  # [n, 2] int32
+        return self._read(L.GRID, self)
+
+    @cached_property
+    def pixel_offsets(self) -> np.ndarray:  # [n + 1] int64, absolute: image start+k is pixels[po[k]:po[k+1]]
+        return self._read(L.PIXEL_OFFSETS, self)
+
+    @cached_property
+    def token_offsets(self) -> np.ndarray:  # [n + 1] int64, absolute, shared by every teacher's flat arrays
+        return self._read(L.OFFSETS, self)
+
+    @cached_property
+    def labels(self) -> np.ndarray:  # [n] int32, -1 where unknown (or the store has no labels)
+        return self._read(L.LABELS, self)
+
+    def tokens(self) -> np.ndarray:
+        """Patch tokens of each image: gh·gw, 0 for a failed image (the contract of every ``offsets``)."""
+        return np.where(self.ok, self.grid[:, 0].astype(np.int64) * self.grid[:, 1], 0)
+
+
+@dataclass(frozen=True)
+class IndexRows:
+    """The index of arbitrary rows (a batch), gathered from their units."""
+
+    ok: np.ndarray
+    grid: np.ndarray
+    pixels: tuple[np.ndarray, np.ndarray]  # start, stop in images/pixels
+    tokens: tuple[np.ndarray, np.ndarray] | None  # start, stop in every teacher's patches (when asked for)
+    labels: np.ndarray
+
+
+class _Units:
+    """Units by number, the ``capacity`` most recently used kept (thread-safe)."""
+
+    def __init__(self, num_rows: int, unit_rows: int, capacity: int, read):
+        if unit_rows <= 0 or capacity <= 0:
+            raise ValueError(f"bad index shape: unit_rows={unit_rows}, capacity={capacity}")
+        self.num_rows, self.unit_rows, self.capacity, self._read = num_rows, unit_rows, capacity, read
+        self.name = "the store"  # for messages: a StoreIndex names its URL
+        self._cache: OrderedDict[int, UnitIndex] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def num_units(self) -> int:
+        return -(-self.num_rows // self.unit_rows)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def unit(self, u: int) -> UnitIndex:
+        with self._lock:
+            hit = self._cache.get(u)
+            if hit is not None:
+                self._cache.move_to_end(u)
+                return hit
+            if not 0 <= u < self.num_units:
+                raise IndexError(f"unit {u} out of range [0, {self.num_units})")
+            unit = UnitIndex(u * self.unit_rows, min(self.num_rows, (u + 1) * self.unit_rows), self._read)
+            self._cache[u] = unit
+            if len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+            return unit
+
+    def rows(self, rows, *, tokens: bool = True) -> IndexRows:
+        """The index of ``rows`` (any order, repeats allowed), one lookup per unit they fall in; ``tokens``:
+        with their token offsets (a reader of no teacher reads none)."""
+        rows = np.asarray(rows, np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"rows out of range [0, {self.num_rows})")
+        ok = np.zeros(len(rows), bool)
+        grid = np.zeros((len(rows), 2), np.int32)
+        p0, p1, t0, t1 = (np.zeros(len(rows), np.int64) for _ in range(4))
+        labels = np.full(len(rows), -1, np.int32)
+        which = rows // self.unit_rows
+        for u in np.unique(which).tolist():
+            mine = np.flatnonzero(which == u)
+            unit = self.unit(u)
+            k = rows[mine] - unit.start
+            ok[mine], grid[mine], labels[mine] = unit.ok[k], unit.grid[k], unit.labels[k]
+            p0[mine], p1[mine] = unit.pixel_offsets[k], unit.pixel_offsets[k + 1]
+            if tokens:
+                t0[mine], t1[mine] = unit.token_offsets[k], unit.token_offsets[k + 1]
+        return IndexRows(ok, grid, (p0, p1), (t0, t1) if tokens else None, labels)
+
+
+class StoreIndex(_Units):
+    """A store's index, read per unit through ``select(name, array, selection, rows)`` (``StoreReader.select``:
+    damage is named, never read as data). Token offsets come from ``offsets`` of the complete teacher
+    ``teacher`` (every teacher's are the same); None: the caller reads no tokens."""
+
+    def __init__(self, store, select, *, teacher: str | None, capacity: int = DEFAULT_CACHE_UNITS):
+        super().__init__(store.num_images, store.shard_images, capacity, self._read_field)
+        self.store, self.select, self.teacher, self.name = store, select, teacher, store.url
+        images = store.group[L.IMAGES]
+        self._arrays = {L.OK: (f"{L.IMAGES}/{L.OK}", images[L.OK]), L.GRID: (f"{L.IMAGES}/{L.GRID}", images[L.GRID]),
+                        L.PIXEL_OFFSETS: (f"{L.IMAGES}/{L.PIXEL_OFFSETS}", images[L.PIXEL_OFFSETS])}
+        if L.LABELS in store.group:
+            self._arrays[L.LABELS] = (L.LABELS, store.group[L.LABELS])
+        if teacher is not None:
+            self._arrays[L.OFFSETS] = (f"{teacher}/{L.OFFSETS}", store.teacher_group(teacher)[L.OFFSETS])
+
+    def _slice(self, field: str, a: int, b: int) -> np.ndarray:
+        name, array = self._arrays[field]
+        return self.select(name, array, slice(a, b), np.arange(a, b))
+
+    def _read_field(self, field: str, unit: UnitIndex) -> np.ndarray:
+        a, b = unit.start, unit.stop
+        if field in (L.OK, L.GRID):
+            return self._slice(field, a, b)
+        if field == L.PIXEL_OFFSETS:  # the unit's n + 1 offsets: its last image ends where the next unit begins
+            return self._slice(field, a, b + 1)
+        if field == L.LABELS:
+            return self._slice(field, a, b) if L.LABELS in self._arrays else np.full(b - a, -1, np.int32)
+        if field == L.OFFSETS:
+            if self.teacher is None:
+                raise ValueError(f"{self.store.url}: this index was opened without a teacher, so without token offsets")
+            # the unit's own chunk of the stored offsets; the end follows from the last image's token count
+            start, counts = self._slice(field, a, b), unit.tokens()
+            if not np.array_equal(np.diff(start), counts[:-1]):
+                raise StoreError(f"{self.store.url}: {self.teacher}/{L.OFFSETS} rows {a}:{b} disagree with images/grid "
+                                 f"and images/ok; run `pipeline inspect --verify {self.store.url}`")
+            return np.append(start, start[-1] + counts[-1]).astype(np.int64)
+        raise KeyError(field)
+
+
+class ArrayIndex(_Units):
+    """The same per-unit view over whole ``ok`` and ``grid`` arrays already in memory (tests, small stores)."""
+
+    def __init__(self, ok: np.ndarray, grid: np.ndarray, unit_rows: int, capacity: int = DEFAULT_CACHE_UNITS):
+        self.ok, self.grid = np.asarray(ok, bool), np.asarray(grid)
+        super().__init__(len(self.ok), unit_rows, capacity, self._read_field)
+
+    def _read_field(self, field: str, unit: UnitIndex) -> np.ndarray:
+        if field == L.OK:
+            return self.ok[unit.start:unit.stop]
+        if field == L.GRID:
+            return self.grid[unit.start:unit.stop]
+        raise KeyError(f"an ArrayIndex holds ok and grid only, not {field}")

@@ -1,0 +1,110 @@
+"""The per-unit index (``storage.index``) gives the training path exactly what the whole index gave: the same
+plans in the same order (pinned against the whole-array implementation, ``stream_reference``), the same
+targets, with a bounded number of units in memory and without reading any whole index array."""
+
+from __future__ import annotations
+
+import shutil
+from itertools import islice
+
+import numpy as np
+import pytest
+import zarr
+
+import stream_reference
+from synthetic_store import TEACHER, write_synthetic_store
+from storage.reader import StoreReader, read_batch
+from storage.store import StoreError
+from train.config import DataConfig
+from train.data import PlanStream, StoreBatches, StoreMix
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """Two stores with failed images (with a grid: only ``ok`` says they failed), grids up to 4x4 and 3x3, and a
+    last unit shorter than the others."""
+    root = tmp_path_factory.mktemp("index")
+    return (write_synthetic_store(str(root / "a"), 3001, shard_images=64, max_side=4, failed_every=7, seed=1),
+            write_synthetic_store(str(root / "b"), 500, shard_images=32, max_side=3, failed_every=5, seed=2))
+
+
+def _whole(url: str) -> dict[str, np.ndarray]:
+    g = zarr.open_group(url, mode="r")
+    return {"ok": g["images/ok"][:], "grid": g["images/grid"][:], "pixel_offsets": g["images/pixel_offsets"][:],
+            "pixels": g["images/pixels"][:], "labels": g["labels"][:], "offsets": g[f"teachers/{TEACHER}/offsets"][:],
+            "summary": g[f"teachers/{TEACHER}/summary"][:], "patches": g[f"teachers/{TEACHER}/patches"][:]}
+
+
+@pytest.fixture
+def no_whole_index(monkeypatch):
+    """Any read of a whole index array fails the test: the training path reads units only."""
+    def refuse(self, name, array):
+        raise AssertionError(f"the training path read the whole {name}")
+    monkeypatch.setattr(StoreReader, "_whole", refuse)
+
+
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_the_per_unit_plans_are_the_whole_array_plans(stores, mode, no_whole_index):
+    cfg = DataConfig(mode=mode, seq_len=40, seqs_per_batch=2, max_images_per_seq=8, shuffle_buffer=100, padded_images=6)
+    sizes = [3001, 500]
+    for k, weights in ((1, [1.0]), (2, [2.0, 1.0])):
+        urls = list(stores[:k])
+        whole = [_whole(u) for u in urls]
+        ok = np.concatenate([w["ok"] for w in whole])
+        grid = np.concatenate([w["grid"] for w in whole])
+        starts = np.cumsum([0, *sizes[:k]])
+        parts = [(int(starts[j]), int(starts[j + 1]), unit, weights[j]) for j, unit in enumerate((64, 32)[:k])]
+        old = list(islice(stream_reference.microbatches(ok, grid, cfg, registers=4, seed=5, parts=parts), 1200))
+        assert max(mb.epoch for mb in old) >= 2  # several epochs of the first store
+        plans = PlanStream(StoreMix(urls, [TEACHER]).indexes, cfg, registers=4, seed=5, weights=weights)
+        assert list(islice(plans.microbatches(), 1200)) == old
+        # a resume at step 37 of a 2-rank run with accumulation 2: this rank's share of the same microbatches
+        ranked = PlanStream(StoreMix(urls, [TEACHER]).indexes, cfg, registers=4, seed=5, weights=weights,
+                            accumulation=2, world=2, rank=1)
+        got = [(p.step, p.microbatch) for p in islice(ranked.steps(37), 20)]
+        assert got == [(s, old[4 * s + 2 * a + 1]) for s in range(37, 47) for a in range(2)]
+
+
+def test_batches_read_through_units_are_the_stored_targets(stores, no_whole_index):
+    whole = _whole(stores[0])
+    reader = StoreReader(stores[0], index_units=3)
+    rows = np.flatnonzero(whole["ok"])[[5, 900, 7, 2500, 6, 2571 - 1, 64, 63]]
+    for it, i in zip(read_batch(reader, rows), rows):
+        assert it.index == i and it.grid == tuple(whole["grid"][i]) and it.label == whole["labels"][i]
+        assert it.pixels.tobytes() == whole["pixels"][whole["pixel_offsets"][i]:whole["pixel_offsets"][i + 1]].tobytes()
+        np.testing.assert_array_equal(it.patches[TEACHER], whole["patches"][whole["offsets"][i]:whole["offsets"][i + 1]])
+        np.testing.assert_array_equal(it.summary[TEACHER], whole["summary"][i])
+    one = reader.read(int(rows[3]))
+    np.testing.assert_array_equal(one.patches[TEACHER], read_batch(reader, [rows[3]])[0].patches[TEACHER])
+    assert len(reader.index._cache) <= 3  # the LRU keeps at most index_units units
+    with pytest.raises(ValueError, match="failed to decode"):
+        read_batch(reader, [6])  # every 7th image failed
+
+
+def test_an_image_longer_than_seq_len_is_refused_when_its_unit_is_reached(stores):
+    cfg = DataConfig(seq_len=12, seqs_per_batch=2, max_images_per_seq=8, shuffle_buffer=100)  # 4x4 grids need 21
+    plans = PlanStream(StoreMix([stores[0]], [TEACHER]).indexes, cfg, registers=4, seed=0)
+    with pytest.raises(ValueError, match=f"of {stores[0]} needs 2[01] tokens .* raise data.seq_len"):
+        next(plans.steps())
+
+
+def test_token_offsets_that_disagree_with_the_grid_are_named(stores, tmp_path):
+    url = str(tmp_path / "store")
+    shutil.copytree(stores[0], url)
+    offsets = zarr.open_array(f"{url}/teachers/{TEACHER}/offsets", mode="r+")
+    offsets[130] = offsets[130] + 1  # a valid chunk (checksum and all) holding a wrong offset
+    reader = StoreReader(url)
+    read_batch(reader, [1, 2])  # other units read as before
+    with pytest.raises(StoreError, match=f"{TEACHER}/offsets rows 128:192 disagree"):
+        read_batch(reader, [1, 135])
+
+
+def test_eval_keeps_the_whole_index_on_first_use(stores):
+    whole = _whole(stores[1])
+    reader = StoreReader(stores[1])
+    assert "ok" not in vars(reader)  # not read by opening
+    np.testing.assert_array_equal(reader.ok, whole["ok"])
+    np.testing.assert_array_equal(reader.token_offsets, whole["offsets"])
+    ds = StoreBatches(stores[1], [TEACHER], DataConfig(), patch=16, registers=0, seed=0)
+    np.testing.assert_array_equal(ds.reader.grid, whole["grid"])
+    assert len(ds.reader) == 500
