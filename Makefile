@@ -28,7 +28,7 @@ ablations: $(VENV)/.installed
 
 # Triton kernels are checked on CPU by Triton's interpreter (it must be set before triton is imported).
 test: $(VENV)/.installed
-	TRITON_INTERPRET=1 $(PY) -m pytest -m "not slow and not gpu" -q -p no:cacheprovider
+	TRITON_INTERPRET=1 $(PY) -m pytest -m "not slow and not gpu" -q -p no:cacheprovider --durations=15
 
 clean:
 	rm -rf $(VENV) runs
