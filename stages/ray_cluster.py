@@ -38,7 +38,10 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None) -> Iter
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is in the environment before Ray is first imported (Ray reads
         # it once, at import; the tests set it in tests/conftest.py). It cannot be set here: by now Ray is
         # imported, and a command that joins a cluster (--ray-address) must not have it.
-        ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=gpus, _node_ip_address="127.0.0.1", **kwargs)
+        # address="local": a new cluster even when another one runs on this machine; without it Ray joins the
+        # latest cluster started here (RAY_ADDRESS, /tmp/ray/ray_current_cluster), someone else's job's
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), num_gpus=gpus, _node_ip_address="127.0.0.1",
+                 **kwargs)
     try:
         yield
     finally:

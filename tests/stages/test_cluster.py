@@ -95,6 +95,11 @@ def test_a_node_killed_mid_job_costs_nothing_and_work_ran_on_every_node(images_a
         teacher_nodes = _nodes_of(store, store.teacher_commits("vit"))
         assert killed["node"] in teacher_nodes and len(teacher_nodes) >= 2
         assert store.teacher_attrs("vit")["complete"]
+        # a command without --ray-address starts a cluster of its own while this one runs on the machine (Ray's
+        # default would join the latest cluster started here, and refuse the embedded cluster's CPU count)
+        again = run_pipeline(*args, alone=True)
+        assert_ok(again)
+        assert "0 already committed" not in again.stdout and "resumed" in again.stdout
     a, b = store_arrays(reference), store_arrays(store_url)
     assert a.keys() == b.keys()
     for key in a:
