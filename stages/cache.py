@@ -411,6 +411,8 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
 
     if spec.codec != "float32" and (report.units_total > report.units_skipped or not was_complete):
         measured = codec_fidelity(store, name, plan.num_units, list(extras.layer_dims))
+        if was_complete:  # layers added to a complete teacher: its own entries stay as they were
+            measured = {f: m for f, m in measured.items() if f.startswith(f"{L.LAYERS}/")}
         store.teacher_group(name).attrs.update({"codec_fidelity": {
             **(store.teacher_attrs(name).get("codec_fidelity") or {}), **measured}})
     store.teacher_group(name).attrs.update({"complete": True})

@@ -147,8 +147,11 @@ def test_adding_layers_to_a_cached_teacher_touches_nothing_else_and_survives_a_c
     run_cache(str(images), str(url), _cfg(TINY_VIT, "vit", layers=[2]))  # the rerun (in-process: same code)
     after = FeatureStore.open(str(url)).teacher_attrs("vit")
     assert after["layers"] == [2] and after["layer_dims"] == {"2": 48}
-    layer_keys = {"layers", "layer_dims", "layer_rule"}
+    layer_keys = {"layers", "layer_dims", "layer_rule", "codec_fidelity"}
     assert {k: v for k, v in after.items() if k not in layer_keys} == {k: v for k, v in before.items() if k not in layer_keys}
+    # the codec's measurements gain the layer's entry; the teacher's own ones are untouched
+    assert set(after["codec_fidelity"]) == set(before["codec_fidelity"]) | {"layers/2"}
+    assert {k: after["codec_fidelity"][k] for k in before["codec_fidelity"]} == before["codec_fidelity"]
     assert {p: p.stat().st_mtime_ns for p in files} == files, "adding a layer rewrote the teacher's other files"
     _check_layers(str(url), "vit", TINY_VIT, [2])
     with pytest.raises(ValueError, match=r"has layers 1\.\.2"):  # refused before any work
