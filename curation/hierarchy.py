@@ -4,6 +4,10 @@ Level 1 clusters the embeddings (or a ``fit_sample`` of them, AMoE's step (ii));
 clusters the centroids of level l. When fitted on a subsample, every remaining row of the pool is
 assigned to its nearest level-1 centroid in bounded-memory chunks (AMoE's step (iii)), so the
 tree covers the whole pool. Levels are 1-based everywhere, as in the papers (level 1 = finest).
+
+The per-point level-1 labels may live outside memory (a zarr array written unit by unit by a
+distributed assignment job, ``stages.assign_job``): everything that reduces over points reads them
+in blocks (:func:`iter_label_blocks`), so a pool of billions is never held by one process.
 """
 
 from __future__ import annotations
@@ -28,14 +32,37 @@ log = logging.getLogger(__name__)
 # itself, so the caller never holds them.
 Level1Fit = Callable[..., KMeansResult]
 
+# Assigns the whole pool to the level-1 centroids somewhere else (a distributed job):
+# ``assign(centroids, spherical=, gpu=)`` -> (labels [N], sqdist [N]) as arrays sliceable by rows (numpy or
+# zarr; label -1 = a row that is not a point, e.g. an image that failed to decode). The fitted labels are
+# then not used: every row, fitted or not, is labelled by its nearest final centroid, as ``assign`` does.
+PoolAssign = Callable[..., tuple[Any, Any]]
+
+
+def iter_label_blocks(labels: Any, sqdist: Any, block_rows: int = DEFAULT_CHUNK_ROWS):
+    """Yield ``(rows int64, labels int64, sqdist float32)`` of the labelled rows (label >= 0), ``block_rows``
+    rows at a time, in row order; ``labels``/``sqdist`` are numpy or zarr [N] arrays (zarr read lazily)."""
+    if block_rows <= 0:
+        raise ValueError(f"block_rows must be positive, got {block_rows}")
+    n = int(labels.shape[0])
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        lab = np.asarray(labels[start:stop]).astype(np.int64, copy=False)
+        keep = np.flatnonzero(lab >= 0)
+        yield start + keep, lab[keep], np.asarray(sqdist[start:stop], dtype=np.float32)[keep]
+
 
 @dataclass
 class Hierarchy:
-    """Fitted tree. ``centroids[l-1]`` is level l ([K_l, d] float32); ``assignments`` [N] int64 is
+    """Fitted tree. ``centroids[l-1]`` is level l ([K_l, d] float32); ``assignments`` [N] is
     the level-1 cluster of every point; ``sqdist`` [N] float32 its squared distance to that
     centroid; ``parents[l-1]`` [K_l] int64 maps a level-l cluster to its level-(l+1) cluster;
     ``inertia[l-1]`` is the k-means objective at level l (over all N points at level 1, over the
-    level-(l-1) centroids above)."""
+    level-(l-1) centroids above).
+
+    ``assignments``/``sqdist`` are numpy int64/float32 arrays, or zarr arrays written by a pool
+    assignment job (label -1 = a row that is not a point); reductions over points read them in blocks
+    (:meth:`blocks`), and :meth:`point_clusters` is for in-memory trees only."""
 
     centroids: list[np.ndarray]
     assignments: np.ndarray
@@ -52,9 +79,17 @@ class Hierarchy:
                 raise ValueError(f"parent map of level {lvl} has shape {p.shape}")
             if p.size and (p.min() < 0 or p.max() >= self.centroids[lvl].shape[0]):
                 raise ValueError(f"parent map of level {lvl} points outside level {lvl + 1}")
-        if self.assignments.size and (self.assignments.min() < 0
-                                      or self.assignments.max() >= self.centroids[0].shape[0]):
+        if isinstance(self.assignments, np.ndarray) and self.assignments.size and (
+                self.assignments.min() < 0 or self.assignments.max() >= self.centroids[0].shape[0]):
             raise ValueError("level-1 assignments out of range")
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.assignments, np.ndarray)
+
+    def blocks(self, block_rows: int = DEFAULT_CHUNK_ROWS):
+        """``(rows, level-1 labels, sqdist)`` of the points, a block of rows at a time (:func:`iter_label_blocks`)."""
+        return iter_label_blocks(self.assignments, self.sqdist, block_rows)
 
     @property
     def n_levels(self) -> int:
@@ -81,20 +116,37 @@ class Hierarchy:
         return m
 
     def point_clusters(self, level: int) -> np.ndarray:
-        """Cluster id of every point at ``level`` ([N] int64)."""
+        """Cluster id of every point at ``level`` ([N] int64); in-memory trees only (a pool's labels in
+        zarr are read in blocks instead: :meth:`blocks`, :meth:`sizes_per_level`)."""
+        if not self.in_memory:
+            raise TypeError("point_clusters needs labels in memory; read a zarr-backed tree with blocks()")
         return self.cluster_map(level)[self.assignments]
+
+    def sizes_per_level(self) -> list[np.ndarray]:
+        """Points under each cluster, per level (index l-1 = level l): one pass over the labels in blocks,
+        then summed up the parent maps."""
+        sizes = np.zeros(self.levels[0], np.int64)
+        for _, lab, _ in self.blocks():
+            sizes += np.bincount(lab, minlength=self.levels[0])
+        out = [sizes]
+        for p, k in zip(self.parents, self.levels[1:]):
+            out.append(np.bincount(p, weights=out[-1], minlength=k).astype(np.int64))
+        return out
 
     def cluster_sizes(self, level: int) -> np.ndarray:
         """Number of points under each cluster of ``level`` ([K_level] int64)."""
         self._check_level(level)
-        return np.bincount(self.point_clusters(level), minlength=self.levels[level - 1]).astype(np.int64)
+        return self.sizes_per_level()[level - 1]
 
     def save(self, path: str | Path) -> None:
+        """The tree (and, when in memory, the per-point labels) as one ``.npz``; a zarr-backed tree's labels
+        stay where they are (the curation run folder's ``clusters/``) and are not copied."""
         arrays: dict[str, np.ndarray] = {
-            "assignments": self.assignments, "sqdist": self.sqdist,
             "inertia": np.asarray(self.inertia, dtype=np.float64),
             "spherical": np.asarray(self.spherical), "n_levels": np.asarray(self.n_levels),
         }
+        if self.in_memory:
+            arrays.update(assignments=self.assignments, sqdist=self.sqdist)
         for lvl, c in enumerate(self.centroids, start=1):
             arrays[f"centroids_{lvl}"] = c
         for lvl, p in enumerate(self.parents, start=1):
@@ -103,12 +155,19 @@ class Hierarchy:
             np.savez(f, **arrays)
 
     @classmethod
-    def load(cls, path: str | Path) -> Hierarchy:
+    def load(cls, path: str | Path, assignments: Any = None, sqdist: Any = None) -> Hierarchy:
+        """A saved tree; ``assignments``/``sqdist`` (e.g. a run folder's ``clusters/`` arrays) for a tree
+        saved without its labels."""
         with np.load(path) as z:
             n = int(z["n_levels"])
+            if assignments is None:
+                if "assignments" not in z:
+                    raise ValueError(f"{path}: the tree was saved without its per-point labels; pass them "
+                                     "(a curation run folder keeps them in clusters/level1 and clusters/sqdist)")
+                assignments, sqdist = z["assignments"].astype(np.int64), z["sqdist"]
             return cls(
                 centroids=[z[f"centroids_{i}"] for i in range(1, n + 1)],
-                assignments=z["assignments"].astype(np.int64), sqdist=z["sqdist"],
+                assignments=assignments, sqdist=sqdist,
                 parents=[z[f"parents_{i}"].astype(np.int64) for i in range(1, n)],
                 inertia=[float(v) for v in z["inertia"]], spherical=bool(z["spherical"]))
 
@@ -158,7 +217,8 @@ def fit_hierarchy(embeddings: Any, levels: Sequence[int], *,
                   refine_strategy: Strategy = "closest", refine_init: RefineInit = "fresh",
                   n_iter: int = DEFAULT_ITERATIONS, init: Init = "kmeans++", spherical: bool = False, seed: int = 0,
                   chunk_rows: int = DEFAULT_CHUNK_ROWS, gpu: bool | None = None,
-                  timings: dict[str, float] | None = None, level1_fit: Level1Fit | None = None) -> Hierarchy:
+                  timings: dict[str, float] | None = None, level1_fit: Level1Fit | None = None,
+                  pool_assign: PoolAssign | None = None) -> Hierarchy:
     """Fit the tree on ``embeddings`` ([N, d] numpy or zarr, float32/float16).
 
     Level 1 runs :func:`kmeans_with_resampling` on the fit rows (all rows, or ``fit_sample``: a
@@ -173,7 +233,9 @@ def fit_hierarchy(embeddings: Any, levels: Sequence[int], *,
     read buffers of ``chunk_rows x d`` floats; the pool itself is streamed, never held.
     ``init="kmeans++"`` costs K passes over the fit rows: use ``"random"`` for very large K.
     ``level1_fit`` (e.g. ``stages.kmeans_job.DistributedLevel1Fit``) replaces the in-process level-1
-    fit; this process then never reads the fit rows.
+    fit; this process then never reads the fit rows. ``pool_assign`` (e.g.
+    ``stages.assign_job.PoolAssignment``) assigns every row of the pool to the final level-1 centroids
+    somewhere else and returns the labels as (zarr) arrays; this process then never holds [N] labels.
     """
     n, _ = _shape(embeddings)
     fit_rows = sample_fit_rows(n, fit_sample, seed)
@@ -211,16 +273,22 @@ def fit_hierarchy(embeddings: Any, levels: Sequence[int], *,
     log.info("level 1: K=%d on %d points in %.1fs", levels[0], n_fit, t["level_1_fit"])
 
     t0 = time.perf_counter()
-    if fit_rows is None:
-        labels, sqdist = res.labels, res.sqdist
-    else:  # AMoE supp. §12 step (iii): assign the rest of the pool to the level-1 centroids
-        labels, sqdist = assign(embeddings, res.centroids, spherical=spherical,
-                                chunk_rows=chunk_rows, gpu=gpu, skip_rows=fit_rows)
-        labels[fit_rows], sqdist[fit_rows] = res.labels, res.sqdist
+    if pool_assign is not None:  # AMoE supp. §12 step (iii), as a job that writes the labels where they stay
+        labels, sqdist = pool_assign(res.centroids, spherical=spherical, gpu=gpu)
+        level1_inertia = float(sum(d.astype(np.float64).sum() for _, _, d in iter_label_blocks(labels, sqdist,
+                                                                                                 chunk_rows)))
+    else:
+        if fit_rows is None:
+            labels, sqdist = res.labels, res.sqdist
+        else:  # AMoE supp. §12 step (iii): assign the rest of the pool to the level-1 centroids
+            labels, sqdist = assign(embeddings, res.centroids, spherical=spherical,
+                                    chunk_rows=chunk_rows, gpu=gpu, skip_rows=fit_rows)
+            labels[fit_rows], sqdist[fit_rows] = res.labels, res.sqdist
+        level1_inertia = float(sqdist.astype(np.float64).sum())
     t["assign_pool"] = time.perf_counter() - t0
 
     centroids, parents = [res.centroids], []
-    inertia = [float(sqdist.astype(np.float64).sum())]
+    inertia = [level1_inertia]
     t0 = time.perf_counter()
     for lvl in range(1, len(levels)):
         up = kmeans_with_resampling(centroids[-1], levels[lvl], refine_steps=steps[lvl],

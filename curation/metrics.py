@@ -56,39 +56,87 @@ def size_summary(sizes: np.ndarray) -> dict[str, float]:
 
 def cluster_sizes_per_level(h: Hierarchy) -> list[np.ndarray]:
     """Points under each cluster, per level (index l-1 = level l)."""
-    return [h.cluster_sizes(lvl) for lvl in range(1, h.n_levels + 1)]
+    return h.sizes_per_level()
 
 
 def inertia_per_level(h: Hierarchy) -> list[float]:
     return [float(v) for v in h.inertia]
 
 
+def random_subset(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """The baseline "random subset of equal size": the ``size`` rows of ``range(n)`` with the smallest
+    :func:`curation.sampling.row_keys` (stream 3), sorted. A uniform subset without replacement that the
+    block-by-block version (:func:`_random_labels`) reproduces exactly."""
+    from curation.sampling import row_keys
+
+    keys = row_keys(np.arange(int(n)), seed, stream=3)
+    return np.sort(np.argsort(keys, kind="stable")[: int(size)])
+
+
+def _compare(pool_counts: np.ndarray, curated: np.ndarray, random: np.ndarray, k: int) -> dict[str, float]:
+    """Entropy/coverage of the pool (as label counts), the curated labels and the random subset's labels."""
+    pool = pool_counts.astype(np.float64)
+    p = pool[pool > 0] / pool.sum() if pool.sum() else np.zeros(0)
+    entropy_pool = 1.0 if k <= 1 else (float(-(p * np.log(p)).sum() / np.log(k)) if p.size else 0.0)
+    return {
+        "n_selected": int(curated.size), "num_labels": int(k),
+        "entropy_pool": entropy_pool,
+        "entropy_curated": normalized_entropy(curated, k),
+        "entropy_random": normalized_entropy(random, k),
+        "coverage_curated": coverage(curated, k),
+        "coverage_random": coverage(random, k),
+    }
+
+
 def compare_to_random(labels: np.ndarray, selected: np.ndarray, seed: int = 0,
                       num_labels: int | None = None) -> dict[str, float]:
     """Normalized entropy and coverage of the curated subset vs a uniform random subset of the
-    same size (and of the whole pool), over the same K labels."""
+    same size (:func:`random_subset`) and of the whole pool, over the same K labels."""
     labels = np.asarray(labels, dtype=np.int64)
     selected = np.asarray(selected, dtype=np.int64)
     k = int(num_labels) if num_labels is not None else int(labels.max()) + 1
-    rand = np.random.default_rng([seed, 3]).choice(labels.size, size=selected.size, replace=False)
-    return {
-        "n_selected": int(selected.size), "num_labels": k,
-        "entropy_pool": normalized_entropy(labels, k),
-        "entropy_curated": normalized_entropy(labels[selected], k),
-        "entropy_random": normalized_entropy(labels[rand], k),
-        "coverage_curated": coverage(labels[selected], k),
-        "coverage_random": coverage(labels[rand], k),
-    }
+    rand = random_subset(labels.size, selected.size, seed)
+    return _compare(_counts(labels, k), labels[selected], labels[rand], k)
+
+
+def _labels_of(h: Hierarchy, selected: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over the tree's labels in blocks: the level-1 labels of ``selected`` (sorted rows) and of a
+    random subset of as many points (the points with the smallest row keys, stream 3)."""
+    from curation.sampling import row_keys
+
+    selected = np.asarray(selected, np.int64)
+    sel_labels = np.full(selected.size, -1, np.int64)
+    m = selected.size
+    rand_keys, rand_labels = np.zeros(0), np.zeros(0, np.int64)
+    for rows, labels, _ in h.blocks():
+        if rows.size == 0:
+            continue
+        lo, hi = np.searchsorted(selected, [rows[0], rows[-1] + 1])
+        pos = np.searchsorted(rows, selected[lo:hi])
+        if not np.array_equal(rows[np.minimum(pos, rows.size - 1)], selected[lo:hi]):
+            raise ValueError("a selected row is not a point of the tree (unlabelled or out of range)")
+        sel_labels[lo:hi] = labels[pos]
+        keys = np.concatenate([rand_keys, row_keys(rows, seed, stream=3)])
+        labs = np.concatenate([rand_labels, labels])
+        keep = np.argsort(keys, kind="stable")[:m]
+        rand_keys, rand_labels = keys[keep], labs[keep]
+    if (sel_labels < 0).any():
+        raise ValueError("a selected row is not a point of the tree (unlabelled or out of range)")
+    return sel_labels, rand_labels
 
 
 def curation_metrics(h: Hierarchy, selected: np.ndarray, seed: int = 0) -> dict[str, Any]:
     """Per level: K, size summary, inertia, and entropy/coverage of the pool, the selection and a
-    random subset of equal size over that level's clusters (the only "concepts" we know here)."""
+    random subset of equal size over that level's clusters (the only "concepts" we know here).
+
+    Reads the tree's labels in one pass of blocks: a zarr-backed pool is never loaded."""
+    sel_l1, rand_l1 = _labels_of(h, selected, seed)
+    sizes = h.sizes_per_level()
     per_level = []
-    for lvl, sizes in enumerate(cluster_sizes_per_level(h), start=1):
-        labels = h.point_clusters(lvl)
-        cmp = compare_to_random(labels, selected, seed=seed, num_labels=h.levels[lvl - 1])
-        per_level.append({"level": lvl, "sizes": size_summary(sizes),
+    for lvl, level_sizes in enumerate(sizes, start=1):
+        up = h.cluster_map(lvl)
+        cmp = _compare(level_sizes, up[sel_l1], up[rand_l1], h.levels[lvl - 1])
+        per_level.append({"level": lvl, "sizes": size_summary(level_sizes),
                           "inertia": float(h.inertia[lvl - 1]), **cmp})
-    return {"n_points": h.n_points, "n_selected": int(np.asarray(selected).size),
+    return {"n_points": int(sizes[0].sum()), "n_selected": int(np.asarray(selected).size),
             "levels": h.levels, "per_level": per_level}

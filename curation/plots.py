@@ -75,10 +75,10 @@ def plot_entropy(rows: Sequence[dict[str, Any]], path: str | Path, key: str = "l
 
 def plot_curation(result, out_dir: str | Path) -> list[Path]:
     """All three figures for a :class:`curation.sampling.CurationResult`."""
-    h, sel = result.hierarchy, result.selected_indices
+    h = result.hierarchy
     out = Path(out_dir)
-    sizes = [h.cluster_sizes(lvl) for lvl in range(1, h.n_levels + 1)]
-    chosen = [np.bincount(h.point_clusters(lvl)[sel], minlength=h.levels[lvl - 1])
+    sizes = h.sizes_per_level()
+    chosen = [np.bincount(h.cluster_map(lvl)[result.selected_labels], minlength=h.levels[lvl - 1])
               for lvl in range(1, h.n_levels + 1)]
     return [plot_cluster_sizes(sizes, out / "cluster_sizes.png", chosen),
             plot_inertia(h.inertia, out / "inertia.png", h.levels),

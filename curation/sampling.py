@@ -5,17 +5,23 @@ clusters are taken whole and large ones are cut to x (``sum_i min(x, n_i) = targ
 cluster's share is then split the same way among its children, down to level 1, where the points
 themselves are picked at random or closest-to-centroid. Every concept node thus gets the same
 budget unless it is too small, which is what flattens a long-tailed pool.
+
+Only the allocation needs the whole pool, and only as cluster sizes ([K_1] counts); the points are
+then picked in one pass over the labels, a block at a time, keeping per cluster the ``count`` best
+candidates seen so far (:func:`select_points`). A point's random key is a hash of its row and the
+seed (:func:`row_keys`), not a draw from a stream, so the pick does not depend on how the rows are
+split into blocks: memory is O(K_1 + target + one block), never O(pool).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import numpy as np
 
-from curation.hierarchy import Hierarchy, Level1Fit, fit_hierarchy
+from curation.hierarchy import Hierarchy, Level1Fit, PoolAssign, fit_hierarchy
 from curation.kmeans import DEFAULT_CHUNK_ROWS, DEFAULT_ITERATIONS, Init, RefineInit, Strategy, rank_within_clusters
 from curation.metrics import curation_metrics
 
@@ -83,44 +89,96 @@ def allocate(sizes: np.ndarray, target: int, rng: np.random.Generator) -> np.nda
 
 def hierarchical_allocation(h: Hierarchy, target: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Number of points to draw from every cluster of every level (index l-1 = level l)."""
-    sizes = [np.bincount(h.assignments, minlength=h.levels[0]).astype(np.int64)]
-    for p, k in zip(h.parents, h.levels[1:]):
-        sizes.append(np.bincount(p, weights=sizes[-1], minlength=k).astype(np.int64))
+    sizes = h.sizes_per_level()
     alloc = [allocate(sizes[-1], target, rng)]
     for lvl in range(h.n_levels - 1, 0, -1):  # level lvl+1 -> level lvl (1-based)
         alloc.insert(0, allocate_grouped(sizes[lvl - 1], h.parents[lvl - 1], alloc[0], rng))
     return alloc
 
 
-def select_points(labels: np.ndarray, sqdist: np.ndarray, counts: np.ndarray, selection: Selection,
-                  rng: np.random.Generator) -> np.ndarray:
-    """Sorted indices: ``counts[c]`` points of every level-1 cluster c, random or closest first."""
-    if selection == "random":
-        key = rng.random(labels.size)
-    elif selection == "closest":
-        key = np.asarray(sqdist, dtype=np.float64)
-    else:
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer (Steele, Lea & Flood 2014), elementwise on uint64 (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def row_keys(rows: np.ndarray, seed: int, stream: int = 0) -> np.ndarray:
+    """A uniform key in [0, 1) (float64, 53 random bits) per row, a pure function of (seed, stream, row).
+
+    Why a hash and not ``rng.random(N)``: the key of row i must not depend on which block row i is read
+    in, so that a selection made block by block (a pool in zarr) equals the whole-array one."""
+    with np.errstate(over="ignore"):
+        base = _splitmix64(np.array([(int(seed) * 0x632BE59BD9B4E019 + int(stream)) % 2**64], np.uint64))[0]
+        z = _splitmix64(np.asarray(rows, np.int64).astype(np.uint64) * _GOLDEN + base)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+
+class _BestPerCluster:
+    """The ``counts[c]`` smallest ``(key, row)`` of every cluster c among the candidates seen so far."""
+
+    def __init__(self, counts: np.ndarray):
+        self.counts = np.asarray(counts, np.int64)
+        self.rows = np.zeros(0, np.int64)
+        self.labels = np.zeros(0, np.int64)
+        self.keys = np.zeros(0, np.float64)
+
+    def offer(self, rows: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> None:
+        rows = np.concatenate([self.rows, rows])
+        labels = np.concatenate([self.labels, labels])
+        keys = np.concatenate([self.keys, keys])
+        order = np.lexsort((rows, keys, labels))  # by cluster, then key, ties by row
+        sizes = np.bincount(labels, minlength=self.counts.size)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        rank = np.arange(order.size) - starts[labels[order]]
+        keep = order[rank < self.counts[labels[order]]]
+        self.rows, self.labels, self.keys = rows[keep], labels[keep], keys[keep]
+
+
+def select_points(blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], counts: np.ndarray,
+                  selection: Selection, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``counts[c]`` points of every level-1 cluster c, random or closest first, in one pass over ``blocks``
+    of ``(rows, labels, sqdist)``: (sorted rows, their level-1 labels).
+
+    ``random`` ranks a cluster's points by :func:`row_keys` (a uniform random subset of the cluster),
+    ``closest`` by squared distance to the centroid; ties go to the lower row. Memory: the kept
+    candidates (at most ``counts.sum()``) plus one block."""
+    if selection not in ("random", "closest"):
         raise ValueError(f"selection must be 'random' or 'closest', got {selection!r}")
-    order, rank = rank_within_clusters(labels, key, counts.size)
-    return np.sort(order[rank < counts[labels[order]]])
+    best = _BestPerCluster(counts)
+    for rows, labels, sqdist in blocks:
+        keys = row_keys(rows, seed, stream=2) if selection == "random" else np.asarray(sqdist, np.float64)
+        best.offer(rows, labels, keys)
+    order = np.argsort(best.rows, kind="stable")
+    return best.rows[order], best.labels[order]
 
 
 def hierarchical_sample(h: Hierarchy, target: int, *, selection: Selection = "random",
                         seed: int = 0) -> np.ndarray:
     """Balanced subset of ``target`` point indices (sorted, unique); all points if target >= N."""
+    return hierarchical_sample_with_labels(h, target, selection=selection, seed=seed)[0]
+
+
+def hierarchical_sample_with_labels(h: Hierarchy, target: int, *, selection: Selection = "random",
+                                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`hierarchical_sample` and the level-1 labels of the selected points (read in the same pass)."""
     if int(target) <= 0:
         raise ValueError(f"target must be a positive number of points, got {target}")
-    if target >= h.n_points:
-        return np.arange(h.n_points, dtype=np.int64)
+    if selection not in ("random", "closest"):
+        raise ValueError(f"selection must be 'random' or 'closest', got {selection!r}")
     rng = np.random.default_rng([seed, 2])
-    counts = hierarchical_allocation(h, int(target), rng)[0]
-    return select_points(h.assignments, h.sqdist, counts, selection, rng)
+    counts = hierarchical_allocation(h, int(target), rng)[0]  # every point when target >= N
+    return select_points(h.blocks(), counts, selection, seed)
 
 
 @dataclass
 class CurationResult:
     hierarchy: Hierarchy
     selected_indices: np.ndarray
+    selected_labels: np.ndarray  # level-1 cluster of every selected point
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -132,14 +190,16 @@ def curate_embeddings(embeddings: Any, levels: list[int], target: int, *,
                       selection: Selection = "random", n_iter: int = DEFAULT_ITERATIONS, init: Init = "kmeans++",
                       spherical: bool = False, seed: int = 0,
                       chunk_rows: int = DEFAULT_CHUNK_ROWS, gpu: bool | None = None,
-                      level1_fit: Level1Fit | None = None) -> CurationResult:
+                      level1_fit: Level1Fit | None = None, pool_assign: PoolAssign | None = None
+                      ) -> CurationResult:
     """Embeddings [N, d] (numpy or zarr) -> hierarchy, balanced selection of ``target`` rows, metrics.
 
     The one call the embedding job / CLI needs: :func:`fit_hierarchy` (see it for the defaults
     of ``refine_steps`` / ``points_per_cluster``) then :func:`hierarchical_sample`; ``metrics``
     holds per-level cluster sizes, inertia and the normalized entropy of the pool vs the
     selection over each level's clusters, plus timings in seconds.
-    ``level1_fit``: see :func:`fit_hierarchy` (a distributed level-1 fit).
+    ``level1_fit``, ``pool_assign``: see :func:`fit_hierarchy` (a distributed level-1 fit, a distributed
+    pool assignment whose labels stay in zarr).
     """
     if int(target) <= 0:
         raise ValueError(f"target must be a positive number of points, got {target}")
@@ -147,10 +207,11 @@ def curate_embeddings(embeddings: Any, levels: list[int], target: int, *,
     h = fit_hierarchy(embeddings, levels, fit_sample=fit_sample, refine_steps=refine_steps,
                       points_per_cluster=points_per_cluster, refine_strategy=refine_strategy,
                       refine_init=refine_init, n_iter=n_iter, init=init, spherical=spherical,
-                      seed=seed, chunk_rows=chunk_rows, gpu=gpu, timings=timings, level1_fit=level1_fit)
+                      seed=seed, chunk_rows=chunk_rows, gpu=gpu, timings=timings, level1_fit=level1_fit,
+                      pool_assign=pool_assign)
     t0 = time.perf_counter()
-    selected = hierarchical_sample(h, target, selection=selection, seed=seed)
+    selected, labels = hierarchical_sample_with_labels(h, target, selection=selection, seed=seed)
     timings["sampling"] = time.perf_counter() - t0
     metrics = curation_metrics(h, selected, seed=seed)
     metrics["timings_s"] = timings
-    return CurationResult(h, selected, metrics)
+    return CurationResult(h, selected, labels, metrics)

@@ -1,11 +1,13 @@
 """`pipeline curate`: embed a pool, cluster it hierarchically, sample it balanced, write the manifest.
 
 embed (``stages.embed``, Ray, resumable) -> hierarchical k-means on ``fit_sample`` rows (level 1 in
-this process, or with ``fit_workers`` > 1 by Ray actors: ``stages.kmeans_job``), the rest
-of the pool assigned in bounded-memory chunks (``curation.hierarchy``) -> hierarchical balanced
-sampling (``curation.sampling``) -> ``DIR/manifest`` (``stages.manifest``), ``DIR/metrics.json``,
-``DIR/hierarchy.npz`` and ``DIR/plots/*.png``. Images that failed to decode are left out of the
-clustering (they are listed in ``DIR/pool/failures``); the embedding matrix is never loaded whole.
+this process, or with ``fit_workers`` > 1 by Ray actors: ``stages.kmeans_job``) -> the whole pool
+assigned to the final level-1 centroids as units on the Ray pool, labels written to
+``DIR/clusters`` (``stages.assign_job``, resumable) -> hierarchical balanced sampling reading those
+labels a unit at a time (``curation.sampling``) -> ``DIR/manifest`` (``stages.manifest``),
+``DIR/metrics.json``, ``DIR/hierarchy.npz`` (the tree) and ``DIR/plots/*.png``. Images that failed
+to decode are left out of the clustering (label -1; they are listed in ``DIR/pool/failures``); neither
+the embedding matrix nor the pool's labels are ever loaded whole. One Ray cluster serves every job.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from .assign_job import PoolAssignment
 from .embed import EMBEDDINGS, POOL, EmbedReport, run_embed
 from .manifest import MANIFEST, write_manifest
+from .ray_cluster import ray_cluster
 from .sources import list_images, read_source_table
 
 if TYPE_CHECKING:
@@ -85,7 +89,7 @@ def _concept_metrics(codes: np.ndarray, names: list[str], ok_rows: np.ndarray, s
                      seed: int) -> dict[str, Any]:
     """Entropy and coverage of concepts: curated vs a random subset of equal size, over the ok images
     whose concept is known."""
-    from curation.metrics import compare_to_random
+    from curation.metrics import compare_to_random, random_subset
 
     known = ok_rows[codes[ok_rows] >= 0]
     if known.size == 0:
@@ -95,7 +99,7 @@ def _concept_metrics(codes: np.ndarray, names: list[str], ok_rows: np.ndarray, s
     present = np.unique(codes[ok_rows][codes[ok_rows] >= 0])
     num = len(names)
     cmp = compare_to_random(labels, sel, seed=seed, num_labels=num)
-    rand = np.random.default_rng([seed, 3]).choice(labels.size, size=sel.size, replace=False)  # as in compare_to_random
+    rand = random_subset(labels.size, sel.size, seed)  # as in compare_to_random
     per = {names[c]: {"pool": int((labels == c).sum()), "curated": int((labels[sel] == c).sum()),
                       "random": int((labels[rand] == c).sum())} for c in range(num)}
     return {**cmp, "num_known": int(known.size), "num_concepts_in_pool": int(present.size),
@@ -104,16 +108,20 @@ def _concept_metrics(codes: np.ndarray, names: list[str], ok_rows: np.ndarray, s
 
 def run_curate(images: str, out: str, cfg: CurateConfig, *,
                on_progress: Callable[[str, int, int], None] | None = None) -> CurateReport:
+    progress = on_progress or (lambda *a: None)
+    refs = list_images(images)
+    _check_sizes(cfg, len(refs), "images")  # before any work
+    concepts = read_concepts(cfg.concepts, [r.source for r in refs]) if cfg.concepts else None
+    with ray_cluster(cfg.ray_address, cfg.num_cpus):  # one cluster for the embedding, fit and assignment jobs
+        return _curate(refs, Path(out), cfg, concepts, progress)
+
+
+def _curate(refs: list, out_path: Path, cfg: CurateConfig, concepts: tuple | None,
+            progress: Callable[[str, int, int], None]) -> CurateReport:
     import zarr
 
     from curation.plots import plot_curation, plot_entropy
     from curation.sampling import curate_embeddings
-
-    progress = on_progress or (lambda *a: None)
-    out_path = Path(out)
-    refs = list_images(images)
-    _check_sizes(cfg, len(refs), "images")  # before any work
-    concepts = read_concepts(cfg.concepts, [r.source for r in refs]) if cfg.concepts else None
 
     embed = run_embed(refs, str(out_path), cfg, on_progress=progress)
     report = CurateReport(str(out_path), embed, levels=list(cfg.levels))
@@ -134,21 +142,24 @@ def run_curate(images: str, out: str, cfg: CurateConfig, *,
         level1_fit = DistributedLevel1Fit(str(out_path / EMBEDDINGS), cfg.fit_workers,
                                           row_map=None if ok_rows.size == ok.size else ok_rows,
                                           ray_address=cfg.ray_address, num_cpus=cfg.num_cpus)
+    # the pool's labels are written to DIR/clusters by pool rows: the selection comes back as pool rows
+    pool_assign = PoolAssignment(str(out_path), cfg.unit_images, on_progress=progress)
     result = curate_embeddings(
         data, list(cfg.levels), cfg.target, fit_sample=cfg.fit_sample, refine_steps=cfg.refine_steps,
         points_per_cluster=cfg.points_per_cluster, selection=cfg.selection, n_iter=cfg.n_iter, init=cfg.init,
-        spherical=cfg.spherical, seed=cfg.seed, chunk_rows=cfg.chunk_rows, gpu=cfg.gpu, level1_fit=level1_fit)
+        spherical=cfg.spherical, seed=cfg.seed, chunk_rows=cfg.chunk_rows, gpu=cfg.gpu, level1_fit=level1_fit,
+        pool_assign=pool_assign)
     if level1_fit is not None:
         result.metrics["level1_fit"] = level1_fit.report
+    result.metrics["pool_assignment"] = pool_assign.report
     report.seconds["curate"] = time.perf_counter() - t
     progress("cluster + sample", 1, 1)
-    h, sel = result.hierarchy, result.selected_indices
-    rows = ok_rows[sel]  # pool rows of the selected images, ascending
+    h, rows = result.hierarchy, result.selected_indices  # pool rows of the selected images, ascending
     report.num_selected = int(rows.size)
 
     t = time.perf_counter()
     h.save(out_path / "hierarchy.npz")
-    clusters = np.stack([h.point_clusters(lvl)[sel] for lvl in range(1, h.n_levels + 1)], axis=1)
+    clusters = np.stack([h.cluster_map(lvl)[result.selected_labels] for lvl in range(1, h.n_levels + 1)], axis=1)
     pool = group[POOL]
     write_manifest(out_path / MANIFEST, ids=pool["ids"].get_orthogonal_selection(rows),
                    sources=pool["source"].get_orthogonal_selection(rows), index=rows, clusters=clusters,

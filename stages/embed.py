@@ -40,7 +40,7 @@ from storage.image_policy import ImagePolicy
 
 from .placement import place_job, replica_threads
 from .ray_cluster import ray_cluster
-from .runner import UnitJob
+from .runner import UnitJob, ray_node_id
 from .sources import ImageRef, iter_decoded, printable_source
 
 if TYPE_CHECKING:
@@ -149,7 +149,7 @@ class EmbedWorker:
         g[f"{POOL}/source"][i0:i1] = np.asarray([printable_source(x) for x in sources], dtype=str)
         g[f"{POOL}/ok"][i0:i1] = res["ok"]
         failures = [[i0 + j, r] for j, r in enumerate(res["reasons"]) if not res["ok"][j]]
-        self.commits.commit(unit, {"images": [i0, i1], "failures": failures})
+        self.commits.commit(unit, {"images": [i0, i1], "failures": failures, "node": ray_node_id()})
         return {"unit": unit, "images": int(res["ok"].sum()), "seconds": time.perf_counter() - t0}
 
 

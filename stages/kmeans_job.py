@@ -22,6 +22,7 @@ from curation.kmeans import DEFAULT_CHUNK_ROWS, KMeansResult, _check_k, take_row
 from curation.sharded_kmeans import Shard, shard_bounds, sharded_kmeans_with_resampling
 
 from .ray_cluster import ray_cluster
+from .runner import ray_node_id
 
 __all__ = ["DistributedLevel1Fit", "RayShards", "ShardWorker"]
 
@@ -41,11 +42,11 @@ class ShardWorker:
     def call(self, method: str, *args: Any) -> Any:
         return getattr(self.shard, method)(*args)
 
-    def usage(self) -> tuple[float, float]:
-        """This worker process's peak resident memory in MB (ru_maxrss; faiss allocates outside Python) and
-        CPU seconds (user + system)."""
+    def usage(self) -> tuple[float, float, str | None]:
+        """This worker process's peak resident memory in MB (ru_maxrss; faiss allocates outside Python),
+        CPU seconds (user + system) and its Ray node."""
         r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_maxrss / 1024.0, r.ru_utime + r.ru_stime
+        return r.ru_maxrss / 1024.0, r.ru_utime + r.ru_stime, ray_node_id()
 
 
 class RayShards:
@@ -102,7 +103,8 @@ class DistributedLevel1Fit:
                 usage = ray.get([a.usage.remote() for a in actors])
                 self.report = {"workers": self.workers, "threads_per_worker": threads,
                                "shard_rows": np.diff(bounds).tolist(),
-                               "worker_peak_rss_mb": [m for m, _ in usage], "worker_cpu_s": [c for _, c in usage]}
+                               "worker_peak_rss_mb": [u[0] for u in usage], "worker_cpu_s": [u[1] for u in usage],
+                               "worker_nodes": [u[2] for u in usage]}
             finally:
                 for a in actors:
                     ray.kill(a)

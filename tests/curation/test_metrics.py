@@ -90,7 +90,7 @@ def _is_png(path) -> bool:
 def test_plots_write_png(tmp_path):
     h = toy_hierarchy()
     sel = hierarchical_sample(h, 200, seed=0)
-    result = CurationResult(h, sel, curation_metrics(h, sel))
+    result = CurationResult(h, sel, h.assignments[sel], curation_metrics(h, sel))
     paths = plot_curation(result, tmp_path / "figs")
     assert [p.name for p in paths] == ["cluster_sizes.png", "inertia.png", "entropy.png"]
     assert all(_is_png(p) for p in paths)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import zarr
 
-from curation.hierarchy import Hierarchy, fit_hierarchy
-from curation.metrics import compare_to_random, coverage, normalized_entropy
-from curation.sampling import (allocate, allocate_grouped, curate_embeddings,
-                               hierarchical_allocation, hierarchical_sample)
+from curation.hierarchy import Hierarchy, fit_hierarchy, iter_label_blocks
+from curation.metrics import compare_to_random, coverage, curation_metrics, normalized_entropy
+from curation.sampling import (allocate, allocate_grouped, curate_embeddings, hierarchical_allocation,
+                               hierarchical_sample, hierarchical_sample_with_labels, row_keys, select_points)
 
 
 def cap_by_bisection(sizes: np.ndarray, target: int) -> int:
@@ -224,3 +224,104 @@ def test_top_level_at_amoe_ratios_does_not_collapse_onto_the_level_below(seed):
     assert multi >= 2
     cmp = compare_to_random(labels, hierarchical_sample(h, 400, seed=seed), seed=seed, num_labels=30)
     assert cmp["entropy_curated"] >= 0.85 > 0.7 > cmp["entropy_random"], cmp
+
+
+# ------------------------------------------------------------------------- selection in one pass of blocks
+def naive_selection(labels: np.ndarray, keys: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Reference: per cluster, a Python sort of its rows by (key, row), the first counts[c] kept."""
+    picked = []
+    for c in range(counts.size):
+        rows = sorted(np.flatnonzero(labels == c).tolist(), key=lambda r: (keys[r], r))
+        picked += rows[: int(counts[c])]
+    return np.sort(np.asarray(picked, np.int64))
+
+
+def test_row_keys_are_uniform_and_a_pure_function_of_seed_and_row():
+    rows = np.arange(200_000)
+    k = row_keys(rows, seed=7, stream=2)
+    assert k.dtype == np.float64 and (k >= 0).all() and (k < 1).all()
+    hist = np.bincount((k * 20).astype(int), minlength=20)  # chi-square against uniform, 19 dof
+    chi2 = ((hist - rows.size / 20) ** 2 / (rows.size / 20)).sum()
+    assert chi2 < 50, chi2  # p ~ 1e-4
+    assert abs(np.corrcoef(k[:-1], k[1:])[0, 1]) < 0.01  # neighbouring rows are not correlated
+    np.testing.assert_array_equal(row_keys(rows[1234:1300], 7, 2), k[1234:1300])  # no dependence on the block
+    assert not np.array_equal(row_keys(rows[:100], 8, 2), k[:100])
+    assert not np.array_equal(row_keys(rows[:100], 7, 3), k[:100])
+    assert np.unique(k).size == k.size
+
+
+@pytest.mark.parametrize("selection", ["random", "closest"])
+@pytest.mark.parametrize("block_rows", [1, 37, 5000])
+def test_selection_over_blocks_equals_a_naive_whole_array_reference(selection, block_rows):
+    rng = np.random.default_rng(3)
+    n, k = 3000, 25
+    labels = np.minimum(rng.zipf(1.6, n) - 1, k - 1).astype(np.int64)
+    sqdist = np.round(rng.random(n), 2).astype(np.float32)  # many ties: the lower row must win them
+    counts = np.minimum(np.bincount(labels, minlength=k), rng.integers(0, 40, k))
+    blocks = [(np.arange(s, min(s + block_rows, n)), labels[s:s + block_rows], sqdist[s:s + block_rows])
+              for s in range(0, n, block_rows)]
+    rows, got_labels = select_points(iter(blocks), counts, selection, seed=5)
+    keys = row_keys(np.arange(n), 5, stream=2) if selection == "random" else sqdist.astype(np.float64)
+    np.testing.assert_array_equal(rows, naive_selection(labels, keys, counts))
+    np.testing.assert_array_equal(got_labels, labels[rows])
+    np.testing.assert_array_equal(np.bincount(got_labels, minlength=k), counts)
+
+
+@pytest.mark.parametrize("selection", ["random", "closest"])
+def test_a_tree_whose_labels_are_in_zarr_samples_and_measures_as_the_in_memory_tree(tree, tmp_path, selection):
+    """The pool's labels written to zarr (with unlabelled rows, -1, as a curation folder has for failed images)
+    give the same selection and the same metrics as the same labels in memory, read a chunk at a time."""
+    _, _, h = tree
+    n = h.n_points
+    holes = np.arange(0, n, 17)  # rows that are not points: the zarr tree has n + holes.size rows
+    pool_rows = np.setdiff1d(np.arange(n + holes.size), holes + np.arange(holes.size))
+    labels = np.full(n + holes.size, -1, np.int32)
+    sqdist = np.zeros(n + holes.size, np.float32)
+    labels[pool_rows], sqdist[pool_rows] = h.assignments, h.sqdist
+    za = zarr.create_array(str(tmp_path / "l.zarr"), shape=labels.shape, dtype="int32", chunks=(97,))
+    zs = zarr.create_array(str(tmp_path / "s.zarr"), shape=labels.shape, dtype="float32", chunks=(97,))
+    za[:], zs[:] = labels, sqdist
+    lazy = Hierarchy(h.centroids, za, zs, h.parents, h.inertia)
+    assert not lazy.in_memory
+    for lvl in (1, 2, 3):
+        np.testing.assert_array_equal(lazy.cluster_sizes(lvl), h.cluster_sizes(lvl))
+    mem_sel = hierarchical_sample(h, 500, selection=selection, seed=4)
+    zarr_sel, zarr_lab = hierarchical_sample_with_labels(lazy, 500, selection=selection, seed=4)
+    np.testing.assert_array_equal(zarr_lab, labels[zarr_sel])
+    if selection == "closest":  # keys are distances: the same points whatever the row numbering
+        np.testing.assert_array_equal(zarr_sel, pool_rows[mem_sel])
+    else:  # keys hash the row: the zarr rows are numbered differently, the allocation per cluster is the same
+        np.testing.assert_array_equal(np.bincount(zarr_lab, minlength=h.levels[0]),
+                                      np.bincount(h.assignments[mem_sel], minlength=h.levels[0]))
+        assert np.isin(zarr_sel, pool_rows).all()
+    m_mem, m_zarr = curation_metrics(h, mem_sel, seed=1), curation_metrics(lazy, zarr_sel, seed=1)
+    for a, b in zip(m_mem["per_level"], m_zarr["per_level"]):
+        assert a["sizes"] == b["sizes"] and a["entropy_pool"] == pytest.approx(b["entropy_pool"])
+        if selection == "closest":
+            assert a["entropy_curated"] == pytest.approx(b["entropy_curated"])
+    assert m_zarr["n_points"] == n
+    with pytest.raises(TypeError, match="in memory"):
+        lazy.point_clusters(1)
+    with pytest.raises(ValueError, match="not a point"):
+        curation_metrics(lazy, np.array([holes[0]]))
+
+
+def test_sampling_from_zarr_labels_holds_one_block_not_the_pool(tmp_path):
+    """The selection over 2M labels in zarr (16 MB as int32 + float32) traces far less than the labels: the
+    candidates (at most the target) and one block, as the module says."""
+    import tracemalloc
+
+    n, k, block = 2_000_000, 1000, 20_000
+    rng = np.random.default_rng(0)
+    za = zarr.create_array(str(tmp_path / "l.zarr"), shape=(n,), dtype="int32", chunks=(block,))
+    zs = zarr.create_array(str(tmp_path / "s.zarr"), shape=(n,), dtype="float32", chunks=(block,))
+    for s in range(0, n, 200_000):
+        za[s:s + 200_000] = rng.integers(0, k, 200_000)
+        zs[s:s + 200_000] = rng.random(200_000)
+    counts = np.full(k, 2, np.int64)
+    tracemalloc.start()
+    rows, _ = select_points(iter_label_blocks(za, zs, block), counts, "random", seed=0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert rows.size == 2 * k
+    assert peak < 3_000_000, f"selection traced {peak / 1e6:.1f} MB for {n * 8 / 1e6:.0f} MB of labels"

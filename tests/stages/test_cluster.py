@@ -1,8 +1,8 @@
-"""cache-teachers on a real multi-node Ray cluster (three worker nodes on 127.0.0.1, tests/ray_nodes.py),
-joined with --ray-address: the work runs on every node, and a node killed mid-job (its raylet and its workers,
-by PID) costs
-nothing: Ray restarts the lost teacher actor on another node and retries its calls, and the store equals
-the one written by an uninterrupted job on this process's own Ray."""
+"""curate and cache-teachers on a real multi-node Ray cluster (three worker nodes on 127.0.0.1,
+tests/ray_nodes.py), joined with --ray-address: the work runs on every node (curate's embedding units,
+level-1 fit shards and pool assignment units; cache-teachers' image and teacher units), and a node killed
+mid-job (its raylet and its workers, by PID) costs nothing: Ray restarts the lost teacher actor on another
+node and retries its calls, and the results equal the ones of an uninterrupted job on this process's own Ray."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from stages.cache import run_cache
 from stages.config import CacheConfig
 from storage.store import FeatureStore
 
-from cache_helpers import store_arrays, write_image_folder
+from cache_helpers import TINY_VIT, store_arrays, write_image_folder
 
 # a teacher slow enough (~0.1 s per image on one thread) that a node can be killed while it works
 TEACHER = "timm:vit_small_patch16_dinov3,depth=6"
@@ -55,13 +55,51 @@ def _nodes_of(store: FeatureStore, log) -> set[str]:
     return {log.info(u).get("node") for u in log.committed()}
 
 
-def test_a_node_killed_mid_job_costs_nothing_and_work_ran_on_every_node(images_and_reference, tmp_path):
+CURATE = {"min_tokens": 16, "max_tokens": 64, "unit_images": 2, "workers": 3, "threads": 1, "plots": False}
+
+
+def _curate_on(images, out, cluster) -> None:
+    """curate with its three jobs on the cluster: embedding actors, a level-1 fit over three shard actors and
+    the pool's assignment units; each ran on every node, and the result equals the same curation run here."""
+    from curation.hierarchy import Hierarchy
+    from stages.assign_job import ASSIGN_COMMITS
+    from stages.config import CurateConfig
+    from stages.curate import run_curate
+    from stages.embed import EMBED_COMMITS
+    from stages.manifest import read_manifest
+    from storage.commits import CommitLog
+    import zarr
+
+    args = ["curate", images, "--out", out / "cluster", "--embedder", TINY_VIT, "--random-init", "--levels", "4,2",
+            "--target", "5", "--fit-workers", "3", *sum((["--set", f"{k}={v}"] for k, v in CURATE.items()), [])]
+    assert_ok(run_pipeline(*args, "--set", f"ray_address={cluster['address']}", env=LOOPBACK_ENV))
+    every = {n["node_id"] for n in cluster["nodes"]}
+    for prefix in (EMBED_COMMITS, ASSIGN_COMMITS):
+        log = CommitLog(str(out / "cluster"), prefix)
+        assert {log.info(u)["node"] for u in log.committed()} == every, f"{prefix} did not run on every node"
+    metrics = json.loads((out / "cluster" / "metrics.json").read_text())
+    assert set(metrics["level1_fit"]["worker_nodes"]) == every, "the level-1 fit's shards did not span the nodes"
+
+    run_curate(str(images), str(out / "here"), CurateConfig(embedder=TINY_VIT, random_init=True, levels=[4, 2],
+                                                           target=5, fit_workers=3, **{**CURATE, "workers": 1}))
+    a, b = read_manifest(out / "here"), read_manifest(out / "cluster")
+    for key in ("ids", "index", "clusters"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    here, there = zarr.open_group(str(out / "here"), mode="r"), zarr.open_group(str(out / "cluster"), mode="r")
+    for key in ("embeddings", "clusters/level1", "clusters/sqdist"):
+        np.testing.assert_array_equal(here[key][:], there[key][:], err_msg=key)
+    tree = Hierarchy.load(out / "cluster" / "hierarchy.npz", there["clusters/level1"], there["clusters/sqdist"])
+    assert tree.cluster_sizes(1).sum() == int(there["pool/ok"][:].sum())
+
+
+def test_curate_and_cache_teachers_run_on_every_node_and_a_node_killed_mid_job_costs_nothing(images_and_reference, tmp_path):
     images, reference = images_and_reference
     store_url = str(tmp_path / "store")
     args = ["cache-teachers", images, "--store", store_url, "--teacher", TEACHER, "--name", "vit",
             "--random-init", *sum((["--set", f"{k}={v}"] for k, v in SETTINGS.items() if k != "random_init"), [])]
     health = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}  # Ray's own node-death settings
     with ray_nodes([{"num_cpus": 2}, {"num_cpus": 2}, {"num_cpus": 2}], system_config=health) as cluster:
+        _curate_on(images, tmp_path / "curate", cluster)
         killed: dict = {}
 
         def kill_a_teacher_node() -> None:

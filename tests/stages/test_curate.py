@@ -107,7 +107,9 @@ def test_curate_fit_workers_fits_level_1_with_ray_actors(image_folder, tmp_path,
                                          points_per_cluster=1, n_iter=50, seed=0, init="kmeans++")
     with np.load(out / "hierarchy.npz") as z:
         np.testing.assert_array_equal(z["centroids_1"], ref.centroids)
-        np.testing.assert_array_equal(z["assignments"], ref.labels)
+        assert "assignments" not in z  # the pool's labels stay in DIR/clusters
+    np.testing.assert_array_equal(g["clusters/level1"][:][ok_rows], ref.labels)
+    assert (g["clusters/level1"][:][~g["pool/ok"][:]] == -1).all()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["level1_fit"]["workers"] == 2 and metrics["config"]["fit_workers"] == 2
     assert metrics["level1_fit"]["shard_rows"] == np.diff(shard_bounds(x.shape[0], 2)).tolist()
