@@ -8,7 +8,7 @@ a two-level tree over them, then the tracemalloc peak (numpy's buffers included)
   another: what ``pipeline curate`` does), and ``curation_metrics`` on it (one more pass);
 * the same pick on the same labels loaded whole into memory (what one process needed before), for scale.
 
-    python benchmarks/curation_sampling_memory.py [--sizes 100000 1000000 4000000] [--target 20000]
+    python benchmarks/curation_sampling_memory.py [--sizes 100000 1000000 4000000] [--units 1024 65536]
 
 Writes ``benchmarks/results/curation_sampling_memory.json`` and ``.md``.
 """
@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--k1", type=int, default=10_000)
     ap.add_argument("--k2", type=int, default=100)
     ap.add_argument("--target", type=int, default=20_000)
-    ap.add_argument("--unit", type=int, default=1024, help="zarr chunk rows (curate's unit_images)")
+    ap.add_argument("--units", type=int, nargs="+", default=[1024, 65536],
+                    help="zarr chunk rows (curate's unit_images): the per-chunk cost of a pass")
     ap.add_argument("--selection", default="random", choices=["random", "closest"])
     a = ap.parse_args()
 
@@ -74,8 +75,8 @@ def main() -> None:
     parents = [rng.integers(0, a.k2, a.k1)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in a.sizes:
-            lab, sq = write_labels(Path(tmp) / f"labels-{n}", n, a.k1, a.unit, seed=n)
+        for n, unit in [(n, u) for u in a.units for n in a.sizes]:
+            lab, sq = write_labels(Path(tmp) / f"labels-{n}-{unit}", n, a.k1, unit, seed=n)
             tree = Hierarchy(centroids, lab, sq, parents, [0.0, 0.0])
             (sel, _), peak_zarr, s_zarr = measure(
                 lambda: hierarchical_sample_with_labels(tree, a.target, selection=a.selection, seed=0))
@@ -87,15 +88,15 @@ def main() -> None:
 
             (sel_whole, _), peak_whole, s_whole = measure(whole)
             assert np.array_equal(sel, sel_whole), "the unit-by-unit pick differs from the whole-array one"
-            rows.append({"n": n, "target": a.target, "k1": a.k1, "unit": a.unit, "selected": int(sel.size),
+            rows.append({"n": n, "target": a.target, "k1": a.k1, "unit": unit, "selected": int(sel.size),
                          "peak_mb_sample": peak_zarr / 1e6, "seconds_sample": s_zarr,
                          "peak_mb_metrics": peak_metrics / 1e6, "seconds_metrics": s_metrics,
                          "peak_mb_whole_in_memory": peak_whole / 1e6, "seconds_whole_in_memory": s_whole,
                          "same_selection": True})
             print(rows[-1], flush=True)
-    header = ["pool rows", "K1", "target", "peak MB (per unit)", "s", "metrics peak MB", "metrics s",
+    header = ["pool rows", "chunk rows", "K1", "target", "peak MB (per unit)", "s", "metrics peak MB", "metrics s",
               "peak MB (labels in memory)", "s (in memory)", "same pick"]
-    table = md_table(header, [[r["n"], r["k1"], r["target"], r["peak_mb_sample"], r["seconds_sample"],
+    table = md_table(header, [[r["n"], r["unit"], r["k1"], r["target"], r["peak_mb_sample"], r["seconds_sample"],
                                r["peak_mb_metrics"], r["seconds_metrics"], r["peak_mb_whole_in_memory"],
                                r["seconds_whole_in_memory"], "yes"] for r in rows])
     js, md = write_results("curation_sampling_memory", {"args": vars(a), "rows": rows}, table)

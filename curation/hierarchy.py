@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
@@ -138,9 +138,10 @@ class Hierarchy:
         self._check_level(level)
         return self.sizes_per_level()[level - 1]
 
-    def save(self, path: str | Path) -> None:
-        """The tree (and, when in memory, the per-point labels) as one ``.npz``; a zarr-backed tree's labels
-        stay where they are (the curation run folder's ``clusters/``) and are not copied."""
+    def save(self, path: str | Path | BinaryIO) -> None:
+        """The tree (and, when in memory, the per-point labels) as one ``.npz`` at ``path`` (or into a binary
+        file object); a zarr-backed tree's labels stay where they are (the curation run folder's ``clusters/``)
+        and are not copied."""
         arrays: dict[str, np.ndarray] = {
             "inertia": np.asarray(self.inertia, dtype=np.float64),
             "spherical": np.asarray(self.spherical), "n_levels": np.asarray(self.n_levels),
@@ -151,6 +152,9 @@ class Hierarchy:
             arrays[f"centroids_{lvl}"] = c
         for lvl, p in enumerate(self.parents, start=1):
             arrays[f"parents_{lvl}"] = p
+        if hasattr(path, "write"):
+            np.savez(path, **arrays)
+            return
         with open(path, "wb") as f:  # file handle: numpy would otherwise append ".npz"
             np.savez(f, **arrays)
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from storage.arrays import create_array
 from storage.commits import CommitLog
+from storage.fsutil import zarr_options
 
 from .embed import EMBEDDINGS, POOL
 from .runner import UnitJob, ray_node_id
@@ -57,7 +58,7 @@ class AssignWorker:
         faiss.omp_set_num_threads(int(threads))
         self.assign = assign
         self.centroids, self.spherical, self.gpu = np.asarray(centroids, np.float32), spherical, gpu
-        self.group = zarr.open_group(url, mode="r+")
+        self.group = zarr.open_group(url, mode="r+", **zarr_options(url))
         self.unit_images = unit_images
         self.commits = CommitLog(url, ASSIGN_COMMITS)
 
@@ -99,7 +100,7 @@ class PoolAssignment:
         import zarr
 
         t0 = time.perf_counter()
-        group = zarr.open_group(self.out, mode="r+")
+        group = zarr.open_group(self.out, mode="r+", **zarr_options(self.out))
         if EMBEDDINGS not in group or f"{POOL}/ok" not in group:
             raise ValueError(f"{self.out}: no embeddings to assign (run the embedding job first)")
         n = int(group[EMBEDDINGS].shape[0])

@@ -12,13 +12,17 @@ the embedding matrix nor the pool's labels are ever loaded whole. One Ray cluste
 
 from __future__ import annotations
 
+import io
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+
+from storage.fsutil import atomic_write, filesystem, join, zarr_options
 
 from .assign_job import PoolAssignment
 from .embed import EMBEDDINGS, POOL, EmbedReport, run_embed
@@ -113,19 +117,38 @@ def run_curate(images: str, out: str, cfg: CurateConfig, *,
     _check_sizes(cfg, len(refs), "images")  # before any work
     concepts = read_concepts(cfg.concepts, [r.source for r in refs]) if cfg.concepts else None
     with ray_cluster(cfg.ray_address, cfg.num_cpus):  # one cluster for the embedding, fit and assignment jobs
-        return _curate(refs, Path(out), cfg, concepts, progress)
+        return _curate(refs, str(out).rstrip("/"), cfg, concepts, progress)
 
 
-def _curate(refs: list, out_path: Path, cfg: CurateConfig, concepts: tuple | None,
+def _write_files(out: str, files: dict[str, bytes]) -> None:
+    """Small result files of the run folder (a path or fsspec URL), each written whole (``atomic_write``)."""
+    fs, root = filesystem(out)
+    for name, data in files.items():
+        atomic_write(fs, join(root, name), data)
+
+
+def _plots(result: Any, concepts: dict | None, out: str) -> list[str]:
+    """The figures, drawn in a local scratch folder (matplotlib writes files) and copied into ``out/plots``."""
+    from curation.plots import plot_curation, plot_entropy
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = plot_curation(result, tmp)
+        if concepts is not None:
+            paths.append(plot_entropy([{"set": "concepts", **concepts}], Path(tmp) / "concept_entropy.png",
+                                      key="set"))
+        _write_files(out, {f"plots/{p.name}": p.read_bytes() for p in paths})
+    return [join(out, "plots", p.name) for p in paths]
+
+
+def _curate(refs: list, out: str, cfg: CurateConfig, concepts: tuple | None,
             progress: Callable[[str, int, int], None]) -> CurateReport:
     import zarr
 
-    from curation.plots import plot_curation, plot_entropy
     from curation.sampling import curate_embeddings
 
-    embed = run_embed(refs, str(out_path), cfg, on_progress=progress)
-    report = CurateReport(str(out_path), embed, levels=list(cfg.levels))
-    group = zarr.open_group(str(out_path), mode="r+")
+    embed = run_embed(refs, out, cfg, on_progress=progress)
+    report = CurateReport(out, embed, levels=list(cfg.levels))
+    group = zarr.open_group(out, mode="r+", **zarr_options(out))
     ok = group[f"{POOL}/ok"][:]
     ok_rows = np.flatnonzero(ok)
     report.num_ok = int(ok_rows.size)
@@ -139,11 +162,11 @@ def _curate(refs: list, out_path: Path, cfg: CurateConfig, concepts: tuple | Non
     if cfg.fit_workers > 1:  # level 1 fitted by Ray actors that read their shards from DIR/embeddings
         from .kmeans_job import DistributedLevel1Fit
 
-        level1_fit = DistributedLevel1Fit(str(out_path / EMBEDDINGS), cfg.fit_workers,
+        level1_fit = DistributedLevel1Fit(join(out, EMBEDDINGS), cfg.fit_workers,
                                           row_map=None if ok_rows.size == ok.size else ok_rows,
                                           ray_address=cfg.ray_address, num_cpus=cfg.num_cpus)
     # the pool's labels are written to DIR/clusters by pool rows: the selection comes back as pool rows
-    pool_assign = PoolAssignment(str(out_path), cfg.unit_images, on_progress=progress)
+    pool_assign = PoolAssignment(out, cfg.unit_images, on_progress=progress)
     result = curate_embeddings(
         data, list(cfg.levels), cfg.target, fit_sample=cfg.fit_sample, refine_steps=cfg.refine_steps,
         points_per_cluster=cfg.points_per_cluster, selection=cfg.selection, n_iter=cfg.n_iter, init=cfg.init,
@@ -158,10 +181,12 @@ def _curate(refs: list, out_path: Path, cfg: CurateConfig, concepts: tuple | Non
     report.num_selected = int(rows.size)
 
     t = time.perf_counter()
-    h.save(out_path / "hierarchy.npz")
+    tree = io.BytesIO()
+    h.save(tree)  # the tree; the pool's labels stay in DIR/clusters
+    _write_files(out, {"hierarchy.npz": tree.getvalue()})
     clusters = np.stack([h.cluster_map(lvl)[result.selected_labels] for lvl in range(1, h.n_levels + 1)], axis=1)
     pool = group[POOL]
-    write_manifest(out_path / MANIFEST, ids=pool["ids"].get_orthogonal_selection(rows),
+    write_manifest(join(out, MANIFEST), ids=pool["ids"].get_orthogonal_selection(rows),
                    sources=pool["source"].get_orthogonal_selection(rows), index=rows, clusters=clusters,
                    attrs={"levels": h.levels, "target": cfg.target, "selection": cfg.selection, "seed": cfg.seed,
                           "embedder": cfg.embedder, "num_pool": int(ok.size), "num_pool_ok": report.num_ok})
@@ -172,17 +197,13 @@ def _curate(refs: list, out_path: Path, cfg: CurateConfig, concepts: tuple | Non
     }
     if concepts is not None:
         metrics["concepts"] = _concept_metrics(concepts[0], concepts[1], ok_rows, rows, cfg.seed)
-    files = {"manifest": str(out_path / MANIFEST), "hierarchy": str(out_path / "hierarchy.npz"),
-             "metrics": str(out_path / "metrics.json")}
+    files = {"manifest": join(out, MANIFEST), "hierarchy": join(out, "hierarchy.npz"),
+             "metrics": join(out, "metrics.json")}
     if cfg.plots:
-        paths = plot_curation(result, out_path / "plots")
-        if concepts is not None:
-            paths.append(plot_entropy([{"set": "concepts", **metrics["concepts"]}],
-                                      out_path / "plots" / "concept_entropy.png", key="set"))
-        files["plots"] = ", ".join(str(p) for p in paths)
+        files["plots"] = ", ".join(_plots(result, metrics.get("concepts"), out))
     report.seconds["write"] = time.perf_counter() - t
     metrics["timings_s"] = {**embed.seconds, **metrics.get("timings_s", {}), **report.seconds}
     metrics["config"] = cfg.model_dump(mode="json")
-    (out_path / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    _write_files(out, {"metrics.json": json.dumps(metrics, indent=2, default=float).encode()})
     report.metrics, report.files = metrics, files
     return report

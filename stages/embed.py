@@ -1,6 +1,7 @@
 """Embedding job of `pipeline curate`: one L2-normalized summary embedding per image, with any teacher.
 
-The run folder DIR is a Zarr v3 group; after this job it holds
+The run folder DIR is a Zarr v3 group (a local folder or any fsspec URL: ``s3://bucket/run``); after this
+job it holds
 
 ```
 DIR/
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -36,6 +36,7 @@ from storage.arrays import create_array
 from storage.commits import CommitLog
 from storage.failures import count_reasons, write_failure_table
 from storage.fingerprint import digest, digest_strings, with_added_fields
+from storage.fsutil import filesystem, join, zarr_options
 from storage.image_policy import ImagePolicy
 
 from .placement import place_job, replica_threads
@@ -133,7 +134,7 @@ class EmbedWorker:
         torch.set_num_threads(threads)
         self.teacher = build_teacher(**teacher_kwargs)
         self.policy = ImagePolicy.from_dict(policy)
-        self.group = zarr.open_group(url, mode="r+")
+        self.group = zarr.open_group(url, mode="r+", **zarr_options(url))
         self.dtype, self.unit_images = dtype, unit_images
         self.batch_size, self.batch_tokens = batch
         self.commits = CommitLog(url, EMBED_COMMITS)
@@ -163,26 +164,27 @@ def _create_arrays(group, n: int, dim: int, dtype: str, unit: int) -> None:
 
 
 def open_run_folder(out: str):
-    """The curation run folder ``out`` as a Zarr group, created when nothing (or an empty folder) is there.
+    """The curation run folder ``out`` (a path or fsspec URL) as a Zarr group, created when nothing (or an
+    empty folder) is there.
 
     Anything else (a non-empty folder that is not a curation run folder, a file) is refused: the project
     never writes into what it did not write.
     """
     import zarr
 
-    path = Path(out)
-    meta = path / "zarr.json"
-    if meta.is_file():
-        kind = (json.loads(meta.read_text()).get("attributes") or {}).get("kind")
+    fs, root = filesystem(out)
+    meta = join(root, "zarr.json")
+    if fs.isfile(meta):
+        kind = (json.loads(fs.cat_file(meta)).get("attributes") or {}).get("kind")
         if kind != RUN_KIND:
             raise EmbedError(f"{out} is a Zarr group of another kind ({kind!r}), not a curation run folder: "
                              "use a new --out")
-        return zarr.open_group(str(out), mode="r+")
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        what = "a file" if not path.is_dir() else "a non-empty folder"
+        return zarr.open_group(str(out), mode="r+", **zarr_options(out))
+    if fs.exists(root) and (not fs.isdir(root) or fs.ls(root, detail=False)):
+        what = "a file" if not fs.isdir(root) else "a non-empty folder"
         raise EmbedError(f"{out} is {what} and not a curation run folder: refusing to write into it (use a new "
                          "or empty --out)")
-    return zarr.create_group(str(out), attributes={"kind": RUN_KIND}, overwrite=False)
+    return zarr.create_group(str(out), attributes={"kind": RUN_KIND}, overwrite=False, **zarr_options(out))
 
 
 def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,

@@ -21,6 +21,8 @@ import numpy as np
 from curation.kmeans import DEFAULT_CHUNK_ROWS, KMeansResult, _check_k, take_rows
 from curation.sharded_kmeans import Shard, shard_bounds, sharded_kmeans_with_resampling
 
+from storage.fsutil import zarr_options
+
 from .ray_cluster import ray_cluster
 from .runner import ray_node_id
 
@@ -36,7 +38,7 @@ class ShardWorker:
         import zarr
 
         faiss.omp_set_num_threads(int(threads))
-        x = take_rows(zarr.open_array(source, mode="r"), rows, chunk_rows, spherical)
+        x = take_rows(zarr.open_array(source, mode="r", **zarr_options(source)), rows, chunk_rows, spherical)
         self.shard = Shard(x, spherical=spherical, chunk_rows=chunk_rows, gpu=gpu, prepared=True)
 
     def call(self, method: str, *args: Any) -> Any:

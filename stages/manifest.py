@@ -13,7 +13,8 @@ manifest/
 
 Importing this module registers it with ``stages.sources.register_spec_reader`` (``stages/__init__``
 imports it, so every ``list_images`` caller sees it): ``list_images("DIR/manifest")`` and
-``list_images("DIR")`` (a curation run folder) return the selected images in pool order.
+``list_images("DIR")`` (a curation run folder) return the selected images in pool order. ``DIR`` may be
+any fsspec URL (``s3://bucket/run``), as ``pipeline curate --out`` may.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 from storage.arrays import create_array
 from storage.faults import fault_point
+from storage.fsutil import filesystem, join, zarr_options
 
 from .sources import ImageRef, absolute_source, register_spec_reader
 
@@ -36,29 +38,30 @@ MANIFEST_KIND = "amoe-curation-manifest"
 MANIFEST_VERSION = 1
 
 
-def _attrs(path: Path) -> dict:
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        return {}
+def _attrs(url: str) -> dict:
+    """The attributes of the zarr group at ``url`` (a path or any fsspec URL), {} when there is none."""
     try:
-        return json.loads(meta.read_text()).get("attributes", {}) or {}
+        fs, root = filesystem(url)
+        meta = join(root, "zarr.json")
+        if not fs.isfile(meta):
+            return {}
+        return json.loads(fs.cat_file(meta)).get("attributes", {}) or {}
     except (OSError, ValueError):
         return {}
 
 
-def _manifest_dir(path: Path) -> Path | None:
-    """The manifest group named by ``path``: the group itself, or a curation run folder holding one."""
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    if _attrs(path).get("kind") == MANIFEST_KIND:
-        return path
-    if _attrs(path / MANIFEST).get("kind") == MANIFEST_KIND:
-        return path / MANIFEST
+def _manifest_dir(path: str | Path) -> str | None:
+    """The manifest group named by ``path`` (a path or fsspec URL): the group itself, or a curation run folder
+    holding one."""
+    url = str(path).rstrip("/")
+    if _attrs(url).get("kind") == MANIFEST_KIND:
+        return url
+    if _attrs(join(url, MANIFEST)).get("kind") == MANIFEST_KIND:
+        return join(url, MANIFEST)
     return None
 
 
-def is_manifest(path: Path) -> bool:
+def is_manifest(path: str | Path) -> bool:
     return _manifest_dir(path) is not None
 
 
@@ -75,11 +78,12 @@ def write_manifest(path: str | Path, *, ids: np.ndarray, sources: np.ndarray, in
     clusters = np.asarray(clusters, dtype=np.int32).reshape(n, -1)
     if not (len(ids) == len(sources) == n):
         raise ValueError("ids, sources, index and clusters need one row per selected image")
-    path = Path(path)
-    if path.exists() and not (path / "zarr.json").is_file() and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(f"{path} exists and is not a curation manifest: refusing to replace it (move it away "
+    url = str(path)
+    fs, root = filesystem(url)
+    if fs.exists(root) and not fs.isfile(join(root, "zarr.json")) and (not fs.isdir(root) or fs.ls(root, detail=False)):
+        raise ValueError(f"{url} exists and is not a curation manifest: refusing to replace it (move it away "
                          "or use a new --out)")
-    group = zarr.open_group(str(path), mode="w")
+    group = zarr.open_group(url, mode="w", **zarr_options(url))
     chunk = max(1, min(n, 1 << 16))
     for name, value, dtype in (("ids", ids, str), ("source", [absolute_source(str(s)) for s in sources], str),
                                ("index", index, "int64")):
@@ -97,16 +101,16 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """ids, source, index, clusters as numpy arrays, plus ``attrs``."""
     import zarr
 
-    where = _manifest_dir(Path(path))
+    where = _manifest_dir(path)
     if where is None:
         raise ValueError(f"{path} is not a curation manifest (nor a curate --out folder holding one)")
-    group = zarr.open_group(str(where), mode="r")
+    group = zarr.open_group(where, mode="r", **zarr_options(where))
     out: dict[str, Any] = {name: group[name][:] for name in ("ids", "source", "index", "clusters")}
     out["attrs"] = dict(group.attrs)
     return out
 
 
-def manifest_refs(path: Path) -> list[ImageRef]:
+def manifest_refs(path: str | Path) -> list[ImageRef]:
     return [ImageRef(str(s)) for s in read_manifest(path)["source"]]
 
 

@@ -127,11 +127,11 @@ def read_source_table(path: str | Path, sources: list[str], columns: tuple[str, 
 
 
 # ----------------------------------------------------------------------------- listing
-SpecReader = Callable[[Path], list[ImageRef]]
-_SPEC_READERS: list[tuple[Callable[[Path], bool], SpecReader]] = []
+SpecReader = Callable[[Path | str], list[ImageRef]]  # given a Path, or the text of a URL
+_SPEC_READERS: list[tuple[Callable[[Path | str], bool], SpecReader]] = []
 
 
-def register_spec_reader(matches: Callable[[Path], bool], read: SpecReader) -> None:
+def register_spec_reader(matches: Callable[[Path | str], bool], read: SpecReader) -> None:
     """Teach ``list_images`` another kind of spec; checked before the built-in kinds, first match wins.
 
     This is the extension point for the curation manifest: its module registers
@@ -251,9 +251,15 @@ def list_images(spec: str | Path) -> list[ImageRef]:
     * a single image file;
     * any other file: a list with one path per line (``#`` comments and blank lines skipped).
       Every listed line is an entry, image or not; a bad one becomes a recorded failure later;
-    * a kind registered with ``register_spec_reader`` (the curation manifest).
+    * a kind registered with ``register_spec_reader`` (the curation manifest), also at an fsspec URL.
     """
     text = str(spec)
+    if "://" in text and not text.startswith("file://"):  # a URL: only a registered kind (a manifest in a bucket)
+        for matches, read in _SPEC_READERS:
+            if matches(text):
+                return read(text)
+        raise ValueError(f"IMAGES at a URL must be a curation manifest (or a curate --out folder), and {text} is "
+                         "none; images themselves are read from paths every node can read")
     if "{" in text or glob.has_magic(text):
         refs = _pattern(text)
     else:

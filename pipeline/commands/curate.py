@@ -16,7 +16,7 @@ from ..console import console, failures_text, phase_reporter, progress, user_err
 
 def curate(
     images: Annotated[str, typer.Argument(help="the pool: a folder (recursive), a text file of paths, or tar shards")],
-    out: Annotated[Path, typer.Option("--out", help="run folder: embeddings, manifest, metrics.json, plots (reused on rerun)")],
+    out: Annotated[str, typer.Option("--out", help="run folder, a path or fsspec URL (s3://bucket/run): embeddings, manifest, metrics.json, plots (reused on rerun)")],
     embedder: Annotated[Optional[str], typer.Option("--embedder", help="SPEC of the embedding model, e.g. timm:efficientnet_lite0")] = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="safetensors / torch state dict for the embedder")] = None,
     random_init: Annotated[Optional[bool], typer.Option("--random-init/--no-random-init", help="seeded random embedder weights")] = None,
@@ -40,7 +40,8 @@ def curate(
 
     Writes OUT/manifest (the selected images, usable as IMAGES by `pipeline cache-teachers`),
     OUT/metrics.json (cluster sizes, inertia, entropy of curated vs random per level, concepts),
-    OUT/plots/*.png, OUT/hierarchy.npz and OUT/embeddings. A killed run resumes where it stopped.
+    OUT/plots/*.png, OUT/hierarchy.npz, OUT/clusters and OUT/embeddings. A killed run resumes where it
+    stopped. OUT may be in a bucket (s3://..., credentials and endpoint from the AWS environment).
 
     Example: pipeline curate pool/ --out runs/curated --embedder timm:efficientnet_lite0
     --levels 200,20 --target 500 --concepts pool/concepts.csv

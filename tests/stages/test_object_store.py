@@ -162,3 +162,52 @@ def test_an_unreachable_endpoint_or_a_missing_bucket_is_one_line(s3, reference):
     error_line(run_pipeline("inspect", "s3://no-such-bucket/store", env=s3), "no feature store at s3://no-such-bucket")
     error_line(_cache_to("s3://no-such-bucket/store", reference, s3), "s3://no-such-bucket/store",
                "bucket does not exist")
+
+
+CURATE = ["--embedder", TINY_VIT, "--random-init", "--levels", "4,2", "--target", "6", "--set", "min_tokens=16",
+          "--set", "max_tokens=48", "--set", "unit_images=8", "--set", "num_cpus=2"]
+
+
+def test_curate_into_a_bucket_equals_the_local_run_and_its_manifest_is_images_there(s3, reference, tmp_path):
+    """`curate --out s3://...`: embeddings, pool labels, manifest, tree, metrics and plots in the bucket, equal to
+    the same curation in a local folder; a rerun resumes there; the manifest's URL is IMAGES for cache-teachers;
+    a prefix that holds something else is refused."""
+    import zarr
+
+    from stages.config import CurateConfig
+    from stages.curate import run_curate
+    from stages.manifest import read_manifest
+    from stages.sources import list_images
+    from storage.fsutil import filesystem
+
+    images, _, _ = reference
+    url = "s3://stores/curated"
+    assert_ok(run_pipeline("curate", images, "--out", url, *CURATE, env=s3))
+    local = str(tmp_path / "curated")
+    run_curate(str(images), local, CurateConfig(embedder=TINY_VIT, random_init=True, levels=[4, 2], target=6,
+                                                min_tokens=16, max_tokens=48, unit_images=8, num_cpus=2))
+    with patched_environ(s3):
+        a, b = read_manifest(local), read_manifest(url)
+        for key in ("ids", "source", "index", "clusters"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        there = zarr.open_group(url, mode="r", storage_options={"use_listings_cache": False})
+        here = zarr.open_group(local, mode="r")
+        for key in ("embeddings", "pool/ok", "clusters/level1", "clusters/sqdist"):
+            np.testing.assert_array_equal(here[key][:], there[key][:], err_msg=key)
+        fs, root = filesystem(url)
+        names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+        assert {"manifest", "metrics.json", "hierarchy.npz", "plots", "clusters", "embeddings"} <= names
+        assert fs.cat_file(f"{root}/plots/entropy.png")[:8] == b"\x89PNG\r\n\x1a\n"
+        metrics = json.loads(fs.cat_file(f"{root}/metrics.json"))
+        assert metrics["n_selected"] == 6 == json.loads(Path(local, "metrics.json").read_text())["n_selected"]
+        assert [r.source for r in list_images(f"{url}/manifest")] == [r.source for r in list_images(local)]
+        assert [r.source for r in list_images(url)] == [str(s) for s in b["source"]]
+        fs.pipe_file("stores/someone-else/notes.txt", b"not ours")
+        with pytest.raises(ValueError, match="must be a curation manifest"):
+            list_images("s3://stores/someone-else")
+    again = assert_ok(run_pipeline("curate", images, "--out", url, *CURATE, env=s3))
+    assert "already committed" in again.stdout
+    error_line(run_pipeline("curate", images, "--out", "s3://stores/someone-else", *CURATE, env=s3),
+               "not a curation run folder")
+    with patched_environ(s3):
+        assert fs.cat_file("stores/someone-else/notes.txt") == b"not ours"
