@@ -21,6 +21,7 @@ import numpy as np
 from storage import layout as L
 from storage.codecs import BFLOAT16_MAX, STORED_DTYPE, fidelity, merge_fidelity, summarize_fidelity
 from storage.image_policy import ImagePolicy
+from storage.index import StoreIndex, UnitOffsets, pixel_offsets, plain_select, token_offsets
 from storage.shards import ShardPlan, flat_shard_rows
 from storage.faults import fault_point
 from storage.store import FeatureStore, StoreError, TeacherGroupSpec
@@ -89,8 +90,7 @@ class TeacherWorker:
     """
 
     def __init__(self, store_url: str, name: str, teacher_kwargs: dict, codec: str, threads: int,
-                 batch: tuple[int, int | None], token_offsets: np.ndarray, pixel_offsets: np.ndarray,
-                 layers: tuple[int, ...] = ()):
+                 batch: tuple[int, int | None], unit_token_starts: np.ndarray, layers: tuple[int, ...] = ()):
         import torch
 
         from .teachers import build_teacher
@@ -103,10 +103,15 @@ class TeacherWorker:
         self.fidelity: dict[str, dict] = {}  # the unit being written: per feature, its codec's measured cosine
         self.batch_size, self.batch_tokens = batch
         self.plan = self.store.plan()
-        self.tokens = np.asarray(token_offsets)
-        self.pixel_offsets = np.asarray(pixel_offsets)
+        # the index is read a unit at a time (the units this worker computes and their neighbours): memory per
+        # worker is bounded by units in flight, not by the store's size
+        self.index = StoreIndex(self.store, plain_select, teacher=None, capacity=8)
+        self.tokens = UnitOffsets(self.store.num_images, self.store.shard_images,
+                                  lambda u: unit_token_starts[u] + np.concatenate(
+                                      [[0], np.cumsum(self.index.unit(u).tokens())]).astype(np.int64),
+                                  unit_token_starts)
+        self.pixel_offsets = pixel_offsets(self.index)
         self.shard_rows = int(self.group[L.PATCHES].shards[0])
-        self.ok = self.store.image_array(L.OK)[:]
         self.commits = self.store.teacher_commits(name)
         # what each unit still needs: the teacher's own arrays and each requested layer commit separately,
         # so layers added to a complete teacher leave its other arrays untouched
@@ -120,10 +125,12 @@ class TeacherWorker:
         self.decoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png-decode")
 
     def _decode(self, w0: int, w1: int) -> dict[int, np.ndarray]:
-        lo, hi = int(self.pixel_offsets[w0]), int(self.pixel_offsets[w1])
+        po = self.pixel_offsets[w0:w1 + 1]
+        lo, hi = int(po[0]), int(po[-1])
         blob = self.store.image_array(L.PIXELS)[lo:hi] if hi > lo else np.zeros(0, np.uint8)
-        keys = [i for i in range(w0, w1) if self.ok[i]]
-        blobs = [blob[int(self.pixel_offsets[i]) - lo: int(self.pixel_offsets[i + 1]) - lo] for i in keys]
+        ok = self.index.rows(np.arange(w0, w1), tokens=False).ok
+        keys = [i for i in range(w0, w1) if ok[i - w0]]
+        blobs = [blob[int(po[i - w0]) - lo: int(po[i - w0 + 1]) - lo] for i in keys]
         return dict(zip(keys, self.decoder.map(ImagePolicy.decode, blobs)))
 
     def _forward(self, images: dict[int, np.ndarray], layers: list[int]) -> dict[int, tuple]:
@@ -184,7 +191,7 @@ class TeacherWorker:
 
     def _rows(self, results: dict, r0: int, r1: int, pick: Callable[[tuple], np.ndarray]) -> np.ndarray:
         """Flat token rows ``r0:r1`` gathered from the per-image arrays ``pick(results[image])``."""
-        j = int(np.searchsorted(self.tokens, r0, "right")) - 1
+        j = int(self.tokens.searchsorted(r0, "right")) - 1
         rows, cursor = [], r0
         while cursor < r1:
             start, stop = int(self.tokens[j]), int(self.tokens[j + 1])
@@ -328,7 +335,6 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
                    extras: _TeacherExtras, resumed: bool, cfg: CacheConfig, placement: Placement,
                    progress: Callable[[str, int, int], None]) -> CacheReport:
     """Images (when missing), the teacher group, its units on an actor pool, PHI-S; the caller holds the teacher's lock."""
-    import ray
 
     from storage.phis import estimate_phis
 
@@ -348,8 +354,8 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
         seconds["images"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        tokens = store.token_offsets()
-        pixel_offsets = store.image_array(L.PIXEL_OFFSETS)[:]
+        # every teacher's token offsets, read a unit at a time (8 B per unit held): never the whole index
+        tokens = token_offsets(StoreIndex(store, plain_select, teacher=None, capacity=4))
         if not resumed:
             shard_rows = cfg.shard_rows or flat_shard_rows(tokens, store.shard_images, cfg.chunk_rows)
             store.create_teacher(spec, tokens, shard_images=store.shard_images, shard_rows=shard_rows,
@@ -369,7 +375,7 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
         report = CacheReport(store.url, name, ingest, plan.num_units, plan.num_units - len(job.todo), resumed=resumed,
                              placement=placement.describe())
         init = (store.url, name, {**cfg.teacher_kwargs(), **placement.teacher_kwargs()}, cfg.feature_codec, threads,
-                (cfg.batch_size, cfg.batch_tokens), ray.put(tokens), ray.put(pixel_offsets), tuple(extras.layer_dims))
+                (cfg.batch_size, cfg.batch_tokens), tokens.unit_starts, tuple(extras.layer_dims))
         per_unit: dict[int, dict] = {}  # a unit run again counts once in the report (its last run)
         for attempt in range(2):
             for result in job.run_actors(TeacherWorker, init, workers=placement.workers, num_cpus=threads,

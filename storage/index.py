@@ -19,7 +19,8 @@ import numpy as np
 from . import layout as L
 from .store import StoreError
 
-__all__ = ["ArrayIndex", "IndexRows", "StoreIndex", "UnitIndex", "DEFAULT_CACHE_UNITS"]
+__all__ = ["ArrayIndex", "IndexRows", "StoreIndex", "UnitIndex", "UnitOffsets", "DEFAULT_CACHE_UNITS", "plain_select",
+           "pixel_offsets", "token_offsets"]
 
 DEFAULT_CACHE_UNITS = 64  # units kept per reader: a shuffle buffer spans a few units, a batch fewer
 
@@ -174,3 +175,107 @@ class ArrayIndex(_Units):
         if field == L.GRID:
             return self.grid[unit.start:unit.stop]
         raise KeyError(f"an ArrayIndex holds ok and grid only, not {field}")
+
+
+def plain_select(name: str, array, selection, rows: np.ndarray) -> np.ndarray:
+    """``StoreIndex``'s read without the reader's damage naming (a writer's own index: crc32c still checks it)."""
+    return np.asarray(array.get_orthogonal_selection(selection))
+
+
+class UnitOffsets:
+    """Absolute offsets ``[N + 1]`` into a flat array, read a write unit at a time: ``unit_offsets(u)`` gives unit
+    u's ``n + 1`` (its last equals the next unit's first). Indexes like the whole int64 array (an int, negative
+    too, or a slice of step 1) and answers ``searchsorted`` as the array would, so code written for the array
+    (``storage.shards``) works unchanged; only the units touched are read (cached by the ``StoreIndex``)."""
+
+    def __init__(self, num_rows: int, unit_rows: int, unit_offsets: Callable[[int], np.ndarray],
+                 unit_starts: np.ndarray | None = None):
+        self.num_rows, self.unit_rows, self._read_unit = int(num_rows), int(unit_rows), unit_offsets
+        self.num_units = max(1, -(-self.num_rows // self.unit_rows))
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()  # the last few units' offsets (lookups come in runs)
+        self._lock = threading.Lock()
+        if unit_starts is None:  # each unit's first offset, and the end: one pass over the units
+            unit_starts = np.array([unit_offsets(u)[0] for u in range(self.num_units)]
+                                   + [unit_offsets(self.num_units - 1)[-1]], np.int64)
+        self.unit_starts = np.asarray(unit_starts, np.int64)
+        if self.unit_starts.shape != (self.num_units + 1,):
+            raise ValueError(f"need {self.num_units + 1} unit starts, got {self.unit_starts.shape}")
+
+    def __len__(self) -> int:
+        return self.num_rows + 1
+
+    def _unit(self, u: int) -> np.ndarray:
+        with self._lock:
+            hit = self._cache.get(u)
+            if hit is not None:
+                self._cache.move_to_end(u)
+                return hit
+        off = np.asarray(self._read_unit(u), np.int64)
+        with self._lock:
+            self._cache[u] = off
+            if len(self._cache) > 4:
+                self._cache.popitem(last=False)
+        return off
+
+    def _at(self, i: int) -> int:
+        if i < 0:
+            i += self.num_rows + 1
+        if not 0 <= i <= self.num_rows:
+            raise IndexError(f"offset {i} out of range [0, {self.num_rows}]")
+        if i == self.num_rows:
+            return int(self.unit_starts[-1])
+        u = i // self.unit_rows
+        return int(self._unit(u)[i - u * self.unit_rows])
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            a, b, step = key.indices(self.num_rows + 1)
+            if step != 1:
+                raise TypeError("UnitOffsets slices take step 1")
+            if b <= a:
+                return np.zeros(0, np.int64)
+            parts = []
+            for u in range(a // self.unit_rows, min(self.num_units, -(-b // self.unit_rows))):
+                lo = u * self.unit_rows
+                off = np.asarray(self._unit(u), np.int64)
+                hi = min(b - lo, off.size - 1 if u < self.num_units - 1 else off.size)  # a unit's last is the next's first
+                parts.append(off[max(0, a - lo): hi])
+            out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            if b == self.num_rows + 1 and (out.size < b - a):
+                out = np.append(out, self.unit_starts[-1])
+            return out
+        return self._at(int(key))
+
+    def searchsorted(self, value, side: str = "left") -> int:
+        """``np.searchsorted(whole_array, value, side)`` for one value: the unit whose range holds it, then inside."""
+        v = int(value)
+        starts = self.unit_starts
+        # the elements of unit u lie in [starts[u], starts[u+1]]; at most one unit has starts[u] < v <= starts[u+1]
+        # (left) or starts[u] <= v < starts[u+1] (right): every unit before it is wholly below, after it above
+        if side == "left":
+            u = int(np.searchsorted(starts[1:], v, "left"))  # first unit whose end >= v
+        elif side == "right":
+            u = int(np.searchsorted(starts[1:], v, "right"))  # first unit whose end > v
+        else:
+            raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        if u >= self.num_units:
+            return self.num_rows + 1 if (v > starts[-1] or (side == "right" and v == starts[-1])) else self.num_rows
+        off = np.asarray(self._unit(u), np.int64)[:-1]  # the unit's own elements
+        return u * self.unit_rows + int(np.searchsorted(off, v, side))
+
+
+def token_offsets(index: _Units) -> UnitOffsets:
+    """Every teacher's token offsets (gh·gw rows per usable image) from ``ok`` and ``grid`` read per unit: one pass
+    for the units' starts (8 B per unit), then units on demand. For a writer, before any teacher's offsets exist."""
+    counts = [int(index.unit(u).tokens().sum()) for u in range(index.num_units)]
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def unit(u: int) -> np.ndarray:
+        return starts[u] + np.concatenate([[0], np.cumsum(index.unit(u).tokens())]).astype(np.int64)
+
+    return UnitOffsets(len(index), index.unit_rows, unit, starts)
+
+
+def pixel_offsets(index: StoreIndex) -> UnitOffsets:
+    """``images/pixel_offsets`` read per unit (each unit's slice is absolute already)."""
+    return UnitOffsets(len(index), index.unit_rows, lambda u: index.unit(u).pixel_offsets)

@@ -44,8 +44,9 @@ def images_for_rows(offsets: np.ndarray, r0: int, r1: int) -> tuple[int, int]:
     if r0 >= r1:
         return 0, 0
     # image i covers rows [offsets[i], offsets[i+1]); zero-row images are skipped naturally
-    i0 = int(np.searchsorted(offsets, r0, side="right")) - 1
-    i1 = int(np.searchsorted(offsets, r1, side="left"))
+    # the array's own method: the whole array, or storage.index.UnitOffsets that reads only the units it needs
+    i0 = int(offsets.searchsorted(r0, side="right")) - 1
+    i1 = int(offsets.searchsorted(r1, side="left"))
     return max(i0, 0), min(i1, len(offsets) - 1)
 
 

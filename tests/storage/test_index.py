@@ -108,3 +108,77 @@ def test_eval_keeps_the_whole_index_on_first_use(stores):
     ds = StoreBatches(stores[1], [TEACHER], DataConfig(), patch=16, registers=0, seed=0)
     np.testing.assert_array_equal(ds.reader.grid, whole["grid"])
     assert len(ds.reader) == 500
+
+
+# ---------------------------------------------------------------- offsets read a unit at a time (writers)
+def _whole_offsets(ok, grid):
+    counts = np.where(ok, grid[:, 0].astype(np.int64) * grid[:, 1], 0)
+    return np.concatenate([[0], np.cumsum(counts)])
+
+
+@pytest.mark.parametrize("n,unit", [(1, 4), (37, 4), (40, 8), (203, 16)])
+def test_unit_offsets_index_slice_and_search_as_the_whole_array(n, unit):
+    """Against the whole int64 array: every element (negative indices too), slices, and searchsorted on both sides
+    for every value from below the first to past the last, with many zero-token (failed) images, whole zero-token
+    units among them."""
+    from storage.index import ArrayIndex, token_offsets
+
+    rng = np.random.default_rng(n)
+    ok = rng.random(n) > 0.3
+    ok[unit:2 * unit] = False  # a unit without a token
+    grid = rng.integers(1, 4, size=(n, 2)).astype(np.int32)
+    whole = _whole_offsets(ok, grid)
+    got = token_offsets(ArrayIndex(ok, grid, unit, capacity=2))
+    assert len(got) == n + 1
+    for i in range(-(n + 1), n + 1):
+        assert got[i] == whole[i]
+    for a in range(0, n + 2):
+        for b in range(a, n + 2):
+            np.testing.assert_array_equal(got[a:b], whole[a:b])
+    np.testing.assert_array_equal(got[:], whole)
+    for v in range(-1, int(whole[-1]) + 2):
+        for side in ("left", "right"):
+            assert got.searchsorted(v, side) == np.searchsorted(whole, v, side), (v, side)
+    with pytest.raises(IndexError):
+        got[n + 1]
+
+
+def test_shard_plans_give_the_same_rows_and_work_from_unit_offsets():
+    """``ShardPlan.owned_rows`` and ``work_range`` (what a teacher worker asks per unit) from per-unit offsets equal
+    those from the whole array."""
+    from storage.index import ArrayIndex, token_offsets
+    from storage.shards import ShardPlan
+
+    rng = np.random.default_rng(3)
+    n, unit = 500, 32
+    ok = rng.random(n) > 0.2
+    grid = rng.integers(1, 6, size=(n, 2)).astype(np.int32)
+    whole = _whole_offsets(ok, grid)
+    lazy = token_offsets(ArrayIndex(ok, grid, unit, capacity=3))
+    plan = ShardPlan(n, unit)
+    for shard_rows in (16, 64, 1024):
+        for u in range(plan.num_units):
+            assert plan.owned_rows(u, lazy, shard_rows) == plan.owned_rows(u, whole, shard_rows)
+            assert plan.work_range(u, [lazy], [shard_rows]) == plan.work_range(u, [whole], [shard_rows])
+
+
+def test_a_store_writers_offsets_read_only_the_units_they_touch(stores):
+    """token_offsets/pixel_offsets over a store's index read one unit per lookup, never whole arrays, and equal the
+    store's own whole arrays."""
+    from storage.index import StoreIndex, pixel_offsets, plain_select, token_offsets
+    from storage.store import FeatureStore
+
+    store = FeatureStore.open(stores[0])
+    reads = []
+
+    def counting(name, array, selection, rows):
+        reads.append((name, len(rows)))
+        return plain_select(name, array, selection, rows)
+
+    index = StoreIndex(store, counting, teacher=None, capacity=2)
+    tokens = token_offsets(index)
+    reads.clear()
+    assert tokens[1000] == store.token_offsets()[1000] and tokens[-1] == store.token_offsets()[-1]
+    pix = pixel_offsets(index)
+    np.testing.assert_array_equal(pix[640:700], store.image_array("pixel_offsets")[640:700])
+    assert max(n for _, n in reads) <= store.shard_images + 1
