@@ -13,10 +13,17 @@ a float32. Same bytes as float16, float32's range, 8 bits of mantissa instead of
 
 ``amoe.int8``: per chunk, the rows along the last axis (one token or one image's vector each) are
 centred on the chunk's mean μ, rotated by the orthonormal DCT-II C along the channels, and each row
-quantized to int8 with its own scale s = max|y|/127 (AMoE/PHI-S motivation: after a rotation that
-spreads every channel's energy over all channels, one scale per row suits them):
+quantized to int8 with its own scale s (AMoE/PHI-S motivation: after a rotation that spreads every
+channel's energy over all channels, one scale per row suits them):
 
     y = C (x − μ),   q = round(y / s),   x̂ = Cᵀ (q · s) + μ
+
+The writer picks s = max(max|y|/127, rms(y)/16): never below max|y|/127, so nothing is clipped, and
+for rows without outliers (max|y| < 7.9 rms, e.g. Gaussian rows: ≈ 3 rms at D = 384) a step of 1/16
+of the row's RMS. Quantization noise is then ≈ rms²/(12·256) per value, a cosine of ≈ 0.9998 to the
+row, while the q values span ≈ ±50 instead of ±127: 1.3 bits a value fewer for the compressor
+(measured in the README). Decoding does not depend on how s was chosen; a store written by an
+encoder with another rule reads the same way.
 
 Why not PHI-S itself (whose rotation is the Hadamard): its mean and PCA basis are estimated from the
 stored targets after the job, so they do not exist when a unit is written. The codec keeps PHI-S's
@@ -57,6 +64,7 @@ __all__ = ["BFLOAT16", "CODECS", "FEATURE_CODECS", "INT8", "BFloat16Codec", "Int
 BFLOAT16 = "amoe.bfloat16"
 INT8 = "amoe.int8"
 FEATURE_CODECS = ("float16", "float32", "bfloat16", "int8")  # the --codec choices; the first two are plain dtypes
+RMS_STEPS = 16  # amoe.int8's writer: the quantization step is at least 1/RMS_STEPS of the row's RMS (docstring)
 BFLOAT16_MAX = float(np.frombuffer(np.uint32(0x7F7F0000).tobytes(), np.float32)[0])  # largest finite bfloat16
 
 
@@ -85,7 +93,8 @@ def encode_int8(x: np.ndarray) -> bytes:
     kept = rows[~zero]
     mean = (kept.mean(axis=0, dtype=np.float64) if len(kept) else np.zeros(d)).astype(np.float32)
     y = fft.dct(rows - mean, type=2, norm="ortho", axis=-1)
-    scale = (np.abs(y).max(axis=-1) / 127.0).astype(np.float32)
+    rms = np.sqrt(np.mean(np.square(y, dtype=np.float64), axis=-1))
+    scale = np.maximum(np.abs(y).max(axis=-1) / 127.0, rms / RMS_STEPS).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
     q = np.clip(np.rint(y / safe[:, None]), -127, 127).astype(np.int8)
     q[zero], scale[zero] = 0, -1.0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+from scipy import fft
 import pytest
 import torch
 import zarr
@@ -51,7 +52,7 @@ def _int8_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     out = np.zeros((m, d))
     for i in nonzero:  # an all-zero row stays zeros
         y = dct @ (x[i].astype(np.float64) - mean)
-        s = np.float32(np.abs(y).max() / 127.0)
+        s = np.float32(max(np.abs(y).max() / 127.0, np.sqrt(np.mean(y ** 2)) / 16))  # never clips: s >= max/127
         q[i] = np.clip(np.rint(y / s), -127, 127) if s > 0 else 0
         out[i] = dct.T @ (q[i] * np.float64(s)) + mean
     return q, mean, out
@@ -71,6 +72,29 @@ def test_int8_rows_match_a_naive_float64_reference():
     assert (decoded[3] == 0).all() and raw[4 * 24 + 4 * 3: 4 * 24 + 4 * 4].view("<f4")[0] == -1.0
     with pytest.raises(ValueError, match="must hold"):
         decode_int8(data[:-1], x.shape)
+
+
+def test_int8_steps_by_the_rows_rms_and_never_clips_an_outlier():
+    """A Gaussian row is quantized in steps of rms/16 (q spans about ±50, not ±127); a row with one huge channel
+    keeps it (the scale follows the maximum there), both to the precision their step promises."""
+    rng = np.random.default_rng(5)
+    y = rng.normal(size=(3, 256))
+    y[1] *= 0.01
+    y[1, 7] = 40.0  # one coefficient far beyond 7.9 rms
+    y[2] = -(y[0] + y[1])  # the chunk's mean is zero: the rows' DCT coefficients are y
+    x = fft.idct(y, type=2, norm="ortho", axis=-1).astype(np.float32)
+    data = encode_int8(x)
+    raw = np.frombuffer(data, np.uint8)
+    scale = raw[4 * 256: 4 * 256 + 12].view("<f4")
+    q = raw[4 * 256 + 12:].view(np.int8).reshape(3, 256).astype(int)
+    decoded = decode_int8(data, x.shape)
+    mean = x.mean(axis=0)
+    for i in range(3):
+        y = fft.dct(x[i] - mean, type=2, norm="ortho")
+        rms = np.sqrt(np.mean(y.astype(np.float64) ** 2))
+        assert scale[i] == pytest.approx(max(np.abs(y).max() / 127, rms / 16), rel=1e-5)
+        assert np.abs(decoded[i] - x[i]).max() <= scale[i] / 2 * np.sqrt(256) + 1e-6
+    assert 30 < np.abs(q[0]).max() < 80 and np.abs(q[1]).max() == 127
 
 
 @pytest.mark.parametrize("codec", ["bfloat16", "int8"])
