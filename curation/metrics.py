@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from curation.keys import row_keys
+
 if TYPE_CHECKING:
     from curation.hierarchy import Hierarchy
 
@@ -65,10 +67,8 @@ def inertia_per_level(h: Hierarchy) -> list[float]:
 
 def random_subset(n: int, size: int, seed: int = 0) -> np.ndarray:
     """The baseline "random subset of equal size": the ``size`` rows of ``range(n)`` with the smallest
-    :func:`curation.sampling.row_keys` (stream 3), sorted. A uniform subset without replacement that the
+    :func:`curation.keys.row_keys` (stream 3), sorted. A uniform subset without replacement that the
     block-by-block version (:func:`_random_labels`) reproduces exactly."""
-    from curation.sampling import row_keys
-
     keys = row_keys(np.arange(int(n)), seed, stream=3)
     return np.sort(np.argsort(keys, kind="stable")[: int(size)])
 
@@ -102,8 +102,6 @@ def compare_to_random(labels: np.ndarray, selected: np.ndarray, seed: int = 0,
 def _labels_of(h: Hierarchy, selected: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """One pass over the tree's labels in blocks: the level-1 labels of ``selected`` (sorted rows) and of a
     random subset of as many points (the points with the smallest row keys, stream 3)."""
-    from curation.sampling import row_keys
-
     selected = np.asarray(selected, np.int64)
     sel_labels = np.full(selected.size, -1, np.int64)
     m = selected.size

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Literal
 import numpy as np
 
 from curation.hierarchy import Hierarchy, Level1Fit, PoolAssign, fit_hierarchy
+from curation.keys import row_keys
 from curation.kmeans import DEFAULT_CHUNK_ROWS, DEFAULT_ITERATIONS, Init, RefineInit, Strategy, rank_within_clusters
 from curation.metrics import curation_metrics
 
@@ -94,27 +95,6 @@ def hierarchical_allocation(h: Hierarchy, target: int, rng: np.random.Generator)
     for lvl in range(h.n_levels - 1, 0, -1):  # level lvl+1 -> level lvl (1-based)
         alloc.insert(0, allocate_grouped(sizes[lvl - 1], h.parents[lvl - 1], alloc[0], rng))
     return alloc
-
-
-_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finalizer (Steele, Lea & Flood 2014), elementwise on uint64 (wrapping arithmetic)."""
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
-
-
-def row_keys(rows: np.ndarray, seed: int, stream: int = 0) -> np.ndarray:
-    """A uniform key in [0, 1) (float64, 53 random bits) per row, a pure function of (seed, stream, row).
-
-    Why a hash and not ``rng.random(N)``: the key of row i must not depend on which block row i is read
-    in, so that a selection made block by block (a pool in zarr) equals the whole-array one."""
-    with np.errstate(over="ignore"):
-        base = _splitmix64(np.array([(int(seed) * 0x632BE59BD9B4E019 + int(stream)) % 2**64], np.uint64))[0]
-        z = _splitmix64(np.asarray(rows, np.int64).astype(np.uint64) * _GOLDEN + base)
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
 
 
 class _BestPerCluster:

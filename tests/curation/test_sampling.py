@@ -7,9 +7,10 @@ import pytest
 import zarr
 
 from curation.hierarchy import Hierarchy, fit_hierarchy, iter_label_blocks
+from curation.keys import row_keys
 from curation.metrics import compare_to_random, coverage, curation_metrics, normalized_entropy
 from curation.sampling import (allocate, allocate_grouped, curate_embeddings, hierarchical_allocation,
-                               hierarchical_sample, hierarchical_sample_with_labels, row_keys, select_points)
+                               hierarchical_sample, hierarchical_sample_with_labels, select_points)
 
 
 def cap_by_bisection(sizes: np.ndarray, target: int) -> int:
