@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-from scipy import fft
 import pytest
 import torch
 import zarr
@@ -47,12 +46,12 @@ def _int8_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     dct = np.sqrt(2.0 / d) * np.cos(np.pi * (2 * n + 1) * k / (2 * d))
     dct[0] /= np.sqrt(2.0)
     nonzero = [i for i in range(m) if np.any(x[i] != 0)]
-    mean = x[nonzero].astype(np.float64).mean(axis=0).astype(np.float32)
+    mean = np.median(x[nonzero], axis=0).astype(np.float32)  # the per-channel median of the non-zero rows
     q = np.zeros((m, d), np.int8)
     out = np.zeros((m, d))
     for i in nonzero:  # an all-zero row stays zeros
         y = dct @ (x[i].astype(np.float64) - mean)
-        s = np.float32(max(np.abs(y).max() / 127.0, np.sqrt(np.mean(y ** 2)) / 16))  # never clips: s >= max/127
+        s = np.float32(np.abs(y).max() / 127.0)
         q[i] = np.clip(np.rint(y / s), -127, 127) if s > 0 else 0
         out[i] = dct.T @ (q[i] * np.float64(s)) + mean
     return q, mean, out
@@ -74,27 +73,17 @@ def test_int8_rows_match_a_naive_float64_reference():
         decode_int8(data[:-1], x.shape)
 
 
-def test_int8_steps_by_the_rows_rms_and_never_clips_an_outlier():
-    """A Gaussian row is quantized in steps of rms/16 (q spans about ±50, not ±127); a row with one huge channel
-    keeps it (the scale follows the maximum there), both to the precision their step promises."""
-    rng = np.random.default_rng(5)
-    y = rng.normal(size=(3, 256))
-    y[1] *= 0.01
-    y[1, 7] = 40.0  # one coefficient far beyond 7.9 rms
-    y[2] = -(y[0] + y[1])  # the chunk's mean is zero: the rows' DCT coefficients are y
-    x = fft.idct(y, type=2, norm="ortho", axis=-1).astype(np.float32)
-    data = encode_int8(x)
-    raw = np.frombuffer(data, np.uint8)
-    scale = raw[4 * 256: 4 * 256 + 12].view("<f4")
-    q = raw[4 * 256 + 12:].view(np.int8).reshape(3, 256).astype(int)
-    decoded = decode_int8(data, x.shape)
-    mean = x.mean(axis=0)
-    for i in range(3):
-        y = fft.dct(x[i] - mean, type=2, norm="ortho")
-        rms = np.sqrt(np.mean(y.astype(np.float64) ** 2))
-        assert scale[i] == pytest.approx(max(np.abs(y).max() / 127, rms / 16), rel=1e-5)
-        assert np.abs(decoded[i] - x[i]).max() <= scale[i] / 2 * np.sqrt(256) + 1e-6
-    assert 30 < np.abs(q[0]).max() < 80 and np.abs(q[1]).max() == 127
+def test_int8_one_outlier_row_does_not_cost_the_other_rows_of_its_chunk():
+    """A high-norm row (a ViT's outlier token) in a chunk: centred on the chunk's mean, every other row would carry
+    its shift (min cosine 0.979 at D = 16 when measured); the median centre leaves them at the precision of a chunk
+    without the outlier, and the outlier row keeps its own."""
+    rng = np.random.default_rng(0)
+    for d in (16, 384):
+        x = rng.standard_normal((64, d)).astype(np.float32)
+        x[3, 0] = 1e4
+        got = decode_int8(encode_int8(x), x.shape)
+        cos = (got * x).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(x, axis=1)
+        assert np.delete(cos, 3).min() > 0.9999 and cos[3] > 0.9999, (d, np.delete(cos, 3).min(), cos[3])
 
 
 @pytest.mark.parametrize("codec", ["bfloat16", "int8"])
