@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 Level1Fit = Callable[..., KMeansResult]
 
 # Assigns the whole pool to the level-1 centroids somewhere else (a distributed job):
-# ``assign(centroids, spherical=, gpu=)`` -> (labels [N], sqdist [N]) as arrays sliceable by rows (numpy or
-# zarr; label -1 = a row that is not a point, e.g. an image that failed to decode). The fitted labels are
-# then not used: every row, fitted or not, is labelled by its nearest final centroid, as ``assign`` does.
+# ``assign(centroids, spherical=, gpu=)`` -> (labels [N], sqdist [N]): zarr arrays (label -1 = a row that is not
+# a point, e.g. an image that failed to decode), or numpy arrays that label every row (an in-memory tree has no
+# unlabelled rows: ``Hierarchy`` refuses -1 there). The fitted labels are then not used: every row, fitted or
+# not, is labelled by its nearest final centroid, as ``assign`` does.
 PoolAssign = Callable[..., tuple[Any, Any]]
 
 

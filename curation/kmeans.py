@@ -104,43 +104,57 @@ def _index(centroids: np.ndarray, spherical: bool, gpu: bool | None) -> faiss.In
     return index
 
 
-def assign(x: Any, centroids: np.ndarray, *, spherical: bool = False,
+class NearestCentroid:
+    """The assignment index of one set of centroids, built once: ``search(block)`` labels rows of a prepared
+    block (``_prep``: float32, unit-norm when spherical). Spherical: IndexFlatIP (max cosine with unit
+    centroids); else IndexFlatL2. ``sqdist`` is the squared L2 distance to the chosen centroid either way
+    (``|x|^2 + |c|^2 - 2 x.c`` for IP, computed in float64, clipped at 0)."""
+
+    def __init__(self, centroids: np.ndarray, *, spherical: bool = False, gpu: bool | None = None):
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        if self.centroids.ndim != 2:
+            raise ValueError(f"centroids must be [K, d], got {self.centroids.shape}")
+        self.spherical = spherical
+        self.index = _index(self.centroids, spherical, gpu)
+        c64 = self.centroids.astype(np.float64)
+        self.c_sq = np.einsum("kd,kd->k", c64, c64) if spherical else None
+
+    def search(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        score, lab = self.index.search(block, 1)
+        lab = lab[:, 0].astype(np.int64)
+        if self.spherical:
+            b64 = block.astype(np.float64)  # one float64 copy of the chunk, not two
+            x_sq = np.einsum("nd,nd->n", b64, b64)
+            del b64
+            dist = x_sq + self.c_sq[lab] - 2.0 * score[:, 0].astype(np.float64)
+        else:
+            dist = score[:, 0].astype(np.float64)
+        return lab, np.maximum(dist, 0.0).astype(np.float32)
+
+
+def assign(x: Any, centroids: np.ndarray | NearestCentroid, *, spherical: bool = False,
            chunk_rows: int = DEFAULT_CHUNK_ROWS, gpu: bool | None = None,
            skip_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of every row: ``(labels int64 [N], sqdist float32 [N])``.
-
-    Spherical: IndexFlatIP (max cosine with unit centroids); else IndexFlatL2. ``sqdist`` is the
-    squared L2 distance to the chosen centroid either way (``|x|^2 + |c|^2 - 2 x.c`` for IP,
-    computed in float64, clipped at 0). Memory: one chunk plus the [N] outputs. Rows listed in
+    """Nearest centroid of every row: ``(labels int64 [N], sqdist float32 [N])`` (:class:`NearestCentroid`;
+    pass one to reuse its index over many calls). Memory: one chunk plus the [N] outputs. Rows listed in
     ``skip_rows`` (e.g. the fit sample, already assigned) are not searched: label -1, sqdist 0.
     """
     n, d = _shape(x)
-    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-    if centroids.ndim != 2 or centroids.shape[1] != d:
-        raise ValueError(f"centroids must be [K, {d}], got {centroids.shape}")
-    index = _index(centroids, spherical, gpu)
-    c_sq = np.einsum("kd,kd->k", centroids.astype(np.float64), centroids.astype(np.float64))
+    nearest = centroids if isinstance(centroids, NearestCentroid) else NearestCentroid(
+        centroids, spherical=spherical, gpu=gpu)
+    if nearest.centroids.shape[1] != d:
+        raise ValueError(f"centroids must be [K, {d}], got {nearest.centroids.shape}")
     labels = np.full(n, -1, dtype=np.int64)
     sqdist = np.zeros(n, dtype=np.float32)
     skip = None if skip_rows is None else np.unique(np.asarray(skip_rows, dtype=np.int64))
-    for start, block in iter_chunks(x, chunk_rows, spherical):
+    for start, block in iter_chunks(x, chunk_rows, nearest.spherical):
         rows = np.arange(start, start + block.shape[0])
         if skip is not None:
             keep = ~np.isin(rows, skip[np.searchsorted(skip, start):np.searchsorted(skip, rows[-1] + 1)])
             rows, block = rows[keep], block[keep]
             if rows.size == 0:
                 continue
-        score, lab = index.search(block, 1)
-        lab = lab[:, 0].astype(np.int64)
-        if spherical:
-            b64 = block.astype(np.float64)  # one float64 copy of the chunk, not two
-            x_sq = np.einsum("nd,nd->n", b64, b64)
-            del b64
-            dist = x_sq + c_sq[lab] - 2.0 * score[:, 0].astype(np.float64)
-        else:
-            dist = score[:, 0].astype(np.float64)
-        labels[rows] = lab
-        sqdist[rows] = np.maximum(dist, 0.0)
+        labels[rows], sqdist[rows] = nearest.search(block)
     return labels, sqdist
 
 

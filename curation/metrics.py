@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from curation.keys import row_keys
+from curation.topk import SmallestPerGroup
 
 if TYPE_CHECKING:
     from curation.hierarchy import Hierarchy
@@ -104,8 +105,7 @@ def _labels_of(h: Hierarchy, selected: np.ndarray, seed: int) -> tuple[np.ndarra
     random subset of as many points (the points with the smallest row keys, stream 3)."""
     selected = np.asarray(selected, np.int64)
     sel_labels = np.full(selected.size, -1, np.int64)
-    m = selected.size
-    rand_keys, rand_labels = np.zeros(0), np.zeros(0, np.int64)
+    rand = SmallestPerGroup(np.array([selected.size]))
     for rows, labels, _ in h.blocks():
         if rows.size == 0:
             continue
@@ -114,13 +114,10 @@ def _labels_of(h: Hierarchy, selected: np.ndarray, seed: int) -> tuple[np.ndarra
         if not np.array_equal(rows[np.minimum(pos, rows.size - 1)], selected[lo:hi]):
             raise ValueError("a selected row is not a point of the tree (unlabelled or out of range)")
         sel_labels[lo:hi] = labels[pos]
-        keys = np.concatenate([rand_keys, row_keys(rows, seed, stream=3)])
-        labs = np.concatenate([rand_labels, labels])
-        keep = np.argsort(keys, kind="stable")[:m]
-        rand_keys, rand_labels = keys[keep], labs[keep]
+        rand.offer(rows, np.zeros(rows.size, np.int64), row_keys(rows, seed, stream=3), labels)
     if (sel_labels < 0).any():
         raise ValueError("a selected row is not a point of the tree (unlabelled or out of range)")
-    return sel_labels, rand_labels
+    return sel_labels, rand.result()[1]
 
 
 def curation_metrics(h: Hierarchy, selected: np.ndarray, seed: int = 0) -> dict[str, Any]:

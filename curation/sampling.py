@@ -8,7 +8,7 @@ budget unless it is too small, which is what flattens a long-tailed pool.
 
 Only the allocation needs the whole pool, and only as cluster sizes ([K_1] counts); the points are
 then picked in one pass over the labels, a block at a time, keeping per cluster the ``count`` best
-candidates seen so far (:func:`select_points`). A point's random key is a hash of its row and the
+candidates seen so far (:func:`select_points`, :mod:`curation.topk`). A point's random key is a hash of its row and the
 seed (:func:`row_keys`), not a draw from a stream, so the pick does not depend on how the rows are
 split into blocks: memory is O(K_1 + target + one block), never O(pool).
 """
@@ -23,6 +23,7 @@ import numpy as np
 
 from curation.hierarchy import Hierarchy, Level1Fit, PoolAssign, fit_hierarchy
 from curation.keys import row_keys
+from curation.topk import SmallestPerGroup
 from curation.kmeans import DEFAULT_CHUNK_ROWS, DEFAULT_ITERATIONS, Init, RefineInit, Strategy, rank_within_clusters
 from curation.metrics import curation_metrics
 
@@ -97,43 +98,21 @@ def hierarchical_allocation(h: Hierarchy, target: int, rng: np.random.Generator)
     return alloc
 
 
-class _BestPerCluster:
-    """The ``counts[c]`` smallest ``(key, row)`` of every cluster c among the candidates seen so far."""
-
-    def __init__(self, counts: np.ndarray):
-        self.counts = np.asarray(counts, np.int64)
-        self.rows = np.zeros(0, np.int64)
-        self.labels = np.zeros(0, np.int64)
-        self.keys = np.zeros(0, np.float64)
-
-    def offer(self, rows: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> None:
-        rows = np.concatenate([self.rows, rows])
-        labels = np.concatenate([self.labels, labels])
-        keys = np.concatenate([self.keys, keys])
-        order = np.lexsort((rows, keys, labels))  # by cluster, then key, ties by row
-        sizes = np.bincount(labels, minlength=self.counts.size)
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        rank = np.arange(order.size) - starts[labels[order]]
-        keep = order[rank < self.counts[labels[order]]]
-        self.rows, self.labels, self.keys = rows[keep], labels[keep], keys[keep]
-
-
 def select_points(blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], counts: np.ndarray,
                   selection: Selection, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``counts[c]`` points of every level-1 cluster c, random or closest first, in one pass over ``blocks``
     of ``(rows, labels, sqdist)``: (sorted rows, their level-1 labels).
 
     ``random`` ranks a cluster's points by :func:`row_keys` (a uniform random subset of the cluster),
-    ``closest`` by squared distance to the centroid; ties go to the lower row. Memory: the kept
-    candidates (at most ``counts.sum()``) plus one block."""
+    ``closest`` by squared distance to the centroid; ties go to the lower row. Memory and time:
+    :class:`curation.topk.SmallestPerGroup`."""
     if selection not in ("random", "closest"):
         raise ValueError(f"selection must be 'random' or 'closest', got {selection!r}")
-    best = _BestPerCluster(counts)
+    best = SmallestPerGroup(counts)
     for rows, labels, sqdist in blocks:
         keys = row_keys(rows, seed, stream=2) if selection == "random" else np.asarray(sqdist, np.float64)
-        best.offer(rows, labels, keys)
-    order = np.argsort(best.rows, kind="stable")
-    return best.rows[order], best.labels[order]
+        best.offer(rows, labels, keys, labels)
+    return best.result()
 
 
 def hierarchical_sample(h: Hierarchy, target: int, *, selection: Selection = "random",

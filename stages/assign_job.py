@@ -14,7 +14,8 @@ DIR/_commits/assign/unit-*.json  one marker per unit (with the Ray node that wro
 and ``DIR``'s attrs ``clusters`` name the centroids (sha256 of their bytes, K, geometry): a rerun with
 other centroids (another seed, other levels) starts over instead of mixing two assignments. The
 actors each hold one faiss index of the centroids (put in the object store once) and stream their
-units through it: memory per actor is the index plus one unit of embeddings.
+units through it: memory per actor is the index plus one unit of embeddings. On a cluster with GPUs
+(and ``gpu`` not False) each actor asks Ray for one GPU and faiss searches there.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from curation.kmeans import assign
 from storage.arrays import create_array
 from storage.commits import CommitLog
 from storage.fsutil import zarr_options
@@ -53,11 +55,10 @@ class AssignWorker:
         import faiss
         import zarr
 
-        from curation.kmeans import assign
+        from curation.kmeans import NearestCentroid
 
         faiss.omp_set_num_threads(int(threads))
-        self.assign = assign
-        self.centroids, self.spherical, self.gpu = np.asarray(centroids, np.float32), spherical, gpu
+        self.nearest = NearestCentroid(centroids, spherical=spherical, gpu=gpu)  # one index for every unit
         self.group = zarr.open_group(url, mode="r+", **zarr_options(url))
         self.unit_images = unit_images
         self.commits = CommitLog(url, ASSIGN_COMMITS)
@@ -72,7 +73,7 @@ class AssignWorker:
         sqdist = np.zeros(i1 - i0, np.float32)
         if ok.any():
             x = np.asarray(g[EMBEDDINGS][i0:i1])[ok]
-            lab, dist = self.assign(x, self.centroids, spherical=self.spherical, gpu=self.gpu)
+            lab, dist = assign(x, self.nearest)
             labels[ok], sqdist[ok] = lab.astype(np.int32), dist
         g[f"{CLUSTERS}/level1"][i0:i1] = labels
         g[f"{CLUSTERS}/sqdist"][i0:i1] = sqdist
@@ -116,18 +117,21 @@ class PoolAssignment:
         job = UnitJob("assign", num_units, commits.committed(), self.on_progress)
         todo = job.todo
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        workers = max(1, min(self.workers or cpus, len(todo) or 1))
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        on_gpu = gpu is not False and gpus > 0  # one actor per GPU (Ray hides the GPUs an actor did not ask for)
+        workers = max(1, min(self.workers or (gpus if on_gpu else cpus), len(todo) or 1))
         threads = max(1, cpus // workers)
         points = 0
         if todo:
-            init = (self.out, ray.put(np.asarray(centroids, np.float32)), spherical, gpu, threads, self.unit_images)
-            for result in job.run_actors(AssignWorker, init, workers=workers, num_cpus=min(1.0, cpus / workers)):
+            init = (self.out, ray.put(np.asarray(centroids, np.float32)), spherical, on_gpu, threads, self.unit_images)
+            for result in job.run_actors(AssignWorker, init, workers=workers, num_cpus=min(1.0, cpus / workers),
+                                         num_gpus=1 if on_gpu else 0):
                 points += result["points"]
         missing = set(range(num_units)) - commits.committed()
         if missing:  # an actor answered but its node died before the marker (runner.run_actors): say so
             raise RuntimeError(f"{self.out}: pool assignment units {sorted(missing)[:5]} have no commit marker "
                                "after the job; rerun the command to finish them")
         self.report = {"units": num_units, "units_skipped": num_units - len(todo), "workers": workers if todo else 0,
-                       "threads_per_worker": threads, "points_assigned": points,
+                       "threads_per_worker": threads, "gpus_per_worker": 1 if on_gpu and todo else 0, "points_assigned": points,
                        "seconds": time.perf_counter() - t0}
         return group[f"{CLUSTERS}/level1"], group[f"{CLUSTERS}/sqdist"]

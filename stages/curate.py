@@ -117,7 +117,8 @@ def run_curate(images: str, out: str, cfg: CurateConfig, *,
     _check_sizes(cfg, len(refs), "images")  # before any work
     concepts = read_concepts(cfg.concepts, [r.source for r in refs]) if cfg.concepts else None
     with ray_cluster(cfg.ray_address, cfg.num_cpus):  # one cluster for the embedding, fit and assignment jobs
-        return _curate(refs, str(out).rstrip("/"), cfg, concepts, progress)
+        out = str(out).rstrip("/")
+        return _curate(refs, out[len("file://"):] if out.startswith("file://") else out, cfg, concepts, progress)
 
 
 def _write_files(out: str, files: dict[str, bytes]) -> None:

@@ -325,4 +325,4 @@ def test_sampling_from_zarr_labels_holds_one_block_not_the_pool(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert rows.size == 2 * k
-    assert peak < 3_000_000, f"selection traced {peak / 1e6:.1f} MB for {n * 8 / 1e6:.0f} MB of labels"
+    assert peak < 4_000_000, f"selection traced {peak / 1e6:.1f} MB for {n * 8 / 1e6:.0f} MB of labels"
