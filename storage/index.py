@@ -194,12 +194,18 @@ class UnitOffsets:
         self.num_units = max(1, -(-self.num_rows // self.unit_rows))
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()  # the last few units' offsets (lookups come in runs)
         self._lock = threading.Lock()
-        if unit_starts is None:  # each unit's first offset, and the end: one pass over the units
-            unit_starts = np.array([unit_offsets(u)[0] for u in range(self.num_units)]
-                                   + [unit_offsets(self.num_units - 1)[-1]], np.int64)
-        self.unit_starts = np.asarray(unit_starts, np.int64)
-        if self.unit_starts.shape != (self.num_units + 1,):
+        # each unit's first offset and the end: needed by searchsorted only (None: reading them would touch
+        # every unit, so a reader that only indexes and slices, as pixel offsets are used, goes without)
+        self.unit_starts = None if unit_starts is None else np.asarray(unit_starts, np.int64)
+        if self.unit_starts is not None and self.unit_starts.shape != (self.num_units + 1,):
             raise ValueError(f"need {self.num_units + 1} unit starts, got {self.unit_starts.shape}")
+
+    @property
+    def total(self) -> int:
+        """The last offset (the flat array's length): from the unit starts, or the last unit's own offsets."""
+        if self.unit_starts is not None:
+            return int(self.unit_starts[-1])
+        return int(self._unit(self.num_units - 1)[-1])
 
     def __len__(self) -> int:
         return self.num_rows + 1
@@ -223,7 +229,7 @@ class UnitOffsets:
         if not 0 <= i <= self.num_rows:
             raise IndexError(f"offset {i} out of range [0, {self.num_rows}]")
         if i == self.num_rows:
-            return int(self.unit_starts[-1])
+            return self.total
         u = i // self.unit_rows
         return int(self._unit(u)[i - u * self.unit_rows])
 
@@ -242,13 +248,15 @@ class UnitOffsets:
                 parts.append(off[max(0, a - lo): hi])
             out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
             if b == self.num_rows + 1 and (out.size < b - a):
-                out = np.append(out, self.unit_starts[-1])
+                out = np.append(out, self.total)
             return out
         return self._at(int(key))
 
     def searchsorted(self, value, side: str = "left") -> int:
         """``np.searchsorted(whole_array, value, side)`` for one value: the unit whose range holds it, then inside."""
         v = int(value)
+        if self.unit_starts is None:
+            raise TypeError("searchsorted needs the units' starts (UnitOffsets(..., unit_starts=...))")
         starts = self.unit_starts
         # the elements of unit u lie in [starts[u], starts[u+1]]; at most one unit has starts[u] < v <= starts[u+1]
         # (left) or starts[u] <= v < starts[u+1] (right): every unit before it is wholly below, after it above
@@ -264,11 +272,16 @@ class UnitOffsets:
         return u * self.unit_rows + int(np.searchsorted(off, v, side))
 
 
-def token_offsets(index: _Units) -> UnitOffsets:
-    """Every teacher's token offsets (gh·gw rows per usable image) from ``ok`` and ``grid`` read per unit: one pass
-    for the units' starts (8 B per unit), then units on demand. For a writer, before any teacher's offsets exist."""
-    counts = [int(index.unit(u).tokens().sum()) for u in range(index.num_units)]
-    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+def token_offsets(index: _Units, units_per_read: int = 256) -> UnitOffsets:
+    """Every teacher's token offsets (gh·gw rows per usable image) from ``ok`` and ``grid``: one pass for the units'
+    starts (8 B per unit held; ``units_per_read`` units per read, so zarr fetches their chunks concurrently),
+    then units on demand. For a writer, before any teacher's offsets exist."""
+    counts, u_rows = [], index.unit_rows
+    for u0 in range(0, index.num_units, units_per_read):
+        a, b = u0 * u_rows, min(len(index), (u0 + units_per_read) * u_rows)
+        tokens = UnitIndex(a, b, index._read).tokens()  # rows a:b read at once, the LRU of units left alone
+        counts.append(np.add.reduceat(tokens, np.arange(0, b - a, u_rows)) if b > a else np.zeros(0, np.int64))
+    starts = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
 
     def unit(u: int) -> np.ndarray:
         return starts[u] + np.concatenate([[0], np.cumsum(index.unit(u).tokens())]).astype(np.int64)

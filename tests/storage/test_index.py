@@ -176,9 +176,22 @@ def test_a_store_writers_offsets_read_only_the_units_they_touch(stores):
         return plain_select(name, array, selection, rows)
 
     index = StoreIndex(store, counting, teacher=None, capacity=2)
-    tokens = token_offsets(index)
+    whole = store.token_offsets()
+    tokens = token_offsets(index, units_per_read=4)  # the units' starts: ok and grid, 4 units a read
+    units = -(-store.num_images // store.shard_images)
+    assert len(reads) == 2 * -(-units // 4) and max(n for _, n in reads) <= 4 * store.shard_images
+    np.testing.assert_array_equal(tokens.unit_starts, whole[::store.shard_images].tolist() + [whole[-1]]
+                                  if store.num_images % store.shard_images else whole[::store.shard_images])
     reads.clear()
-    assert tokens[1000] == store.token_offsets()[1000] and tokens[-1] == store.token_offsets()[-1]
+    assert tokens[1000] == whole[1000] and tokens[-1] == whole[-1]
+    assert max(n for _, n in reads) <= store.shard_images
+    reads.clear()
     pix = pixel_offsets(index)
-    np.testing.assert_array_equal(pix[640:700], store.image_array("pixel_offsets")[640:700])
+    assert not reads  # nothing is read to make it: it has no unit starts, and needs none to index and slice
+    stored = store.image_array("pixel_offsets")[:]
+    np.testing.assert_array_equal(pix[640:700], stored[640:700])
+    np.testing.assert_array_equal(pix[2990:], stored[2990:])
+    assert pix[-1] == stored[-1]
     assert max(n for _, n in reads) <= store.shard_images + 1
+    with pytest.raises(TypeError, match="units. starts"):
+        pix.searchsorted(5)
