@@ -27,6 +27,7 @@ from storage.fsutil import atomic_write, filesystem, join, zarr_options
 from .assign_job import PoolAssignment
 from .embed import EMBEDDINGS, POOL, EmbedReport, run_embed
 from .manifest import MANIFEST, write_manifest
+from .placement import place_job
 from .ray_cluster import ray_cluster
 from .sources import list_images, read_source_table
 
@@ -116,6 +117,7 @@ def run_curate(images: str, out: str, cfg: CurateConfig, *,
     refs = list_images(images)
     _check_sizes(cfg, len(refs), "images")  # before any work
     concepts = read_concepts(cfg.concepts, [r.source for r in refs]) if cfg.concepts else None
+    place_job(cfg)  # a device or replica request the machine cannot serve is refused before a cluster starts
     with ray_cluster(cfg.ray_address, cfg.num_cpus):  # one cluster for the embedding, fit and assignment jobs
         out = str(out).rstrip("/")
         return _curate(refs, out[len("file://"):] if out.startswith("file://") else out, cfg, concepts, progress)
