@@ -125,7 +125,14 @@ class Hierarchy:
 
     def sizes_per_level(self) -> list[np.ndarray]:
         """Points under each cluster, per level (index l-1 = level l): one pass over the labels in blocks,
-        then summed up the parent maps."""
+        then summed up the parent maps. Counted once per tree (the split, the metrics and the plots all ask;
+        a pass over a pool's labels in zarr is minutes): copies of the first count after that."""
+        cached = self.__dict__.get("_sizes")
+        if cached is None:
+            cached = self.__dict__["_sizes"] = self._count_sizes()
+        return [s.copy() for s in cached]
+
+    def _count_sizes(self) -> list[np.ndarray]:
         sizes = np.zeros(self.levels[0], np.int64)
         for _, lab, _ in self.blocks():
             sizes += np.bincount(lab, minlength=self.levels[0])

@@ -326,3 +326,18 @@ def test_sampling_from_zarr_labels_holds_one_block_not_the_pool(tmp_path):
     tracemalloc.stop()
     assert rows.size == 2 * k
     assert peak < 4_000_000, f"selection traced {peak / 1e6:.1f} MB for {n * 8 / 1e6:.0f} MB of labels"
+
+
+def test_a_curation_reads_the_labels_three_times_not_once_per_question(tree):
+    """Cluster sizes are counted once per tree: the split, the pick and the metrics are three passes over the labels
+    (a pool in zarr: minutes each), and the counts handed out are copies."""
+    _, _, h = tree
+    fresh = Hierarchy(h.centroids, h.assignments, h.sqdist, h.parents, h.inertia)
+    passes = []
+    fresh.blocks = lambda block_rows=65536: (passes.append(1), h.blocks(block_rows))[1]
+    sel, _ = hierarchical_sample_with_labels(fresh, 300, seed=1)
+    curation_metrics(fresh, sel, seed=1)
+    fresh.cluster_sizes(2)
+    assert len(passes) == 3
+    fresh.sizes_per_level()[0][:] = -5
+    np.testing.assert_array_equal(fresh.cluster_sizes(1), h.cluster_sizes(1))
