@@ -27,6 +27,7 @@ from storage.fsutil import atomic_write, filesystem, join, zarr_options
 from .assign_job import PoolAssignment
 from .embed import EMBEDDINGS, POOL, EmbedReport, run_embed
 from .manifest import MANIFEST, write_manifest
+from .ok_rows import OkRowMap, OkRows
 from .placement import place_job
 from .ray_cluster import ray_cluster
 from .sources import list_images, read_source_table
@@ -34,30 +35,7 @@ from .sources import list_images, read_source_table
 if TYPE_CHECKING:
     from .config import CurateConfig
 
-__all__ = ["CurateReport", "OkRows", "read_concepts", "run_curate"]
-
-
-class OkRows:
-    """Read-only view of the rows of a 2-D (zarr) array listed in ``rows`` (sorted), sliceable like
-    an array: ``view[a:b]`` reads only the underlying block that spans those rows. The curation code
-    reads embeddings only by contiguous slices, so the failed images drop out without a copy."""
-
-    def __init__(self, array: Any, rows: np.ndarray):
-        self.array, self.rows = array, np.asarray(rows, dtype=np.int64)
-        self.shape = (int(self.rows.size), int(array.shape[1]))
-        self.dtype = array.dtype
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key: slice) -> np.ndarray:
-        if not isinstance(key, slice) or key.step not in (None, 1):
-            raise TypeError("OkRows supports contiguous slices only")
-        rows = self.rows[key]
-        if rows.size == 0:
-            return np.zeros((0, self.shape[1]), dtype=self.dtype)
-        block = np.asarray(self.array[int(rows[0]): int(rows[-1]) + 1])
-        return block[rows - rows[0]]
+__all__ = ["CurateReport", "read_concepts", "run_curate"]
 
 
 def read_concepts(path: str | Path, sources: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -152,12 +130,12 @@ def _curate(refs: list, out: str, cfg: CurateConfig, concepts: tuple | None,
     embed = run_embed(refs, out, cfg, on_progress=progress)
     report = CurateReport(out, embed, levels=list(cfg.levels))
     group = zarr.open_group(out, mode="r+", **zarr_options(out))
-    ok = group[f"{POOL}/ok"][:]
-    ok_rows = np.flatnonzero(ok)
-    report.num_ok = int(ok_rows.size)
+    ok = group[f"{POOL}/ok"]
+    ok_rows = OkRowMap(ok)  # rank among the decodable images -> pool row, 8 B per million pool rows
+    num_pool, report.num_ok = int(ok.shape[0]), len(ok_rows)
     _check_sizes(cfg, report.num_ok, "decodable images")
     emb = group[EMBEDDINGS]
-    data = emb if ok_rows.size == ok.size else OkRows(emb, ok_rows)
+    data = emb if ok_rows.all_ok else OkRows(emb, ok_rows)
 
     progress("cluster + sample", 0, 1)
     t = time.perf_counter()
@@ -166,7 +144,7 @@ def _curate(refs: list, out: str, cfg: CurateConfig, concepts: tuple | None,
         from .kmeans_job import DistributedLevel1Fit
 
         level1_fit = DistributedLevel1Fit(join(out, EMBEDDINGS), cfg.fit_workers,
-                                          row_map=None if ok_rows.size == ok.size else ok_rows,
+                                          row_map=None if ok_rows.all_ok else ok_rows,
                                           ray_address=cfg.ray_address, num_cpus=cfg.num_cpus)
     # the pool's labels are written to DIR/clusters by pool rows: the selection comes back as pool rows
     pool_assign = PoolAssignment(out, cfg.unit_images, on_progress=progress)
@@ -192,14 +170,14 @@ def _curate(refs: list, out: str, cfg: CurateConfig, concepts: tuple | None,
     write_manifest(join(out, MANIFEST), ids=pool["ids"].get_orthogonal_selection(rows),
                    sources=pool["source"].get_orthogonal_selection(rows), index=rows, clusters=clusters,
                    attrs={"levels": h.levels, "target": cfg.target, "selection": cfg.selection, "seed": cfg.seed,
-                          "embedder": cfg.embedder, "num_pool": int(ok.size), "num_pool_ok": report.num_ok})
+                          "embedder": cfg.embedder, "num_pool": num_pool, "num_pool_ok": report.num_ok})
     metrics: dict[str, Any] = {
-        "pool": {"num_images": int(ok.size), "num_ok": report.num_ok, "num_failed": embed.num_failed,
+        "pool": {"num_images": num_pool, "num_ok": report.num_ok, "num_failed": embed.num_failed,
                  "failure_reasons": embed.failure_reasons},
         **result.metrics,
     }
     if concepts is not None:
-        metrics["concepts"] = _concept_metrics(concepts[0], concepts[1], ok_rows, rows, cfg.seed)
+        metrics["concepts"] = _concept_metrics(concepts[0], concepts[1], np.flatnonzero(ok[:]), rows, cfg.seed)
     files = {"manifest": join(out, MANIFEST), "hierarchy": join(out, "hierarchy.npz"),
              "metrics": join(out, "metrics.json")}
     if cfg.plots:

@@ -23,6 +23,7 @@ from curation.sharded_kmeans import Shard, shard_bounds, sharded_kmeans_with_res
 
 from storage.fsutil import zarr_options
 
+from .ok_rows import OkRowMap
 from .ray_cluster import ray_cluster
 from .runner import ray_node_id
 
@@ -70,17 +71,17 @@ class DistributedLevel1Fit:
     """The ``level1_fit`` of :func:`curation.hierarchy.fit_hierarchy` as a Ray job over ``workers`` actors.
 
     ``source`` is the zarr array of embeddings; ``row_map`` maps the row indices the hierarchy sees to
-    rows of that array (the decodable rows of a curation pool), None when they are the same. Joins the
-    running Ray cluster, or starts one (``ray_address``, ``num_cpus``) for the fit. After a call,
-    ``report`` holds the workers' shard sizes, threads, peak RSS and CPU seconds.
+    rows of that array (the decodable rows of a curation pool: an array or an ``OkRowMap``), None when they
+    are the same. Joins the running Ray cluster, or starts one (``ray_address``, ``num_cpus``) for the fit.
+    After a call, ``report`` holds the workers' shard sizes, threads, peak RSS and CPU seconds.
     """
 
-    def __init__(self, source: str, workers: int, *, row_map: np.ndarray | None = None,
+    def __init__(self, source: str, workers: int, *, row_map: np.ndarray | OkRowMap | None = None,
                  ray_address: str | None = None, num_cpus: int | None = None):
         if int(workers) < 1:
             raise ValueError(f"the distributed fit needs at least one worker, got {workers}")
         self.source, self.workers = str(source), int(workers)
-        self.row_map = None if row_map is None else np.asarray(row_map, np.int64)
+        self.row_map = row_map if row_map is None or isinstance(row_map, OkRowMap) else np.asarray(row_map, np.int64)
         self.ray_address, self.num_cpus = ray_address, num_cpus
         self.report: dict[str, Any] = {}
 
