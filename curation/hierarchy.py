@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
+from curation.keys import row_keys
 from curation.kmeans import (DEFAULT_CHUNK_ROWS, DEFAULT_ITERATIONS, Init, KMeansResult, RefineInit, Strategy, _prep,
                              _shape, assign, kmeans_with_resampling, take_rows)
 
@@ -205,8 +206,20 @@ def validate_levels(levels: Sequence[int], n_points: int) -> list[int]:
     return levels
 
 
-def sample_fit_rows(n: int, fit_sample: int | np.ndarray | None, seed: int) -> np.ndarray | None:
-    """Sorted row indices of the uniform fit subsample (AMoE supp. §12 step (ii)); None = all."""
+PERMUTE_BELOW = 1 << 24  # pools up to this many rows draw the fit sample from one generator (≤ 128 MB)
+FIT_STREAM = 1  # row_keys stream of the fit sample of larger pools
+
+
+def sample_fit_rows(n: int, fit_sample: int | np.ndarray | None, seed: int, *,
+                    permute_below: int = PERMUTE_BELOW, block_rows: int = 1 << 20) -> np.ndarray | None:
+    """Sorted row indices of the uniform fit subsample (AMoE supp. §12 step (ii)); None = all.
+
+    Up to ``permute_below`` rows: ``Generator.choice`` without replacement, which permutes all n rows when
+    the sample is more than 2% of them (8 B per pool row). Above: the rows with the ``m`` smallest
+    :func:`curation.keys.row_keys` (also a uniform m-subset), found in two passes of ``block_rows`` rows
+    (:func:`smallest_key_rows`), so the driver holds the sample, not the pool: at 2.3B rows the permutation
+    alone would be 18 GB.
+    """
     if fit_sample is None:
         return None
     if np.isscalar(fit_sample):
@@ -215,11 +228,45 @@ def sample_fit_rows(n: int, fit_sample: int | np.ndarray | None, seed: int) -> n
             raise ValueError(f"fit_sample must be positive, got {m}")
         if m >= n:
             return None
+        if n > permute_below:
+            return smallest_key_rows(n, m, seed, FIT_STREAM, block_rows)
         return np.sort(np.random.default_rng([seed, 1]).choice(n, size=m, replace=False))
     idx = np.unique(np.asarray(fit_sample, dtype=np.int64))
     if idx.size == 0 or idx[0] < 0 or idx[-1] >= n:
         raise ValueError("fit_sample indices must be non-empty and inside [0, N)")
     return None if idx.size == n else idx
+
+
+def smallest_key_rows(n: int, m: int, seed: int, stream: int, block_rows: int = 1 << 20,
+                      buckets: int = 1 << 16) -> np.ndarray:
+    """Sorted rows of [0, n) whose ``row_keys(row, seed, stream)`` are the ``m`` smallest (ties by row).
+
+    Pass 1 counts the keys per bucket of [0, 1) to find the bucket that holds the m-th smallest; pass 2 keeps
+    every row below it and the candidates inside it (about n / buckets), of which the smallest complete m.
+    Memory: the m rows, the bucket counts, one block and the candidates.
+    """
+    counts = np.zeros(buckets, np.int64)
+    for start in range(0, n, block_rows):
+        keys = row_keys(np.arange(start, min(start + block_rows, n)), seed, stream)
+        counts += np.bincount((keys * buckets).astype(np.int64), minlength=buckets)
+    below = np.cumsum(counts)
+    edge = int(np.searchsorted(below, m))  # the bucket holding the m-th smallest key
+    need = m - (int(below[edge - 1]) if edge else 0)
+    out, at = np.empty(m, np.int64), 0
+    cand_rows, cand_keys = [], []
+    for start in range(0, n, block_rows):
+        rows = np.arange(start, min(start + block_rows, n))
+        keys = row_keys(rows, seed, stream)
+        bucket = (keys * buckets).astype(np.int64)
+        take = rows[bucket < edge]
+        out[at: at + take.size] = take
+        at += take.size
+        inside = bucket == edge
+        cand_rows.append(rows[inside])
+        cand_keys.append(keys[inside])
+    rows, keys = np.concatenate(cand_rows), np.concatenate(cand_keys)
+    out[at:] = rows[np.lexsort((rows, keys))[:need]]
+    return np.sort(out)
 
 
 def fit_hierarchy(embeddings: Any, levels: Sequence[int], *,

@@ -341,3 +341,34 @@ def test_a_curation_reads_the_labels_three_times_not_once_per_question(tree):
     assert len(passes) == 3
     fresh.sizes_per_level()[0][:] = -5
     np.testing.assert_array_equal(fresh.cluster_sizes(1), h.cluster_sizes(1))
+
+
+def test_fit_sample_of_a_large_pool_is_the_smallest_keys_without_holding_the_pool():
+    """Above ``permute_below`` rows the fit sample is the m rows of smallest row key, found in two passes
+    of blocks: equal to a naive sort of every key, uniform over the pool, and in memory the sample's size
+    (Generator.choice permutes all n rows: 8 B per pool row)."""
+    import tracemalloc
+
+    from curation.hierarchy import sample_fit_rows, smallest_key_rows
+    from curation.keys import row_keys
+
+    n, m = 50_000, 4_000
+    got = sample_fit_rows(n, m, seed=7, permute_below=1000, block_rows=3_000)
+    keys = row_keys(np.arange(n), 7, stream=1)
+    np.testing.assert_array_equal(got, np.sort(np.lexsort((np.arange(n), keys))[:m]))
+    assert got.dtype == np.int64 and np.all(np.diff(got) > 0)
+    # every block count and bucket edge: small buckets put many candidates in the edge bucket
+    for blocks, buckets in [(1, 4), (977, 2), (n, 1 << 16)]:
+        np.testing.assert_array_equal(smallest_key_rows(n, m, 7, 1, blocks, buckets), got)
+    # uniform over the pool: chi-square over 50 equal ranges of rows (99.9% quantile at 49 dof: 85.4)
+    counts = np.bincount(got * 50 // n, minlength=50)
+    assert ((counts - m / 50) ** 2 / (m / 50)).sum() < 85.4
+    # small pools keep the generator's draw (the figures measured with it stay reproducible)
+    small = sample_fit_rows(900, 100, seed=7)
+    np.testing.assert_array_equal(small, np.sort(np.random.default_rng([7, 1]).choice(900, size=100, replace=False)))
+    n, m = 4_000_000, 400_000
+    tracemalloc.start()
+    rows = sample_fit_rows(n, m, seed=1, permute_below=1 << 20, block_rows=1 << 16)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert rows.size == m and peak < 3 * m * 8 + 8e6, peak  # the sample (and its sort); the permutation: 32 MB
