@@ -19,7 +19,7 @@ import numpy as np
 from . import layout as L
 from .store import StoreError
 
-__all__ = ["ArrayIndex", "IndexRows", "StoreIndex", "UnitIndex", "UnitOffsets", "DEFAULT_CACHE_UNITS", "plain_select",
+__all__ = ["ArrayIndex", "IndexRows", "StoreIndex", "UnitIndex", "UnitOffsets", "DEFAULT_CACHE_UNITS", "UNITS_PER_READ", "array_offsets", "plain_select",
            "pixel_offsets", "token_offsets"]
 
 DEFAULT_CACHE_UNITS = 64  # units kept per reader: a shuffle buffer spans a few units, a batch fewer
@@ -272,11 +272,15 @@ class UnitOffsets:
         return u * self.unit_rows + int(np.searchsorted(off, v, side))
 
 
-def token_offsets(index: _Units, units_per_read: int = 256) -> UnitOffsets:
+UNITS_PER_READ = 256  # units a pass over the whole index reads at once (zarr fetches their chunks concurrently)
+
+
+def token_offsets(index: _Units, units_per_read: int | None = None) -> UnitOffsets:
     """Every teacher's token offsets (gh·gw rows per usable image) from ``ok`` and ``grid``: one pass for the units'
     starts (8 B per unit held; ``units_per_read`` units per read, so zarr fetches their chunks concurrently),
     then units on demand. For a writer, before any teacher's offsets exist."""
     counts, u_rows = [], index.unit_rows
+    units_per_read = units_per_read or UNITS_PER_READ
     for u0 in range(0, index.num_units, units_per_read):
         a, b = u0 * u_rows, min(len(index), (u0 + units_per_read) * u_rows)
         tokens = UnitIndex(a, b, index._read).tokens()  # rows a:b read at once, the LRU of units left alone
@@ -287,6 +291,13 @@ def token_offsets(index: _Units, units_per_read: int = 256) -> UnitOffsets:
         return starts[u] + np.concatenate([[0], np.cumsum(index.unit(u).tokens())]).astype(np.int64)
 
     return UnitOffsets(len(index), index.unit_rows, unit, starts)
+
+
+def array_offsets(array, unit_rows: int) -> UnitOffsets:
+    """An offsets array ``[N + 1]`` chunked by write unit (pixel, mask or string offsets), read a unit's slice at a
+    time; no unit starts (indexing and slices only). A read of a damaged unit raises when that unit is touched."""
+    n = int(array.shape[0]) - 1
+    return UnitOffsets(n, unit_rows, lambda u: np.asarray(array[u * unit_rows: min((u + 1) * unit_rows, n) + 1]))
 
 
 def pixel_offsets(index: StoreIndex) -> UnitOffsets:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import index
 from . import layout as L
 from .codecs import WORD_BYTES
 from .failures import count_reasons
@@ -39,12 +40,38 @@ def _phis_facts(store: FeatureStore, teacher: str, feature: str) -> dict | None:
             "top_eigen_share": share, "effective_rank": eff_rank}
 
 
+def _image_counts(store: FeatureStore) -> dict:
+    """Images, usable images, tokens per usable image (min, max, total) and labelled images, read
+    ``index.UNITS_PER_READ`` write units at a time: memory bounded by the read, not the store (9 B per image
+    whole)."""
+    ok_array, grid_array = store.image_array(L.OK), store.image_array(L.GRID)
+    n, step = int(ok_array.shape[0]), int(ok_array.chunks[0]) * index.UNITS_PER_READ
+    labels = store.group[L.LABELS] if L.LABELS in store.group else None
+    out = {"count": n, "ok": 0, "min": 0, "max": 0, "total": 0, "labelled": None if labels is None else 0}
+    lo, hi = None, 0
+    for a in range(0, n, step):
+        ok, grid = np.asarray(ok_array[a: a + step]), np.asarray(grid_array[a: a + step])
+        if labels is not None:
+            out["labelled"] += int((np.asarray(labels[a: a + step]) >= 0).sum())
+        tokens = (grid[:, 0].astype(np.int64) * grid[:, 1])[ok]
+        out["ok"] += int(ok.sum())
+        out["total"] += int(tokens.sum())
+        if tokens.size:
+            lo = int(tokens.min()) if lo is None else min(lo, int(tokens.min()))
+            hi = max(hi, int(tokens.max()))
+    out["min"], out["max"] = lo or 0, hi
+    return out
+
+
 def _mask_facts(store: FeatureStore) -> dict | None:
     info = store.mask_info()
     if info is None:
         return None
-    offsets = store.image_array(L.MASK_OFFSETS)[:]
-    return {"kind": info.kind, "classes": info.classes, "scale": info.scale, "images": int((np.diff(offsets) > 0).sum()),
+    offsets, masked = store.image_array(L.MASK_OFFSETS), 0
+    step = int(offsets.chunks[0]) * index.UNITS_PER_READ
+    for a in range(0, int(offsets.shape[0]) - 1, step):  # a block of images and the next one's first offset
+        masked += int((np.diff(np.asarray(offsets[a: a + step + 1])) > 0).sum())
+    return {"kind": info.kind, "classes": info.classes, "scale": info.scale, "images": masked,
             "bytes_on_disk": du(store.fs, store.path(L.IMAGES, L.MASKS))}
 
 
@@ -56,24 +83,22 @@ def describe_store(url: str) -> dict:
     if L.IMAGES not in store.group or not store.images_complete:
         out["images"] = None
         return out
-    ok = store.image_array(L.OK)[:]
-    grid = store.image_array(L.GRID)[:]
-    tokens = (grid[:, 0].astype(np.int64) * grid[:, 1])[ok]
+    counts = _image_counts(store)
     idx, reasons = store.failures()
     pixel_bytes = du(store.fs, store.path(L.IMAGES, L.PIXELS))
     out["images"] = {
-        "count": int(len(ok)),
-        "failed": int((~ok).sum()),
+        "count": counts["count"],
+        "failed": counts["count"] - counts["ok"],
         "failure_reasons": count_reasons(reasons),
-        "tokens_per_image": {"min": int(tokens.min(initial=0)), "mean": float(tokens.mean()) if len(tokens) else 0.0,
-                             "max": int(tokens.max(initial=0)), "total": int(tokens.sum())},
+        "tokens_per_image": {"min": counts["min"], "mean": counts["total"] / counts["ok"] if counts["ok"] else 0.0,
+                             "max": counts["max"], "total": counts["total"]},
         "pixel_bytes_on_disk": pixel_bytes,
-        "pixel_bytes_per_image": pixel_bytes / max(1, int(ok.sum())),
-        "labels": int((store.labels() >= 0).sum()) if L.LABELS in store.group else None,  # labelled images
+        "pixel_bytes_per_image": pixel_bytes / max(1, counts["ok"]),
+        "labels": counts["labelled"],  # labelled images (None: the store has no labels)
         "masks": _mask_facts(store),
     }
     teachers = {}
-    n_ok, n_tok = max(1, int(ok.sum())), max(1, int(tokens.sum()))
+    n_ok, n_tok = max(1, counts["ok"]), max(1, counts["total"])
     for name in store.teacher_names:
         g = store.teacher_group(name)
         ta = dict(g.attrs)

@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 
 from . import layout as L
+from .index import StoreIndex, array_offsets, plain_select, token_offsets
 from .store import STRING_ARRAYS, FeatureStore
 
 __all__ = ["Damage", "ShardCheck", "VerifyReport", "verify_store"]
@@ -75,10 +76,12 @@ def _check(store: FeatureStore, checks: dict[str, ShardCheck], name: str, arr: z
     gone = check.missing(r0, r1)
     if gone:
         return f"missing chunk object(s) {gone[:3]} of {name}"
-    try:
-        np.asarray(arr[r0:r1])
-    except Exception as exc:  # checksum mismatch, truncated shard, undecodable bytes
-        return f"unreadable {name} rows {r0}:{r1}: {type(exc).__name__}: {str(exc)[:160]}"
+    for a in range(r0, r1, check.rows):  # an object (chunk or shard) at a time: memory bounded by one
+        b = min(r1, (a // check.rows + 1) * check.rows)
+        try:
+            np.asarray(arr[a:b])
+        except Exception as exc:  # checksum mismatch, truncated shard, undecodable bytes
+            return f"unreadable {name} rows {a}:{b}: {type(exc).__name__}: {str(exc)[:160]}"
     return None
 
 
@@ -94,7 +97,8 @@ def verify_store(url: str, *, repair: bool = False) -> VerifyReport:
     flat = [(L.PIXELS, L.PIXEL_OFFSETS)] + ([(L.MASKS, L.MASK_OFFSETS)] if L.MASKS in images else [])
     flat += list(STRING_ARRAYS.items()) if store.flat_strings else []
     per_image = (L.HW, L.GRID, L.OK) if store.flat_strings else (L.IDS, L.SOURCE, L.HW, L.GRID, L.OK)
-    flat_offsets: dict[str, np.ndarray | None] = {}
+    # offsets read a unit at a time (a unit's own and the last, for the total), never whole
+    flat_offsets = {data: array_offsets(images[index], plan.shard_images) for data, index in flat}
     for unit in sorted(image_log.committed()):
         i0, i1 = plan.image_range(unit)
         end = i1 + 1 if unit == plan.num_units - 1 else i1
@@ -102,14 +106,11 @@ def verify_store(url: str, *, repair: bool = False) -> VerifyReport:
         reasons = [_check(store, checks, f"images/{n}", images[n], i0, i1) for n in per_image]
         for data, index in flat:  # pixels, masks where the store has them, and the strings from version 3
             reasons.append(_check(store, checks, f"images/{index}", images[index], i0, end))
-            if data not in flat_offsets:
-                try:
-                    flat_offsets[data] = images[index][:]
-                except Exception:
-                    flat_offsets[data] = None
-            if flat_offsets[data] is not None:
+            try:
                 r0, r1 = plan.owned_rows(unit, flat_offsets[data], int((images[data].shards or images[data].chunks)[0]))
-                reasons.append(_check(store, checks, f"images/{data}", images[data], r0, r1))
+            except Exception:  # this unit's (or the last unit's) offsets are unreadable: reported as their damage
+                continue
+            reasons.append(_check(store, checks, f"images/{data}", images[data], r0, r1))
         report.damaged += [Damage("images", unit, r) for r in reasons if r]
     if image_log.committed() and L.FAILURES in images:  # written whole by the ingest's driver: redone with unit 0
         table = images[L.FAILURES]
@@ -118,9 +119,9 @@ def verify_store(url: str, *, repair: bool = False) -> VerifyReport:
                 why = _check(store, checks, f"images/{L.FAILURES}/{n}", table[n], 0, int(table[n].shape[0]))
                 if why:
                     report.damaged.append(Damage("images", 0, why))
-    try:
-        tokens = store.token_offsets()
-    except Exception:
+    try:  # one pass over ok and grid for the units' first token rows (8 B a unit), then a unit at a time
+        tokens = token_offsets(StoreIndex(store, plain_select, teacher=None, capacity=4))
+    except Exception:  # a unit's ok or grid is damaged (reported above): the teachers' flat rows are not placed
         tokens = None
     for name in store.teacher_names:
         g = store.teacher_group(name)

@@ -3,7 +3,8 @@
 It holds what training reads, through ``FeatureStore``: the per-image arrays (ok, grid, hw, pixel offsets,
 labels), pixels (one flat-grey PNG per distinct grid, so every image decodes) and one teacher with small
 random targets and its token offsets. Failed images are rows with ``ok`` false, no pixels and no tokens, as
-the writers leave them. Not written: ids, sources, commit markers and PHI-S (nothing on the data path reads them).
+the writers leave them. Not written: commit markers and PHI-S (nothing on the data path reads them), and ids and
+sources unless asked (``strings``: what `inspect --verify` checks).
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from PIL import Image
 
 from storage import layout as L
 from storage.image_policy import ImagePolicy
-from storage.store import FeatureStore, TeacherGroupSpec, token_offsets
+from storage.store import STRING_ARRAYS, FeatureStore, TeacherGroupSpec, token_offsets
+from storage.strings import encode_strings
 
 TEACHER = "tiny"
 
 
 def write_synthetic_store(url: str, num_images: int, *, shard_images: int, dim: int = 4, patch: int = 16,
-                          max_side: int = 1, failed_every: int = 0, seed: int = 0) -> str:
+                          max_side: int = 1, failed_every: int = 0, seed: int = 0, strings: bool = False,
+                          pixel_shard_bytes: int = 1 << 22) -> str:
     """``num_images`` images of grids up to ``max_side`` x ``max_side`` tokens (drawn from ``seed``); every
     ``failed_every``-th image failed (0: none); one teacher ``TEACHER`` with ``dim``-wide float16 targets."""
     rng = np.random.default_rng(seed)
@@ -36,9 +39,17 @@ def write_synthetic_store(url: str, num_images: int, *, shard_images: int, dim: 
     table = list(pngs.values())
     sizes = np.where(ok, np.array([len(p) for p in table])[shape], 0)
     pixel_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    texts = {L.IDS: [f"{i:032x}" for i in range(num_images)],
+             L.SOURCE: [f"synthetic/{i}.png" for i in range(num_images)]} if strings else {}
+    encoded = {name: encode_strings(items) for name, items in texts.items()}
     store.create_image_arrays(num_images, int(pixel_offsets[-1]), shard_images=shard_images,
-                              pixel_shard_bytes=1 << 22, pixel_chunk_bytes=1 << 16)
+                              pixel_shard_bytes=pixel_shard_bytes, pixel_chunk_bytes=1 << 16,
+                              num_string_bytes={name: int(data.size) for name, (data, _) in encoded.items()},
+                              string_chunk_bytes={name: 1 << 16 for name in encoded})
     images = store.group[L.IMAGES]
+    for name, (data, sizes) in encoded.items():
+        images[name][:] = data
+        images[STRING_ARRAYS[name]][:] = np.concatenate([[0], np.cumsum(sizes)])
     images[L.OK][:] = ok
     images[L.GRID][:] = grid
     images[L.HW][:] = grid * patch
