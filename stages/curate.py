@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from storage.fsutil import atomic_write, filesystem, join, zarr_options
+from storage.fsutil import atomic_write, filesystem, join, local_or_url, zarr_options
 
 from .assign_job import PoolAssignment
 from .embed import EMBEDDINGS, POOL, EmbedReport, run_embed
@@ -97,8 +97,7 @@ def run_curate(images: str, out: str, cfg: CurateConfig, *,
     concepts = read_concepts(cfg.concepts, [r.source for r in refs]) if cfg.concepts else None
     place_job(cfg)  # a device or replica request the machine cannot serve is refused before a cluster starts
     with ray_cluster(cfg.ray_address, cfg.num_cpus):  # one cluster for the embedding, fit and assignment jobs
-        out = str(out).rstrip("/")
-        return _curate(refs, out[len("file://"):] if out.startswith("file://") else out, cfg, concepts, progress)
+        return _curate(refs, local_or_url(out), cfg, concepts, progress)
 
 
 def _write_files(out: str, files: dict[str, bytes]) -> None:

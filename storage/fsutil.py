@@ -8,12 +8,18 @@ import uuid
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["atomic_write", "du", "filesystem", "is_local", "join", "zarr_options"]
+__all__ = ["atomic_write", "du", "filesystem", "is_local", "join", "local_or_url", "zarr_options"]
 
 
 def is_local(url: str) -> bool:
     """A path or ``file://`` URL (anything else is an fsspec URL: ``s3://``, ``gs://``, ``memory://``)."""
     return "://" not in str(url) or str(url).startswith("file://")
+
+
+def local_or_url(url: str) -> str:
+    """``url`` without a trailing slash, a ``file://`` URL as its plain path (what zarr and open() take)."""
+    url = str(url).rstrip("/")
+    return url[len("file://"):] if url.startswith("file://") else url
 
 
 def _options(url: str) -> dict:

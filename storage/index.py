@@ -100,6 +100,15 @@ class _Units:
                 self._cache.popitem(last=False)
             return unit
 
+    def ok(self, a: int, b: int) -> np.ndarray:
+        """``ok`` of rows [a, b), reading only that array of the units they span."""
+        if not 0 <= a <= b <= self.num_rows:
+            raise IndexError(f"rows [{a}, {b}) out of range [0, {self.num_rows})")
+        parts = [self.unit(u).ok for u in range(a // self.unit_rows, -(-b // self.unit_rows))]
+        whole = np.concatenate(parts) if parts else np.zeros(0, bool)
+        first = (a // self.unit_rows) * self.unit_rows
+        return whole[a - first: b - first]
+
     def rows(self, rows, *, tokens: bool = True) -> IndexRows:
         """The index of ``rows`` (any order, repeats allowed), one lookup per unit they fall in; ``tokens``:
         with their token offsets (a reader of no teacher reads none)."""
