@@ -20,18 +20,21 @@ of two transforms, chosen per chunk and recorded in it:
 
 μ is a per-channel centre of the chunk (the writer takes the median of its non-zero rows, so an outlier row
 does not move it), a a per-channel scale and C the orthonormal DCT-II along the channels. The DCT spreads
-an outlier channel's energy over all channels so that one step per row suits every channel (the motivation
-of PHI-S's Hadamard rotation, AMoE §3.3 / PHI-S Eq. 9). The writer's choices (decoding depends on none):
+an outlier channel's energy over all channels so that one step per row suits every channel (the reason
+PHI-S rotates by a Hadamard matrix: AMoE's "Teacher-loss balancing via PHI-S" paragraph). The writer's
+choices (decoding depends on none):
 
-- the step: ``s = max(max|y|/127, rms(y)/16)``. Nothing is clipped; on a typical row the step is 1/16 of the
-  row's RMS (a cosine of about 1 − 1/(2·12·16²) ≈ 0.9998 to the written row), and q spans about ±50 instead
-  of ±127, which is what brings the chunk under half of float16's bytes after Blosc.
-- the channel scale: ``a_c = √(rms_c / min rms)`` with rms_c the channel's RMS deviation from μ over the
-  chunk (the ratio capped at 10⁶). Steps uniform across channels (a = 1) keep the error small relative to the
-  row (what PHI-S's isotropic space, and so the loss, sees) but cost a channel 100× quieter than another its
-  own precision (a whitened cosine of 0.956 at the worst row); steps proportional to each channel's spread
-  (a = rms) do the reverse (a centred cosine of 0.922). The square root splits the difference: ≥ 0.998 on
-  both measures in that case (benchmarks/codec_bytes.py, README "Feature codecs").
+- the step: ``s = max(max|y|/127, rms(y)/16)``, rms over the row's values that are not exact zeros. Nothing
+  is clipped; on a typical row the step is 1/16 of the RMS (a cosine of about 1 − 1/(2·12·16²) ≈ 0.9998 to
+  the written row), and q spans about ±50 instead of ±127, which is what brings a chunk under half of
+  float16's bytes after Blosc.
+- the channel scale: ``a_c = √(σ_c / min σ)``, σ_c a robust spread of channel c over the chunk's non-zero
+  rows (1.4826 × its median absolute deviation from μ: an outlier row moves it no more than it moves μ; the
+  RMS deviation where that is 0), the ratio capped at 10⁶. Steps uniform across channels (a = 1) keep the
+  error small relative to the row (what PHI-S's isotropic space, and so the loss, sees) but cost a channel
+  100× quieter than another its own precision (a whitened cosine of 0.956 at the worst row of a ViT's
+  features with one channel scaled 100×); steps proportional to each channel's spread (a = σ) do the reverse
+  (a centred cosine of 0.922). The square root splits the difference: ≥ 0.996 on both measures there.
 - the transform: a chunk whose non-zero rows are more than half exact zeros (ReLU features:
   EfficientNet-Lite's are 94% zeros) is stored sparse, untransformed, so its zeros stay zero bytes that
   Blosc removes; centring and the DCT would turn them into noise (version 1 stored Lite0 at 3× float16).
@@ -42,10 +45,9 @@ with the step −1 and decodes to exact zeros; μ and a come from the chunk's ot
 Chunk bytes (little-endian), for a chunk of m rows of width D (m = the product of the chunk's leading axes):
 transform uint32, μ float32 [D], a float32 [D], s float32 [m], q int8 [m, D].
 
-Version 1 (no configuration; arrays created before 2026-12-04, still read and, when a job resumes
+Version 1 (no configuration; arrays created before version 2, still read and, when a job resumes
 one, still written): always dense with a = 1, s = max|y|/127, and the bytes μ float32 [D], s float32 [m],
-q int8 [m, D]. A codec of a version this
-module does not know is refused rather than decoded as another.
+q int8 [m, D]. A codec of a version this module does not know is refused rather than decoded as another.
 
 Why not PHI-S itself (whose rotation is the Hadamard): its mean and PCA basis are estimated from the
 stored targets after the job, so they do not exist when a unit is written. The codec keeps PHI-S's

@@ -78,7 +78,7 @@ def _int8_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 
 def _int8_v1_chunk(x: np.ndarray) -> tuple[bytes, np.ndarray]:
-    """A version-1 chunk (stores written before 2026-12-04: median centre, no channel scale, s = max|y|/127),
+    """A version-1 chunk (arrays created before version 2: median centre, no channel scale, s = max|y|/127),
     built in float64 from its definition, and its decoded rows."""
     m, d = x.shape
     dct = _dct_matrix(d)
