@@ -42,7 +42,7 @@ class CacheConfig(_ModelSource):
     seed: int = 0
     codec: Literal["float16", "float32", "bfloat16", "int8"] | None = Field(
         None, description="how teacher features are stored (storage.codecs): float16 (default), float32, bfloat16 "
-        "(16-bit words read back as float32) or int8 (per-row scales, ~half of float16's bytes)")
+        "(16-bit words read back as float32) or int8 (one byte a value and a step per row: under half of float16's bytes)")
     dtype: Literal["float16", "float32"] | None = Field(None, description="the older name of codec (plain dtypes); "
                                                         "codec wins where both are set")
     # image policy (AMoE §3.2/§3.4): aspect kept, sides multiple of the patch, tokens clamped

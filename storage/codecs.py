@@ -11,18 +11,43 @@ and importing this module (``storage.store`` does) registers them too. Every nam
 pattern), stored as little-endian 16-bit words. Decoding shifts the word back into the upper half of
 a float32. Same bytes as float16, float32's range, 8 bits of mantissa instead of 11.
 
-``amoe.int8``: per chunk, the rows along the last axis (one token or one image's vector each) are
-centred on a per-channel centre μ of the chunk (the writer uses the median of its non-zero rows: an
-outlier row does not move it), rotated by the orthonormal DCT-II C along the channels, and each row
-quantized to int8 with its own scale s (AMoE/PHI-S motivation: after a rotation that spreads every
-channel's energy over all channels, one scale per row suits them):
+``amoe.int8`` (version 2, what writers write; configuration ``{"version": 2}``): per chunk, the rows along
+the last axis (one token or one image's vector each) are quantized to int8 with one step s per row after one
+of two transforms, chosen per chunk and recorded in it:
 
-    y = C (x − μ),   q = round(y / s),   x̂ = Cᵀ (q · s) + μ
+    dense chunk (transform 1):   z = (x − μ) / a,  y = C z,  q = round(y / s),  x̂ = a ⊙ Cᵀ(q · s) + μ
+    sparse chunk (transform 0):  y = x,                     q = round(y / s),  x̂ = q · s
 
-The writer picks s = max|y|/127 (nothing is clipped); decoding does not depend on how s was chosen.
-(A coarser rule, s = max(max|y|/127, rms(y)/16), saves 1.3 bits a value on isotropic rows but was
-measured to cost rows of anisotropic features, where one massive channel, spread by the DCT, sets the
-RMS: a whitened cosine of 0.94 at the worst row with one channel 100× the others; not used.)
+μ is a per-channel centre of the chunk (the writer takes the median of its non-zero rows, so an outlier row
+does not move it), a a per-channel scale and C the orthonormal DCT-II along the channels. The DCT spreads
+an outlier channel's energy over all channels so that one step per row suits every channel (the reason
+PHI-S rotates by a Hadamard matrix: AMoE's "Teacher-loss balancing via PHI-S" paragraph). The writer's
+choices (decoding depends on none):
+
+- the step: ``s = max(max|y|/127, rms(y)/16)``, rms over the row's values that are not exact zeros. Nothing
+  is clipped; on a typical row the step is 1/16 of the RMS (a cosine of about 1 − 1/(2·12·16²) ≈ 0.9998 to
+  the written row), and q spans about ±50 instead of ±127, which is what brings a chunk under half of
+  float16's bytes after Blosc.
+- the channel scale: ``a_c = √(σ_c / min σ)``, σ_c a robust spread of channel c over the chunk's non-zero
+  rows (1.4826 × its median absolute deviation from μ: an outlier row moves it no more than it moves μ; the
+  RMS deviation where that is 0), the ratio capped at 10⁶. Steps uniform across channels (a = 1) keep the
+  error small relative to the row (what PHI-S's isotropic space, and so the loss, sees) but cost a channel
+  100× quieter than another its own precision (a whitened cosine of 0.956 at the worst row of a ViT's
+  features with one channel scaled 100×); steps proportional to each channel's spread (a = σ) do the reverse
+  (a centred cosine of 0.922). The square root splits the difference: ≥ 0.996 on both measures there.
+- the transform: a chunk whose non-zero rows are more than half exact zeros (ReLU features:
+  EfficientNet-Lite's are 94% zeros) is stored sparse, untransformed, so its zeros stay zero bytes that
+  Blosc removes; centring and the DCT would turn them into noise (version 1 stored Lite0 at 3× float16).
+
+A row that is exactly zero (a failed image's, or zarr's padding of the array's last chunk) is stored
+with the step −1 and decodes to exact zeros; μ and a come from the chunk's other rows.
+
+Chunk bytes (little-endian), for a chunk of m rows of width D (m = the product of the chunk's leading axes):
+transform uint32, μ float32 [D], a float32 [D], s float32 [m], q int8 [m, D].
+
+Version 1 (no configuration; arrays created before version 2, still read and, when a job resumes
+one, still written): always dense with a = 1, s = max|y|/127, and the bytes μ float32 [D], s float32 [m],
+q int8 [m, D]. A codec of a version this module does not know is refused rather than decoded as another.
 
 Why not PHI-S itself (whose rotation is the Hadamard): its mean and PCA basis are estimated from the
 stored targets after the job, so they do not exist when a unit is written. The codec keeps PHI-S's
@@ -30,15 +55,9 @@ two data-free steps, centring (on the chunk's own centre, stored in the chunk) a
 spreads outlier channels, and needs nothing outside the chunk to decode. The DCT-II is defined for
 every width (Hadamard is not) and is one library call in any language.
 
-A row that is exactly zero (a failed image's, or zarr's padding of the array's last chunk) is stored
-with the scale −1 and decodes to exact zeros; μ is the median of the chunk's other rows.
-
-Chunk bytes (little-endian): μ float32 [D], then s float32 [m], then q int8 [m, D], for a chunk of
-m rows of width D (m = the product of the chunk's leading axes).
-
 Both codecs encode whole chunks; the store's writers only ever write whole chunks (units own whole
 shards, ``storage.shards``). A partial write of an ``amoe.int8`` chunk would re-quantize its other
-rows with a new mean and is not something the store does.
+rows with a new centre and is not something the store does.
 """
 
 from __future__ import annotations
@@ -58,7 +77,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BFLOAT16", "CODECS", "FEATURE_CODECS", "INT8", "BFloat16Codec", "Int8RowCodec", "as_stored",
            "STORED_DTYPE", "WORD_BYTES", "decode_bfloat16", "decode_int8", "encode_bfloat16", "encode_int8",
-           "feature_array_options", "fidelity", "merge_fidelity", "round_trip", "summarize_fidelity"]
+           "feature_array_options", "fidelity", "int8_chunk_bytes", "INT8_VERSION", "merge_fidelity", "round_trip", "summarize_fidelity"]
 
 BFLOAT16 = "amoe.bfloat16"
 INT8 = "amoe.int8"
@@ -83,36 +102,100 @@ def decode_bfloat16(words: np.ndarray) -> np.ndarray:
     return (np.asarray(words, dtype="<u2").astype("<u4") << np.uint32(16)).view("<f4")
 
 
-def encode_int8(x: np.ndarray) -> bytes:
-    """float32 [..., D] → the chunk bytes of ``amoe.int8`` (module docstring)."""
+INT8_VERSION = 2  # the amoe.int8 layout writers write (module docstring); 1 is read only
+STEP_PER_RMS = 16  # the int8 step is at most 1/16 of the row's RMS (module docstring)
+SPARSE_ZEROS = 0.5  # a chunk whose non-zero rows are more than this share exact zeros is stored untransformed
+MAX_SPREAD_RATIO = 1e6  # between the chunk's loudest and quietest channel, for the channel scale
+
+
+def encode_int8(x: np.ndarray, version: int = INT8_VERSION) -> bytes:
+    """float32 [..., D] → the chunk bytes of ``amoe.int8`` (module docstring); version 1 only to resume a
+    store begun with it (an array's codec is fixed when it is created)."""
+    if version == 1:
+        return _encode_int8_v1(x)
+    d = x.shape[-1]
+    rows = np.asarray(x, np.float32).reshape(-1, d)
+    zero = ~rows.any(axis=1)
+    kept = rows[~zero].astype(np.float64)
+    sparse = kept.size > 0 and float((kept == 0).mean()) > SPARSE_ZEROS
+    centre, scale = np.zeros(d, np.float32), np.ones(d, np.float32)
+    if sparse:
+        y = rows.astype(np.float64)
+    else:
+        if len(kept):
+            centre = np.median(kept, axis=0).astype(np.float32)
+            scale = _channel_scale(kept - centre)
+        z = (rows.astype(np.float64) - centre) / scale
+        y = fft.dct(z, type=2, norm="ortho", axis=-1)
+    nonzero = np.maximum((y != 0).sum(axis=-1), 1)
+    rms = np.sqrt((y * y).sum(axis=-1) / nonzero)  # over the values that are not exact zeros (a sparse row's)
+    step = np.maximum(np.abs(y).max(axis=-1) / 127.0, rms / STEP_PER_RMS).astype(np.float32)
+    safe = np.where(step > 0, step, 1.0).astype(np.float64)
+    q = np.clip(np.rint(y / safe[:, None]), -127, 127).astype(np.int8)
+    q[zero], step[zero] = 0, -1.0
+    return (np.uint32(0 if sparse else 1).astype("<u4").tobytes() + centre.astype("<f4").tobytes()
+            + scale.astype("<f4").tobytes() + step.astype("<f4").tobytes() + q.tobytes())
+
+
+def _encode_int8_v1(x: np.ndarray) -> bytes:
     d = x.shape[-1]
     rows = np.asarray(x, np.float32).reshape(-1, d)
     zero = ~rows.any(axis=1)
     kept = rows[~zero]
-    # the centre: the per-channel median, not the mean, so that one outlier row (a ViT's high-norm token) does not
-    # shift every other row of the chunk far from its own values (the decoder adds back whatever centre is stored)
-    mean = (np.median(kept, axis=0) if len(kept) else np.zeros(d)).astype(np.float32)
-    y = fft.dct(rows - mean, type=2, norm="ortho", axis=-1)
-    scale = (np.abs(y).max(axis=-1) / 127.0).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    centre = (np.median(kept, axis=0) if len(kept) else np.zeros(d)).astype(np.float32)
+    y = fft.dct(rows - centre, type=2, norm="ortho", axis=-1)
+    step = (np.abs(y).max(axis=-1) / 127.0).astype(np.float32)
+    safe = np.where(step > 0, step, 1.0).astype(np.float32)
     q = np.clip(np.rint(y / safe[:, None]), -127, 127).astype(np.int8)
-    q[zero], scale[zero] = 0, -1.0
-    return mean.astype("<f4").tobytes() + scale.astype("<f4").tobytes() + q.tobytes()
+    q[zero], step[zero] = 0, -1.0
+    return centre.astype("<f4").tobytes() + step.astype("<f4").tobytes() + q.tobytes()
 
 
-def decode_int8(data: bytes | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _channel_scale(deviations: np.ndarray) -> np.ndarray:
+    """a_c = √(σ_c / min σ) (module docstring), σ_c a robust spread of channel c: 1.4826 × the median absolute
+    deviation (an outlier row does not move it, as it does not move the median), the RMS deviation where more
+    than half the values sit on the centre; 1 for a constant channel."""
+    spread = 1.4826 * np.median(np.abs(deviations), axis=0)
+    flat = spread == 0
+    spread[flat] = np.sqrt((deviations[:, flat] ** 2).mean(axis=0))
+    varying = spread > 0
+    if not varying.any():
+        return np.ones(deviations.shape[-1], np.float32)
+    floor = max(float(spread[varying].min()), float(spread.max()) / MAX_SPREAD_RATIO)
+    return np.sqrt(np.maximum(spread, floor) / floor).astype(np.float32)
+
+
+def int8_chunk_bytes(rows: int, width: int, version: int = INT8_VERSION) -> int:
+    """Bytes of an ``amoe.int8`` chunk of ``rows`` rows of ``width`` before compression."""
+    header = 4 * width if version == 1 else 4 + 8 * width
+    return header + 4 * rows + rows * width
+
+
+def decode_int8(data: bytes | np.ndarray, shape: tuple[int, ...], version: int = INT8_VERSION) -> np.ndarray:
     d = shape[-1]
     m = int(np.prod(shape[:-1], dtype=np.int64))
     raw = np.frombuffer(data, np.uint8)
-    expected = 4 * d + 4 * m + m * d
+    expected = int8_chunk_bytes(m, d, version)
     if raw.size != expected:
-        raise ValueError(f"amoe.int8 chunk of shape {shape} must hold {expected} bytes, got {raw.size}")
-    mean = raw[: 4 * d].view("<f4")
-    scale = raw[4 * d: 4 * d + 4 * m].view("<f4")
-    q = raw[4 * d + 4 * m:].view(np.int8).reshape(m, d)
-    y = q.astype(np.float32) * np.maximum(scale, 0)[:, None]
-    x = (fft.idct(y, type=2, norm="ortho", axis=-1) + mean).astype(np.float32)
-    x[scale < 0] = 0.0
+        raise ValueError(f"amoe.int8 version {version} chunk of shape {shape} must hold {expected} bytes, got {raw.size}")
+    if version == 1:
+        transform, at = 1, 0
+        scale = np.ones(d, np.float32)
+    else:
+        transform, at = int(raw[:4].view("<u4")[0]), 4
+        if transform not in (0, 1):
+            raise ValueError(f"amoe.int8 chunk names transform {transform}; only 0 (none) and 1 (DCT-II) exist")
+    centre = raw[at: at + 4 * d].view("<f4")
+    at += 4 * d
+    if version != 1:
+        scale = raw[at: at + 4 * d].view("<f4")
+        at += 4 * d
+    step = raw[at: at + 4 * m].view("<f4")
+    q = raw[at + 4 * m:].view(np.int8).reshape(m, d)
+    y = q.astype(np.float32) * np.maximum(step, 0)[:, None]
+    x = (fft.idct(y, type=2, norm="ortho", axis=-1) if transform else y) * scale + centre
+    x = x.astype(np.float32)
+    x[step < 0] = 0.0
     return x.reshape(shape)
 
 
@@ -194,20 +277,38 @@ class BFloat16Codec(_FloatRowCodec):
 
 @dataclass(frozen=True)
 class Int8RowCodec(_FloatRowCodec):
-    """``amoe.int8``: centred, DCT-rotated rows with one int8 scale each (module docstring)."""
+    """``amoe.int8``: rows quantized to int8 with one step each (module docstring); ``version`` is the chunk
+    layout, named in the array's metadata (none for version 1)."""
 
     codec_name = INT8
+    version: int = INT8_VERSION
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Int8RowCodec":
+        if data.get("name") != INT8:
+            raise ValueError(f"expected codec {INT8!r}, got {data.get('name')!r}")
+        config = data.get("configuration") or {}
+        if not config:
+            return cls(version=1)
+        if config != {"version": INT8_VERSION}:  # a later version must not be decoded as this one
+            raise ValueError(f"codec {INT8} configuration {config!r} is not one this version reads "
+                             f"(none, or {{'version': {INT8_VERSION}}}); upgrade the project")
+        return cls(version=INT8_VERSION)
+
+    def to_dict(self) -> dict:
+        if self.version == 1:
+            return {"name": INT8}
+        return {"name": INT8, "configuration": {"version": self.version}}
 
     def _encode_array(self, values: np.ndarray) -> np.ndarray:
-        return np.frombuffer(encode_int8(values), np.uint8)
+        return np.frombuffer(encode_int8(values, self.version), np.uint8)
 
     def _decode_array(self, raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        return decode_int8(raw, shape)
+        return decode_int8(raw, shape, self.version)
 
     def compute_encoded_size(self, input_byte_length: int, chunk_spec: "ArraySpec") -> int:
         d = int(chunk_spec.shape[-1])
-        m = input_byte_length // 4 // d
-        return 4 * d + 4 * m + m * d
+        return int8_chunk_bytes(input_byte_length // 4 // d, d, self.version)
 
 
 CODECS = {BFLOAT16: BFloat16Codec, INT8: Int8RowCodec}

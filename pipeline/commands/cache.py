@@ -22,8 +22,8 @@ def cache_teachers(
     weights: Annotated[Optional[Path], typer.Option("--weights", help="safetensors / torch state dict")] = None,
     random_init: Annotated[Optional[bool], typer.Option("--random-init/--no-random-init", help="seeded random weights")] = None,
     codec: Annotated[Optional[str], typer.Option(
-        "--codec", help="how targets are stored: float16 (default), float32, bfloat16 or int8 (half of float16's "
-                        "bytes; read back as float32 by plain zarr)")] = None,
+        "--codec", help="how targets are stored: float16 (default), float32, bfloat16 or int8 (under half of "
+                        "float16's bytes; read back as float32 by plain zarr)")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="older name of --codec: float16 or float32")] = None,
     min_tokens: Annotated[Optional[int], typer.Option("--min-tokens", help="fewest student tokens per image")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="most student tokens per image")] = None,

@@ -39,51 +39,155 @@ def test_bfloat16_words_are_torchs_round_to_nearest_even():
     assert np.isnan(decode_bfloat16(encode_bfloat16(nans))).all()
 
 
-def _int8_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The codec's definition computed row by row in float64 with an explicit DCT-II matrix (no scipy)."""
-    m, d = x.shape
+def _dct_matrix(d: int) -> np.ndarray:
+    """The orthonormal DCT-II as an explicit float64 matrix (no scipy)."""
     k, n = np.meshgrid(np.arange(d), np.arange(d), indexing="ij")
     dct = np.sqrt(2.0 / d) * np.cos(np.pi * (2 * n + 1) * k / (2 * d))
     dct[0] /= np.sqrt(2.0)
+    return dct
+
+
+def _int8_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Version 2 of the codec's definition (storage/codecs.py docstring), row by row and channel by channel in
+    float64: ``(q, centre, scale, step, decoded, transform)``."""
+    m, d = x.shape
+    dct = _dct_matrix(d)
     nonzero = [i for i in range(m) if np.any(x[i] != 0)]
-    mean = np.median(x[nonzero], axis=0).astype(np.float32)  # the per-channel median of the non-zero rows
-    q = np.zeros((m, d), np.int8)
-    out = np.zeros((m, d))
+    zeros = sum(1 for i in nonzero for c in range(d) if x[i, c] == 0)
+    sparse = bool(nonzero) and zeros > 0.5 * len(nonzero) * d
+    centre, scale = np.zeros(d, np.float32), np.ones(d, np.float32)
+    if not sparse and nonzero:
+        centre = np.median(x[nonzero], axis=0).astype(np.float32)  # the per-channel median of the non-zero rows
+        spread = []
+        for c in range(d):  # 1.4826 x the median absolute deviation, the RMS deviation where that is 0
+            dev = [float(x[i, c]) - float(centre[c]) for i in nonzero]
+            mad = 1.4826 * float(np.median(np.abs(dev)))
+            spread.append(mad if mad > 0 else float(np.sqrt(np.mean(np.square(dev)))))
+        if max(spread) > 0:
+            floor = max(min(r for r in spread if r > 0), max(spread) / 1e6)
+            scale = np.array([np.sqrt(max(r, floor) / floor) for r in spread], np.float32)
+    q, step, out = np.zeros((m, d), np.int8), np.full(m, -1.0, np.float32), np.zeros((m, d))
     for i in nonzero:  # an all-zero row stays zeros
-        y = dct @ (x[i].astype(np.float64) - mean)
-        s = np.float32(np.abs(y).max() / 127.0)
-        q[i] = np.clip(np.rint(y / s), -127, 127) if s > 0 else 0
-        out[i] = dct.T @ (q[i] * np.float64(s)) + mean
-    return q, mean, out
+        y = x[i].astype(np.float64) if sparse else dct @ ((x[i].astype(np.float64) - centre) / scale)
+        nonzero_values = y[y != 0]  # the RMS of the values that are not exact zeros
+        step[i] = max(np.abs(y).max() / 127.0, np.sqrt(np.mean(nonzero_values ** 2)) / 16.0)
+        q[i] = np.clip(np.rint(y / np.float64(step[i])), -127, 127) if step[i] > 0 else 0
+        back = q[i] * np.float64(step[i])
+        out[i] = (back if sparse else dct.T @ back) * scale + centre
+    return q, centre, scale, step, out, 0 if sparse else 1
 
 
-def test_int8_rows_match_a_naive_float64_reference():
-    x = _features(rows=64, dim=24)
+def _int8_v1_chunk(x: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """A version-1 chunk (arrays created before version 2: median centre, no channel scale, s = max|y|/127),
+    built in float64 from its definition, and its decoded rows."""
+    m, d = x.shape
+    dct = _dct_matrix(d)
+    nonzero = [i for i in range(m) if np.any(x[i] != 0)]
+    centre = np.median(x[nonzero], axis=0).astype(np.float32)
+    q, step, out = np.zeros((m, d), np.int8), np.full(m, -1.0, np.float32), np.zeros((m, d))
+    for i in nonzero:
+        y = dct @ (x[i].astype(np.float64) - centre)
+        step[i] = np.abs(y).max() / 127.0
+        q[i] = np.clip(np.rint(y / np.float64(step[i])), -127, 127)
+        out[i] = dct.T @ (q[i] * np.float64(step[i])) + centre
+    return centre.astype("<f4").tobytes() + step.astype("<f4").tobytes() + q.tobytes(), out
+
+
+def _split_v2(data: bytes, m: int, d: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    raw = np.frombuffer(data, np.uint8)
+    head = 4 + 8 * d
+    return (int(raw[:4].view("<u4")[0]), raw[4: 4 + 4 * d].view("<f4"), raw[4 + 4 * d: head].view("<f4"),
+            raw[head: head + 4 * m].view("<f4"), raw[head + 4 * m:].view(np.int8).reshape(m, d))
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _relu_rows(rows: int, dim: int, seed: int = 0) -> np.ndarray:
+    """ReLU features: about 85% exact zeros, channels of unequal scale (EfficientNet-Lite's are 94% zeros)."""
+    rng = np.random.default_rng(seed)
+    return np.maximum(rng.standard_normal((rows, dim)) * np.linspace(0.5, 4.0, dim) - 3.0, 0).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_int8_rows_match_a_naive_float64_reference(kind):
+    x = _features(rows=64, dim=24) if kind == "dense" else _relu_rows(64, 24)
     x[3] = 0.0  # a zero row (a failed image's summary) stays finite
     data = encode_int8(x)
-    q, mean, expected = _int8_reference(x)
-    raw = np.frombuffer(data, np.uint8)
-    np.testing.assert_array_equal(raw[: 4 * 24].view("<f4"), mean)
-    got_q = raw[4 * 24 + 4 * 64:].view(np.int8).reshape(64, 24)
+    q, centre, scale, step, expected, transform = _int8_reference(x)
+    got_transform, got_centre, got_scale, got_step, got_q = _split_v2(data, 64, 24)
+    assert got_transform == transform == (1 if kind == "dense" else 0)
+    np.testing.assert_array_equal(got_centre, centre)
+    np.testing.assert_allclose(got_scale, scale, rtol=1e-6)
+    np.testing.assert_allclose(got_step, step, rtol=1e-6)
     assert (np.abs(got_q.astype(int) - q.astype(int)) <= 1).all() and (got_q == q).mean() > 0.99  # float32 vs 64 ties
     decoded = decode_int8(data, x.shape)
     np.testing.assert_allclose(decoded, expected, rtol=0, atol=2e-4 * np.abs(x).max())
-    assert (decoded[3] == 0).all() and raw[4 * 24 + 4 * 3: 4 * 24 + 4 * 4].view("<f4")[0] == -1.0
+    assert (decoded[3] == 0).all() and got_step[3] == -1.0
+    if kind == "sparse":  # untransformed: a zero stays an exact zero (and so a zero byte for Blosc)
+        assert (decoded[x == 0] == 0).all()
     with pytest.raises(ValueError, match="must hold"):
         decode_int8(data[:-1], x.shape)
+    with pytest.raises(ValueError, match="transform 7"):
+        decode_int8(np.uint32(7).tobytes() + data[4:], x.shape)
+
+
+def test_int8_version_1_chunks_still_decode_and_resume_in_their_own_layout(tmp_path):
+    """Arrays created before version 2 name no configuration: they decode as version 1, and a job resuming one
+    writes version-1 chunks into it (an array's codec is fixed when it is created)."""
+    from storage.codecs import Int8RowCodec
+
+    x = _features(rows=64, dim=24)
+    data, expected = _int8_v1_chunk(x)
+    np.testing.assert_allclose(decode_int8(data, x.shape, version=1), expected, rtol=0, atol=2e-4 * np.abs(x).max())
+    assert Int8RowCodec.from_dict({"name": "amoe.int8"}).version == 1
+    assert Int8RowCodec.from_dict({"name": "amoe.int8", "configuration": {"version": 2}}).version == 2
+    for config in ({"version": 3}, {"scale": "chunk"}):  # a later version is refused, not decoded as this one
+        with pytest.raises(ValueError, match="not one this version reads"):
+            Int8RowCodec.from_dict({"name": "amoe.int8", "configuration": config})
+    group = zarr.open_group(str(tmp_path / "g"), mode="w")
+    old = create_array(group, "old", shape=(128, 24), chunks=(64, 24), fill_value=0,
+                       **{**feature_array_options("int8"), "serializer": Int8RowCodec(version=1)})
+    old[:64] = x
+    reopened = zarr.open_array(str(tmp_path / "g" / "old"), mode="r+")  # what a resumed job opens
+    assert reopened.metadata.to_dict()["codecs"][0] == {"name": "amoe.int8"}
+    reopened[64:] = x
+    chunk = (tmp_path / "g" / "old" / "c" / "1" / "0").read_bytes()
+    assert len(chunk) > 0
+    np.testing.assert_allclose(reopened[64:], expected, rtol=0, atol=2e-4 * np.abs(x).max())
+    new = create_array(group, "new", shape=(64, 24), chunks=(64, 24), fill_value=0, **feature_array_options("int8"))
+    assert new.metadata.to_dict()["codecs"][0] == {"name": "amoe.int8", "configuration": {"version": 2}}
 
 
 def test_int8_one_outlier_row_does_not_cost_the_other_rows_of_its_chunk():
     """A high-norm row (a ViT's outlier token) in a chunk: centred on the chunk's mean, every other row would carry
     its shift (min cosine 0.979 at D = 16 when measured); the median centre leaves them at the precision of a chunk
-    without the outlier, and the outlier row keeps its own."""
+    without the outlier (a step of 1/16 of the row's RMS: cosine ≈ 1 − 1/(2·12·16²)), and the outlier row keeps its
+    own."""
     rng = np.random.default_rng(0)
     for d in (16, 384):
         x = rng.standard_normal((64, d)).astype(np.float32)
         x[3, 0] = 1e4
-        got = decode_int8(encode_int8(x), x.shape)
-        cos = (got * x).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(x, axis=1)
-        assert np.delete(cos, 3).min() > 0.9999 and cos[3] > 0.9999, (d, np.delete(cos, 3).min(), cos[3])
+        cos = _cosines(decode_int8(encode_int8(x), x.shape), x)
+        assert np.delete(cos, 3).min() > 0.9995 and cos[3] > 0.9995, (d, np.delete(cos, 3).min(), cos[3])
+
+
+def test_int8_channel_scale_keeps_both_the_rows_and_a_quiet_channels_precision():
+    """One channel 100x louder than the rest (ViT features have such channels): equal steps for every channel cost
+    the quiet channels (whitened cosine), steps proportional to each channel's spread cost the rows whose loud
+    channel is near its centre (cosine centred on the mean, what PHI-S and so the loss see); the square-root
+    channel scale keeps both above 0.998 (measured on a ViT's features: README "Feature codecs")."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((256, 384)).astype(np.float32) * np.linspace(0.5, 2.0, 384).astype(np.float32)
+    x[:, 5] *= 100.0
+    got = decode_int8(encode_int8(x), x.shape)
+    mean, spread = x.mean(axis=0), x.std(axis=0)
+    centred = _cosines(got - mean, x - mean)
+    whitened = _cosines((got - mean) / spread, (x - mean) / spread)
+    assert centred.min() > 0.998 and whitened.min() > 0.998, (centred.min(), whitened.min())
+    assert centred.mean() > 0.9998 and whitened.mean() > 0.9997, (centred.mean(), whitened.mean())
 
 
 @pytest.mark.parametrize("codec", ["bfloat16", "int8"])
@@ -124,18 +228,26 @@ def test_plain_zarr_reads_the_codec_arrays_as_float32_without_project_imports(co
     assert measured["centred_min"] == pytest.approx(float(centred.min()), abs=1e-6) and centred.min() > 0.99
 
 
-def test_int8_is_half_of_float16s_bytes_and_refuses_other_dtypes(tmp_path):
-    from storage.codecs import Int8RowCodec
+def test_int8_is_under_half_of_float16s_bytes_and_refuses_other_dtypes(tmp_path):
+    """Blosc's bytes of dense rows (a ViT's: no zeros) and of ReLU rows (a CNN's: mostly zeros) at the store's
+    defaults (rows of 384 in chunks of 256): int8 under half of float16's, each as the store compresses them."""
+    from numcodecs import Blosc
+
+    from storage.codecs import int8_chunk_bytes
 
     group = zarr.open_group(str(tmp_path / "g"), mode="w")
     opts = feature_array_options("int8")
-    with pytest.raises(ValueError, match="no configuration"):  # a later, parameterised version is not this one
-        Int8RowCodec.from_dict({"name": "amoe.int8", "configuration": {"scale": "chunk"}})
     with pytest.raises(ValueError, match="encodes float32"):
         create_array(group, "bad", shape=(8, 4), chunks=(8, 4), **{**opts, "dtype": "float16"})
     with pytest.raises(ValueError, match="unknown feature codec"):
         feature_array_options("int4")
-    # rows of width 384 in chunks of 256 (the store's defaults): codec bytes before compression
-    encoded = len(encode_int8(np.ones((256, 384), np.float32)))
-    assert encoded / (256 * 384 * 2) == pytest.approx((384 * 4 + 256 * 4 + 256 * 384) / (256 * 384 * 2))
-    assert encoded / (256 * 384 * 2) < 0.52
+    assert len(encode_int8(np.ones((256, 384), np.float32))) == int8_chunk_bytes(256, 384) == 4 + 8 * 384 + 256 * (4 + 384)
+    rng = np.random.default_rng(3)
+    dense = (rng.standard_normal((4, 256, 384)) * np.linspace(0.2, 3.0, 384) + rng.standard_normal(384)).astype(np.float32)
+    for name, rows in {"dense": dense, "relu": np.stack([_relu_rows(256, 384, seed) for seed in range(4)])}.items():
+        half = Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE, typesize=2)
+        plain = Blosc(cname="zstd", clevel=3, shuffle=Blosc.NOSHUFFLE)
+        f16 = sum(len(half.encode(chunk.astype(np.float16))) for chunk in rows)
+        int8 = sum(len(plain.encode(np.frombuffer(encode_int8(chunk), np.uint8))) for chunk in rows)
+        assert int8 / f16 < 0.5, (name, int8 / f16)
+
