@@ -130,6 +130,20 @@ def test_float16_overflow_is_an_error_naming_teacher_and_feature():
         check_range(np.array([np.nan], np.float32), "float32", "t", "summary")
     out = check_range(np.array([7e4], np.float32), "float32", "t", "summary")
     assert out.dtype == np.float32
+    # int8: the largest value it accepts decodes finite, even in a chunk whose channel scales span 10³ (one
+    # channel 10⁶x the spread of the others) with a row that peaks in a quiet channel
+    from storage.codecs import as_stored
+
+    d = 8
+    limit = float(np.finfo(np.float32).max) / (4e3 * np.sqrt(d))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, d)) * limit * 1e-6
+    x[:, 0] = rng.standard_normal(64) * limit * 0.3
+    x[5, 3] = -limit * 0.999
+    x = x.astype(np.float32)
+    assert np.isfinite(as_stored("int8", check_range(x, "int8", "t", "patches"))).all()
+    with pytest.raises(FeatureOverflowError, match="beyond int8"):
+        check_range(x * np.float32(1.01 / 0.999), "int8", "t", "patches")
 
 
 def test_overflowing_teacher_fails_the_job(image_folder, tmp_path, ray_local):
