@@ -6,15 +6,18 @@ objects and then its commit marker (``stages.runner``, ``storage.commits``: a ki
 units without a marker). After the job the run folder holds
 
 ```
-DIR/clusters/level1 [N] int32    nearest level-1 centroid of row i; -1 where the image failed to decode
-DIR/clusters/sqdist [N] float32  squared L2 distance to it (0 where -1)
+DIR/clusters/level1 [N] int32       nearest level-1 centroid of row i; -1 where the image failed to decode
+DIR/clusters/sqdist [N] float32     squared L2 distance to it (0 where -1)
+DIR/clusters/centroids [K, D] float32  the centroids the labels index (spherical: as given, unnormalised)
 DIR/_commits/assign/unit-*.json  one marker per unit (with the Ray node that wrote it)
 ```
 
 and ``DIR``'s attrs ``clusters`` name the centroids (sha256 of their bytes, K, geometry): a rerun with
 other centroids (another seed, other levels) starts over instead of mixing two assignments. The
-actors each hold one faiss index of the centroids (put in the object store once) and stream their
-units through it: memory per actor is the index plus one unit of embeddings. On a cluster with GPUs
+actors each read the centroids from the run folder, check them against that name, build one faiss index
+and stream their units through it: memory per actor is the index plus one unit of embeddings. (From the
+folder, not Ray's object store: an actor Ray restarts on another node after a node failure needs nothing
+the driver holds, and the labels keep their centroids next to them.) On a cluster with GPUs
 (and ``gpu`` not False) each actor asks Ray for one GPU and faiss searches there.
 """
 
@@ -37,6 +40,7 @@ from .runner import UnitJob, ray_node_id
 __all__ = ["ASSIGN_COMMITS", "CLUSTERS", "AssignWorker", "PoolAssignment", "centroids_digest"]
 
 CLUSTERS = "clusters"
+CENTROIDS = "centroids"
 ASSIGN_COMMITS = "_commits/assign"
 
 
@@ -50,16 +54,19 @@ def centroids_digest(centroids: np.ndarray, spherical: bool) -> dict[str, Any]:
 class AssignWorker:
     """One assignment replica: a faiss index of the centroids; ``run_unit`` labels one unit's rows."""
 
-    def __init__(self, url: str, centroids: np.ndarray, spherical: bool, gpu: bool | None, threads: int,
-                 unit_images: int):
+    def __init__(self, url: str, spherical: bool, gpu: bool | None, threads: int, unit_images: int):
         import faiss
         import zarr
 
         from curation.kmeans import NearestCentroid
 
         faiss.omp_set_num_threads(int(threads))
-        self.nearest = NearestCentroid(centroids, spherical=spherical, gpu=gpu)  # one index for every unit
         self.group = zarr.open_group(url, mode="r+", **zarr_options(url))
+        centroids = np.asarray(self.group[f"{CLUSTERS}/{CENTROIDS}"][:], np.float32)
+        if centroids_digest(centroids, spherical) != self.group.attrs.get(CLUSTERS):  # another run replaced them
+            raise RuntimeError(f"{url}: {CLUSTERS}/{CENTROIDS} are not the centroids this assignment was started "
+                               "with (another curate ran on the folder); rerun the command")
+        self.nearest = NearestCentroid(centroids, spherical=spherical, gpu=gpu)  # one index for every unit
         self.unit_images = unit_images
         self.commits = CommitLog(url, ASSIGN_COMMITS)
 
@@ -79,6 +86,12 @@ class AssignWorker:
         g[f"{CLUSTERS}/sqdist"][i0:i1] = sqdist
         self.commits.commit(unit, {"rows": [i0, i1], "points": int(ok.sum()), "node": ray_node_id()})
         return {"unit": unit, "points": int(ok.sum()), "seconds": time.perf_counter() - t0}
+
+
+def _write_centroids(clusters: Any, centroids: np.ndarray) -> None:
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    arr = create_array(clusters, CENTROIDS, shape=c.shape, dtype="float32", chunks=(min(len(c), 65536), c.shape[1]))
+    arr[:] = c
 
 
 class PoolAssignment:
@@ -112,7 +125,10 @@ class PoolAssignment:
             clusters = group.require_group(CLUSTERS)
             create_array(clusters, "level1", shape=(n,), dtype="int32", chunks=(self.unit_images,), fill_value=-1)
             create_array(clusters, "sqdist", shape=(n,), dtype="float32", chunks=(self.unit_images,), fill_value=0)
-            group.attrs[CLUSTERS] = expected
+            _write_centroids(clusters, centroids)
+            group.attrs[CLUSTERS] = expected  # last: a crash before it starts over on the rerun
+        elif CENTROIDS not in group[CLUSTERS]:  # a folder assigned before the centroids were kept: the same ones
+            _write_centroids(group[CLUSTERS], centroids)
         num_units = -(-n // self.unit_images)
         job = UnitJob("assign", num_units, commits.committed(), self.on_progress)
         todo = job.todo
@@ -123,7 +139,7 @@ class PoolAssignment:
         threads = max(1, cpus // workers)
         points = 0
         if todo:
-            init = (self.out, ray.put(np.asarray(centroids, np.float32)), spherical, on_gpu, threads, self.unit_images)
+            init = (self.out, spherical, on_gpu, threads, self.unit_images)
             for result in job.run_actors(AssignWorker, init, workers=workers, num_cpus=min(1.0, cpus / workers),
                                          num_gpus=1 if on_gpu else 0):
                 points += result["points"]

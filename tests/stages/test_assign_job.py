@@ -49,6 +49,7 @@ def _check(path, x, ok, centroids):
     np.testing.assert_allclose(sqdist[ok], ref_d, rtol=1e-4, atol=1e-4)
     assert (labels[~ok] == -1).all() and (sqdist[~ok] == 0).all()
     assert labels.dtype == np.int32 and g.attrs[CLUSTERS] == centroids_digest(centroids, False)
+    np.testing.assert_array_equal(g[f"{CLUSTERS}/centroids"][:], centroids)  # the labels' centroids, kept with them
 
 
 def test_the_pool_is_labelled_unit_by_unit_by_actors_and_a_rerun_skips_or_starts_over(tmp_path):
@@ -75,6 +76,14 @@ def test_the_pool_is_labelled_unit_by_unit_by_actors_and_a_rerun_skips_or_starts
     fresh(other)
     assert fresh.report["units_skipped"] == 0
     _check(tmp_path / "run", x, ok, other)
+
+    # another run's centroids written over the folder's (attrs untouched): an actor refuses them, the labels
+    # of the units left to do are never computed from centroids other than those the folder names
+    g = zarr.open_group(str(tmp_path / "run"), mode="r+")
+    g[f"{CLUSTERS}/centroids"][:] = c
+    CommitLog(str(tmp_path / "run"), ASSIGN_COMMITS).uncommit(2)
+    with pytest.raises(Exception, match="not the centroids this assignment was started with"):
+        PoolAssignment(str(tmp_path / "run"), UNIT)(other)
 
 
 def test_a_crash_between_a_units_labels_and_its_marker_is_finished_by_the_rerun(tmp_path):
