@@ -121,6 +121,8 @@ class PoolAssignment:
         expected = centroids_digest(centroids, spherical)
         commits = CommitLog(self.out, ASSIGN_COMMITS)
         if group.attrs.get(CLUSTERS) != expected:  # other centroids (or none yet): start over, markers first
+            if CLUSTERS in group.attrs:  # no name until the new centroids are written: a crash in between
+                group.attrs[CLUSTERS] = None  # leaves a folder that any rerun starts over
             commits.clear()
             clusters = group.require_group(CLUSTERS)
             create_array(clusters, "level1", shape=(n,), dtype="int32", chunks=(self.unit_images,), fill_value=-1)

@@ -129,7 +129,7 @@ class TeacherWorker:
         po = self.pixel_offsets[w0:w1 + 1]
         lo, hi = int(po[0]), int(po[-1])
         blob = self.store.image_array(L.PIXELS)[lo:hi] if hi > lo else np.zeros(0, np.uint8)
-        ok = self.index.ok(w0, w1)  # the flags only (rows() would read labels and pixel offsets too)
+        ok = self.index.ok_range(w0, w1)  # the flags only (rows() would read labels and pixel offsets too)
         keys = [i for i in range(w0, w1) if ok[i - w0]]
         blobs = [blob[int(po[i - w0]) - lo: int(po[i - w0 + 1]) - lo] for i in keys]
         return dict(zip(keys, self.decoder.map(ImagePolicy.decode, blobs)))
@@ -226,7 +226,7 @@ class TeacherWorker:
         """Write float32 ``values`` as rows ``a:b`` of a feature array and measure what its codec kept of them."""
         array[a:b] = check_range(values, self.codec, self.name, feature)
         if self.codec != "float32":
-            measured = fidelity(self.codec, values, int(array.chunks[0]))
+            measured = fidelity(self.codec, values, int(array.chunks[0]), array.serializer)  # its own version
             self.fidelity[feature] = merge_fidelity(self.fidelity.get(feature), measured)
 
     def _wait_for_write(self) -> None:

@@ -92,14 +92,17 @@ class DistributedLevel1Fit:
         rows = np.asarray(rows, np.int64)
         _check_k(rows.size, k)  # the clear errors before any actor starts
         bounds = shard_bounds(rows.size, self.workers)
-        pool_rows = rows if self.row_map is None else self.row_map[rows]
+        def pool_rows(i: int) -> np.ndarray:  # shard by shard: the driver maps one shard's rows at a time
+            shard = rows[bounds[i]:bounds[i + 1]]
+            return shard if self.row_map is None else self.row_map[shard]
+
         with ray_cluster(self.ray_address, self.num_cpus):
             cpus = float(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
             threads = max(1, int(cpus // self.workers))
             # a worker asks for one CPU, or its share when there are more workers than CPUs (tests: 3 on 2)
             remote = ray.remote(num_cpus=min(1.0, cpus / self.workers), scheduling_strategy="SPREAD")(ShardWorker)
-            actors = [remote.remote(self.source, pool_rows[bounds[i]:bounds[i + 1]], spherical, chunk_rows, gpu,
-                                    threads) for i in range(self.workers)]
+            actors = [remote.remote(self.source, pool_rows(i), spherical, chunk_rows, gpu, threads)
+                      for i in range(self.workers)]
             try:
                 result = sharded_kmeans_with_resampling(RayShards(actors), np.diff(bounds), k,
                                                         spherical=spherical, **kmeans)

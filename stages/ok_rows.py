@@ -67,18 +67,31 @@ class OkRowMap:
             start, stop, step = key.indices(n)
             if step != 1:
                 raise TypeError("OkRowMap supports contiguous slices only")
-            return self._sorted_lookup(np.arange(start, max(start, stop), dtype=np.int64))
-        if np.isscalar(key):
+            return self._lookup(np.arange(start, max(start, stop), dtype=np.int64))
+        if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
             return int(self[np.array([key])][0])
-        ranks = np.asarray(key, dtype=np.int64)
-        ranks = np.where(ranks < 0, ranks + n, ranks)
+        ranks = np.asarray(key)
+        if ranks.dtype.kind not in "iu":  # a mask or floats would be read as ranks 0/1 or truncated
+            raise TypeError(f"OkRowMap takes integer ranks or a slice, not {ranks.dtype} values")
+        ranks = ranks.astype(np.int64, copy=False)
+        if ranks.size and ranks.min() < 0:
+            ranks = np.where(ranks < 0, ranks + n, ranks)
         if ranks.size and (ranks.min() < 0 or ranks.max() >= n):
             raise IndexError(f"rank out of range for {n} decodable rows")
         flat = ranks.ravel()
+        if flat.size < 2 or bool((flat[1:] >= flat[:-1]).all()):  # ascending (a fit sample, every row): no sort
+            return self._lookup(flat).reshape(ranks.shape)
         order = np.argsort(flat, kind="stable")
         out = np.empty(flat.size, np.int64)
-        out[order] = self._sorted_lookup(flat[order])
+        out[order] = self._lookup(flat[order])
         return out.reshape(ranks.shape)
+
+    def _lookup(self, ranks: np.ndarray, piece: int = 1 << 16) -> np.ndarray:
+        """Pool rows of ascending ``ranks``, a piece at a time (temporaries bounded by the piece, not the call)."""
+        out = np.empty(ranks.size, np.int64)
+        for a in range(0, ranks.size, piece):
+            out[a: a + piece] = self._sorted_lookup(ranks[a: a + piece])
+        return out
 
 
 class OkRows:

@@ -11,7 +11,8 @@ and importing this module (``storage.store`` does) registers them too. Every nam
 pattern), stored as little-endian 16-bit words. Decoding shifts the word back into the upper half of
 a float32. Same bytes as float16, float32's range, 8 bits of mantissa instead of 11.
 
-``amoe.int8`` (version 2, what writers write; configuration ``{"version": 2}``): per chunk, the rows along
+``amoe.int8`` (version 2, what writers write; configuration ``{"version": 2, "steps_per_rms": n}``, n the
+writer's step rule below, which decoding ignores): per chunk, the rows along
 the last axis (one token or one image's vector each) are quantized to int8 with one step s per row after one
 of two transforms, chosen per chunk and recorded in it:
 
@@ -24,13 +25,18 @@ an outlier channel's energy over all channels so that one step per row suits eve
 PHI-S rotates by a Hadamard matrix: AMoE's "Teacher-loss balancing via PHI-S" paragraph). The writer's
 choices (decoding depends on none):
 
-- the step: ``s = max(max|y|/127, rms(y)/16)``, rms over the row's values that are not exact zeros. Nothing
-  is clipped; on a typical row the step is 1/16 of the RMS (a cosine of about 1 − 1/(2·12·16²) ≈ 0.9998 to
-  the written row), and q spans about ±50 instead of ±127, which is what brings a chunk under half of
-  float16's bytes after Blosc.
+- the step: ``s = max(max|y|/127, rms(y)/n)``, rms over the row's values that are not exact zeros, n = 16 for
+  token arrays (patches, layers). Nothing is clipped; on a typical row the step is 1/16 of the RMS (a cosine
+  of about 1 − 1/(2·12·16²) ≈ 0.9998 to the written row), and q spans about ±50 instead of ±127, which is
+  what brings a chunk under half of float16's bytes after Blosc. Two kinds of rows keep the finest step,
+  max|y|/127: those of per-image arrays (summary, registers: n = 0; under 1% of a teacher's bytes, and the
+  summary is what a student's CLS is distilled from), and a dense row whose largest |z| exceeds 8× its RMS (a
+  ViT's high-norm token: the DCT spreads its spike over every coefficient, so rms(y)/16 would cost its
+  other channels 5.6× coarser steps: their cosine fell from 0.986 to 0.77 at a spike 1000× the rest).
 - the channel scale: ``a_c = √(σ_c / min σ)``, σ_c a robust spread of channel c over the chunk's non-zero
   rows (1.4826 × its median absolute deviation from μ: an outlier row moves it no more than it moves μ; the
-  RMS deviation where that is 0), the ratio capped at 10⁶. Steps uniform across channels (a = 1) keep the
+  RMS deviation where that is 0; a = 1 for a channel that is constant over the chunk), the ratio capped at
+  10⁶. Steps uniform across channels (a = 1) keep the
   error small relative to the row (what PHI-S's isotropic space, and so the loss, sees) but cost a channel
   100× quieter than another its own precision (a whitened cosine of 0.956 at the worst row of a ViT's
   features with one channel scaled 100×); steps proportional to each channel's spread (a = σ) do the reverse
@@ -103,14 +109,16 @@ def decode_bfloat16(words: np.ndarray) -> np.ndarray:
 
 
 INT8_VERSION = 2  # the amoe.int8 layout writers write (module docstring); 1 is read only
-STEP_PER_RMS = 16  # the int8 step is at most 1/16 of the row's RMS (module docstring)
+STEP_PER_RMS = 16  # the int8 step of token rows is at most 1/16 of the row's RMS (module docstring)
+SPIKE = 8.0  # a dense row whose largest centred, scaled value exceeds 8x its RMS keeps the finest step
 SPARSE_ZEROS = 0.5  # a chunk whose non-zero rows are more than this share exact zeros is stored untransformed
 MAX_SPREAD_RATIO = 1e6  # between the chunk's loudest and quietest channel, for the channel scale
 
 
-def encode_int8(x: np.ndarray, version: int = INT8_VERSION) -> bytes:
+def encode_int8(x: np.ndarray, version: int = INT8_VERSION, steps_per_rms: int = STEP_PER_RMS) -> bytes:
     """float32 [..., D] → the chunk bytes of ``amoe.int8`` (module docstring); version 1 only to resume a
-    store begun with it (an array's codec is fixed when it is created)."""
+    store begun with it (an array's codec is fixed when it is created). ``steps_per_rms`` 0: every row gets
+    the finest step, max|y|/127."""
     if version == 1:
         return _encode_int8_v1(x)
     d = x.shape[-1]
@@ -129,7 +137,11 @@ def encode_int8(x: np.ndarray, version: int = INT8_VERSION) -> bytes:
         y = fft.dct(z, type=2, norm="ortho", axis=-1)
     nonzero = np.maximum((y != 0).sum(axis=-1), 1)
     rms = np.sqrt((y * y).sum(axis=-1) / nonzero)  # over the values that are not exact zeros (a sparse row's)
-    step = np.maximum(np.abs(y).max(axis=-1) / 127.0, rms / STEP_PER_RMS).astype(np.float32)
+    finest = np.abs(y).max(axis=-1) / 127.0
+    coarse = rms / steps_per_rms if steps_per_rms else finest
+    if not sparse:  # a spike (a ViT's massive activation): the DCT spreads it over the row and would set the RMS
+        coarse = np.where(np.abs(z).max(axis=-1) > SPIKE * np.sqrt((z * z).mean(axis=-1)), finest, coarse)
+    step = np.maximum(finest, coarse).astype(np.float32)
     safe = np.where(step > 0, step, 1.0).astype(np.float64)
     q = np.clip(np.rint(y / safe[:, None]), -127, 127).astype(np.int8)
     q[zero], step[zero] = 0, -1.0
@@ -282,26 +294,34 @@ class Int8RowCodec(_FloatRowCodec):
 
     codec_name = INT8
     version: int = INT8_VERSION
+    steps_per_rms: int = STEP_PER_RMS  # the writer's step rule (module docstring); decoding ignores it
 
     @classmethod
     def from_dict(cls, data: dict) -> "Int8RowCodec":
         if data.get("name") != INT8:
             raise ValueError(f"expected codec {INT8!r}, got {data.get('name')!r}")
-        config = data.get("configuration") or {}
+        config = dict(data.get("configuration") or {})
         if not config:
             return cls(version=1)
-        if config != {"version": INT8_VERSION}:  # a later version must not be decoded as this one
-            raise ValueError(f"codec {INT8} configuration {config!r} is not one this version reads "
-                             f"(none, or {{'version': {INT8_VERSION}}}); upgrade the project")
-        return cls(version=INT8_VERSION)
+        steps = config.pop("steps_per_rms", STEP_PER_RMS)
+        if config != {"version": INT8_VERSION} or not isinstance(steps, int) or steps < 0:
+            # a later version must not be decoded as this one
+            raise ValueError(f"codec {INT8} configuration {data.get('configuration')!r} is not one this version "
+                             f"reads (none, or {{'version': {INT8_VERSION}, 'steps_per_rms': n >= 0}}); upgrade the "
+                             "project")
+        return cls(version=INT8_VERSION, steps_per_rms=steps)
 
     def to_dict(self) -> dict:
         if self.version == 1:
             return {"name": INT8}
-        return {"name": INT8, "configuration": {"version": self.version}}
+        return {"name": INT8, "configuration": {"version": self.version, "steps_per_rms": self.steps_per_rms}}
+
+    def encode_chunk(self, values: np.ndarray) -> bytes:
+        """One whole chunk's bytes, as this array's codec writes them."""
+        return encode_int8(values, self.version, self.steps_per_rms)
 
     def _encode_array(self, values: np.ndarray) -> np.ndarray:
-        return np.frombuffer(encode_int8(values, self.version), np.uint8)
+        return np.frombuffer(self.encode_chunk(values), np.uint8)
 
     def _decode_array(self, raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return decode_int8(raw, shape, self.version)
@@ -318,11 +338,12 @@ for _name, _cls in CODECS.items():
 
 # --------------------------------------------------------------------------- the store's feature arrays
 
-def feature_array_options(codec: str) -> dict:
+def feature_array_options(codec: str, per_image: bool = False) -> dict:
     """``create_array`` keywords of a teacher feature array stored with ``codec`` (a FEATURE_CODECS name).
 
     Blosc+zstd with byte shuffle over the stored words' size: shuffling groups the high bytes of 16/32-bit
-    floats, which compress well; int8 words have nothing to shuffle.
+    floats, which compress well; int8 words have nothing to shuffle. ``per_image`` (summary, registers: one
+    row an image, under 1% of a teacher's bytes): int8 writes them with the finest step, max|y|/127.
     """
     from zarr.codecs import BloscCodec, BloscShuffle
 
@@ -333,14 +354,17 @@ def feature_array_options(codec: str) -> dict:
         return {"dtype": "float32", "serializer": BFloat16Codec(),
                 "compressor": BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, typesize=2)}
     if codec == "int8":
-        return {"dtype": "float32", "serializer": Int8RowCodec(),
+        return {"dtype": "float32", "serializer": Int8RowCodec(steps_per_rms=0 if per_image else STEP_PER_RMS),
                 "compressor": BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.noshuffle, typesize=1)}
     raise ValueError(f"unknown feature codec {codec!r}; expected one of {', '.join(FEATURE_CODECS)}")
 
 
-def as_stored(codec: str, chunk: np.ndarray) -> np.ndarray:
-    """float32 values of ``chunk`` (one whole zarr chunk) as a read of a store with ``codec`` returns them."""
+def as_stored(codec: str, chunk: np.ndarray, serializer: ArrayBytesCodec | None = None) -> np.ndarray:
+    """float32 values of ``chunk`` (one whole zarr chunk) as a read of a store with ``codec`` returns them;
+    ``serializer``: the array's own codec where it has one (an int8 array's version and step rule)."""
     chunk = np.asarray(chunk, np.float32)
+    if isinstance(serializer, Int8RowCodec):
+        return decode_int8(serializer.encode_chunk(chunk), chunk.shape, serializer.version)
     if codec == "float32":
         return chunk
     if codec == "float16":
@@ -353,7 +377,7 @@ WORD_BYTES = {"float16": 2, "float32": 4, "bfloat16": 2, "int8": 1}  # bytes a v
 _SUMS = ("cosine", "centred")  # cosine to the values, and to the values centred on their chunk's mean
 
 
-def fidelity(codec: str, values: np.ndarray, chunk_rows: int) -> dict:
+def fidelity(codec: str, values: np.ndarray, chunk_rows: int, serializer: ArrayBytesCodec | None = None) -> dict:
     """What a store with ``codec`` keeps of ``values``: per stored vector (last axis), its cosine to the value
     written, and the same cosine with both centred on the chunk's mean (non-zero rows). PHI-S rotates and
     scales isotropically, so the distillation loss sees the cosine of vectors centred on the global mean;
@@ -362,14 +386,14 @@ def fidelity(codec: str, values: np.ndarray, chunk_rows: int) -> dict:
     on a chunk boundary and end on one or at the array's end, as a unit's do).
 
     Returns ``{"rows", "cosine_sum", "cosine_min", "centred_sum", "centred_min"}`` over the non-zero vectors
-    (a failed image's are zero); a NaN cosine counts as −1.
+    (a failed image's are zero); a NaN cosine counts as −1. ``serializer``: see :func:`as_stored`.
     """
     values = np.asarray(values, np.float32)
     d = values.shape[-1]
     out = {"rows": 0, **{f"{k}_sum": 0.0 for k in _SUMS}, **{f"{k}_min": 1.0 for k in _SUMS}}
     for start in range(0, len(values), max(int(chunk_rows), 1)):
         block = values[start: start + chunk_rows]
-        got = as_stored(codec, _padded(block, chunk_rows))[: len(block)].reshape(-1, d).astype(np.float64)
+        got = as_stored(codec, _padded(block, chunk_rows), serializer)[: len(block)].reshape(-1, d).astype(np.float64)
         want = block.reshape(-1, d).astype(np.float64)
         keep = np.linalg.norm(want, axis=1) > 0
         if not keep.any():

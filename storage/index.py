@@ -100,7 +100,7 @@ class _Units:
                 self._cache.popitem(last=False)
             return unit
 
-    def ok(self, a: int, b: int) -> np.ndarray:
+    def ok_range(self, a: int, b: int) -> np.ndarray:
         """``ok`` of rows [a, b), reading only that array of the units they span."""
         if not 0 <= a <= b <= self.num_rows:
             raise IndexError(f"rows [{a}, {b}) out of range [0, {self.num_rows})")

@@ -368,18 +368,18 @@ class FeatureStore:
         }
         g = self.group.require_group(L.TEACHERS).create_group(spec.name, attributes=attrs, overwrite=True)
         fault_point("teacher.create")
-        opts = feature_array_options(spec.codec)
+        opts, per_image = feature_array_options(spec.codec), feature_array_options(spec.codec, per_image=True)
         # per-image features: one shard per write unit, small inner chunks for random access
         inner = min(image_chunk, shard_images)
         create_array(g, L.SUMMARY, shape=(num_images, spec.summary_dim), chunks=(inner, spec.summary_dim),
-                     shards=(shard_images, spec.summary_dim), fill_value=0, **opts)
+                     shards=(shard_images, spec.summary_dim), fill_value=0, **per_image)
         create_array(g, L.PATCHES, shape=(total, spec.patch_dim), chunks=(min(chunk_rows, shard_rows), spec.patch_dim),
                      shards=(shard_rows, spec.patch_dim), fill_value=0, **opts)
         create_array(g, L.OFFSETS, shape=(num_images + 1,), dtype="int64", chunks=(shard_images,))
         if spec.num_registers:
             create_array(g, L.REGISTERS, shape=(num_images, spec.num_registers, spec.patch_dim),
                          chunks=(inner, spec.num_registers, spec.patch_dim),
-                         shards=(shard_images, spec.num_registers, spec.patch_dim), fill_value=0, **opts)
+                         shards=(shard_images, spec.num_registers, spec.patch_dim), fill_value=0, **per_image)
         fault_point("teacher.heads")
         if heads is not None and heads[0]:
             self.write_heads(spec.name, *heads)

@@ -76,12 +76,14 @@ def _check(store: FeatureStore, checks: dict[str, ShardCheck], name: str, arr: z
     gone = check.missing(r0, r1)
     if gone:
         return f"missing chunk object(s) {gone[:3]} of {name}"
-    for a in range(r0, r1, check.rows):  # an object (chunk or shard) at a time: memory bounded by one
+    a = r0
+    while a < r1:  # an object (chunk or shard) at a time, to its end: memory bounded by one
         b = min(r1, (a // check.rows + 1) * check.rows)
         try:
             np.asarray(arr[a:b])
         except Exception as exc:  # checksum mismatch, truncated shard, undecodable bytes
             return f"unreadable {name} rows {a}:{b}: {type(exc).__name__}: {str(exc)[:160]}"
+        a = b
     return None
 
 

@@ -125,3 +125,32 @@ def test_a_folder_without_embeddings_is_refused(tmp_path):
     zarr.create_group(str(tmp_path / "run"), attributes={"kind": RUN_KIND})
     with pytest.raises(ValueError, match="no embeddings"):
         PoolAssignment(str(tmp_path / "run"), UNIT)(np.zeros((2, D), np.float32))
+
+
+def test_a_crash_while_other_centroids_are_written_leaves_a_folder_any_rerun_finishes(tmp_path, monkeypatch):
+    """Run A completes; run B (other centroids) dies right after writing its centroids, before naming them in
+    the attrs (a named crash point: the write raises). Rerunning A must not find A's name over B's centroids
+    (every actor would refuse them, forever): it starts over and equals its reference; so does B."""
+    import stages.assign_job as job
+
+    shared_ray()
+    x, ok = _run_folder(tmp_path / "run")
+    a = np.random.default_rng(1).normal(size=(5, D)).astype(np.float32)
+    b = np.random.default_rng(2).normal(size=(6, D)).astype(np.float32)
+    PoolAssignment(str(tmp_path / "run"), UNIT)(a)
+    written = job._write_centroids
+
+    def dies_after_writing(clusters, centroids):
+        written(clusters, centroids)
+        raise KeyboardInterrupt("crash after the centroids, before the attrs")
+
+    monkeypatch.setattr(job, "_write_centroids", dies_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        PoolAssignment(str(tmp_path / "run"), UNIT)(b)
+    monkeypatch.setattr(job, "_write_centroids", written)
+    rerun = PoolAssignment(str(tmp_path / "run"), UNIT)
+    rerun(a)
+    assert rerun.report["units_skipped"] == 0
+    _check(tmp_path / "run", x, ok, a)
+    PoolAssignment(str(tmp_path / "run"), UNIT)(b)
+    _check(tmp_path / "run", x, ok, b)

@@ -47,7 +47,8 @@ def _dct_matrix(d: int) -> np.ndarray:
     return dct
 
 
-def _int8_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+def _int8_reference(x: np.ndarray, steps_per_rms: int = 16
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Version 2 of the codec's definition (storage/codecs.py docstring), row by row and channel by channel in
     float64: ``(q, centre, scale, step, decoded, transform)``."""
     m, d = x.shape
@@ -68,9 +69,14 @@ def _int8_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
             scale = np.array([np.sqrt(max(r, floor) / floor) for r in spread], np.float32)
     q, step, out = np.zeros((m, d), np.int8), np.full(m, -1.0, np.float32), np.zeros((m, d))
     for i in nonzero:  # an all-zero row stays zeros
-        y = x[i].astype(np.float64) if sparse else dct @ ((x[i].astype(np.float64) - centre) / scale)
+        z = (x[i].astype(np.float64) - centre) / scale
+        y = x[i].astype(np.float64) if sparse else dct @ z
         nonzero_values = y[y != 0]  # the RMS of the values that are not exact zeros
-        step[i] = max(np.abs(y).max() / 127.0, np.sqrt(np.mean(nonzero_values ** 2)) / 16.0)
+        finest = np.abs(y).max() / 127.0
+        coarse = np.sqrt(np.mean(nonzero_values ** 2)) / steps_per_rms if steps_per_rms else finest
+        if not sparse and np.abs(z).max() > 8 * np.sqrt(np.mean(z ** 2)):  # a spike keeps the finest step
+            coarse = finest
+        step[i] = max(finest, coarse)
         q[i] = np.clip(np.rint(y / np.float64(step[i])), -127, 127) if step[i] > 0 else 0
         back = q[i] * np.float64(step[i])
         out[i] = (back if sparse else dct.T @ back) * scale + centre
@@ -111,13 +117,15 @@ def _relu_rows(rows: int, dim: int, seed: int = 0) -> np.ndarray:
     return np.maximum(rng.standard_normal((rows, dim)) * np.linspace(0.5, 4.0, dim) - 3.0, 0).astype(np.float32)
 
 
-@pytest.mark.parametrize("kind", ["dense", "sparse"])
-def test_int8_rows_match_a_naive_float64_reference(kind):
-    x = _features(rows=64, dim=24) if kind == "dense" else _relu_rows(64, 24)
+@pytest.mark.parametrize("kind,steps_per_rms", [("dense", 16), ("sparse", 16), ("dense", 0)])
+def test_int8_rows_match_a_naive_float64_reference(kind, steps_per_rms):
+    d = 96  # wide enough for one value to stand 8x above its row's RMS (at most √D)
+    x = _features(rows=64, dim=d) if kind == "dense" else _relu_rows(64, d)
     x[3] = 0.0  # a zero row (a failed image's summary) stays finite
-    data = encode_int8(x)
-    q, centre, scale, step, expected, transform = _int8_reference(x)
-    got_transform, got_centre, got_scale, got_step, got_q = _split_v2(data, 64, 24)
+    x[7, 2] = 3000.0 if kind == "dense" else x[7, 2]  # a spike: its row keeps the finest step
+    data = encode_int8(x, steps_per_rms=steps_per_rms)
+    q, centre, scale, step, expected, transform = _int8_reference(x, steps_per_rms)
+    got_transform, got_centre, got_scale, got_step, got_q = _split_v2(data, 64, d)
     assert got_transform == transform == (1 if kind == "dense" else 0)
     np.testing.assert_array_equal(got_centre, centre)
     np.testing.assert_allclose(got_scale, scale, rtol=1e-6)
@@ -143,8 +151,11 @@ def test_int8_version_1_chunks_still_decode_and_resume_in_their_own_layout(tmp_p
     data, expected = _int8_v1_chunk(x)
     np.testing.assert_allclose(decode_int8(data, x.shape, version=1), expected, rtol=0, atol=2e-4 * np.abs(x).max())
     assert Int8RowCodec.from_dict({"name": "amoe.int8"}).version == 1
-    assert Int8RowCodec.from_dict({"name": "amoe.int8", "configuration": {"version": 2}}).version == 2
-    for config in ({"version": 3}, {"scale": "chunk"}):  # a later version is refused, not decoded as this one
+    assert Int8RowCodec.from_dict({"name": "amoe.int8", "configuration": {"version": 2}}) == Int8RowCodec(2, 16)
+    fine = {"name": "amoe.int8", "configuration": {"version": 2, "steps_per_rms": 0}}
+    assert Int8RowCodec.from_dict(fine) == Int8RowCodec(2, 0) and Int8RowCodec(2, 0).to_dict() == fine
+    for config in ({"version": 3}, {"scale": "chunk"}, {"version": 2, "steps_per_rms": -1},
+                   {"version": 2, "steps_per_rms": "16"}):  # a later version is refused, not decoded as this one
         with pytest.raises(ValueError, match="not one this version reads"):
             Int8RowCodec.from_dict({"name": "amoe.int8", "configuration": config})
     group = zarr.open_group(str(tmp_path / "g"), mode="w")
@@ -158,7 +169,12 @@ def test_int8_version_1_chunks_still_decode_and_resume_in_their_own_layout(tmp_p
     assert len(chunk) > 0
     np.testing.assert_allclose(reopened[64:], expected, rtol=0, atol=2e-4 * np.abs(x).max())
     new = create_array(group, "new", shape=(64, 24), chunks=(64, 24), fill_value=0, **feature_array_options("int8"))
-    assert new.metadata.to_dict()["codecs"][0] == {"name": "amoe.int8", "configuration": {"version": 2}}
+    assert new.metadata.to_dict()["codecs"][0] == {"name": "amoe.int8", "configuration": {"version": 2,
+                                                                                         "steps_per_rms": 16}}
+    # what a writer measures is what its array keeps: the version-1 array's own round trip, not version 2's
+    measured = fidelity("int8", x, 64, reopened.serializer)
+    np.testing.assert_allclose(measured["cosine_min"], _cosines(reopened[64:], x).min(), atol=1e-6)
+    assert fidelity("int8", x, 64)["cosine_min"] != pytest.approx(measured["cosine_min"], abs=1e-7)
 
 
 def test_int8_one_outlier_row_does_not_cost_the_other_rows_of_its_chunk():
@@ -172,6 +188,19 @@ def test_int8_one_outlier_row_does_not_cost_the_other_rows_of_its_chunk():
         x[3, 0] = 1e4
         cos = _cosines(decode_int8(encode_int8(x), x.shape), x)
         assert np.delete(cos, 3).min() > 0.9995 and cos[3] > 0.9995, (d, np.delete(cos, 3).min(), cos[3])
+
+
+def test_int8_a_spike_row_keeps_its_other_channels():
+    """A token with one channel 1000x its others (a ViT's massive activation): the DCT spreads the spike over
+    the row, so a step of 1/16 of the row's RMS would be 5.6x coarser than max/127 and its other channels would
+    fall to a cosine of 0.77 (measured in review); the spike rule keeps them where version 1 had them (0.986)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 384)).astype(np.float32)
+    x[9, 7] = 1000.0
+    got = decode_int8(encode_int8(x), x.shape)
+    rest = np.delete(np.arange(384), 7)
+    assert _cosines(got[9:10, rest], x[9:10, rest])[0] > 0.98
+    assert _cosines(np.delete(got, 9, 0), np.delete(x, 9, 0)).min() > 0.9995  # the other rows keep the coarse step
 
 
 def test_int8_channel_scale_keeps_both_the_rows_and_a_quiet_channels_precision():

@@ -199,7 +199,7 @@ def test_a_store_writers_offsets_read_only_the_units_they_touch(stores):
     reads.clear()
     ok = store.image_array("ok")[:]
     for a, b in [(0, 0), (5, 70), (store.shard_images - 3, 3 * store.shard_images + 2), (0, store.num_images)]:
-        np.testing.assert_array_equal(index.ok(a, b), ok[a:b])
+        np.testing.assert_array_equal(index.ok_range(a, b), ok[a:b])
     assert {name for name, _ in reads} == {"images/ok"}
     with pytest.raises(IndexError, match="out of range"):
-        index.ok(5, store.num_images + 1)
+        index.ok_range(5, store.num_images + 1)
