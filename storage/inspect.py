@@ -9,7 +9,7 @@ from . import layout as L
 from .codecs import WORD_BYTES
 from .failures import count_reasons
 from .fsutil import du
-from .store import FeatureStore
+from .store import FeatureStore, token_counts
 
 __all__ = ["describe_store"]
 
@@ -53,7 +53,7 @@ def _image_counts(store: FeatureStore) -> dict:
         ok, grid = np.asarray(ok_array[a: a + step]), np.asarray(grid_array[a: a + step])
         if labels is not None:
             out["labelled"] += int((np.asarray(labels[a: a + step]) >= 0).sum())
-        tokens = (grid[:, 0].astype(np.int64) * grid[:, 1])[ok]
+        tokens = token_counts(ok, grid)[ok]
         out["ok"] += int(ok.sum())
         out["total"] += int(tokens.sum())
         if tokens.size:

@@ -53,10 +53,14 @@ class TeacherGroupSpec:
         return digest(self.fingerprint)
 
 
+def token_counts(ok: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Tokens [N] int64 each image has in every teacher's flat arrays: gh·gw when usable, none when it failed."""
+    return np.where(ok, grid[:, 0].astype(np.int64) * grid[:, 1], 0)
+
+
 def token_offsets(ok: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Token offsets [N+1] of every teacher's flat arrays: gh·gw tokens per usable image, none for a failed one."""
-    counts = np.where(ok, grid[:, 0].astype(np.int64) * grid[:, 1], 0)
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    """Token offsets [N+1] of every teacher's flat arrays (the running sum of ``token_counts``)."""
+    return np.concatenate([[0], np.cumsum(token_counts(ok, grid))]).astype(np.int64)
 
 
 class FeatureStore:
