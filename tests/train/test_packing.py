@@ -62,6 +62,37 @@ def test_flex_block_mask_equals_dense_mask():
     torch.testing.assert_close(flex.cls, dense.cls, rtol=0, atol=1e-5)
 
 
+class _Float32RMSNorm(torch.nn.Module):
+    """An RMS norm that returns float32 for a bf16 input, as CUDA autocast runs ``rms_norm`` (CPU autocast does not)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_gets_one_dtype_when_the_qk_norms_return_float32(monkeypatch):
+    """FlexAttention's backward refuses mixed q/k/v dtypes; on CUDA under bf16 autocast the qk-norms (the amoe
+    preset's) return float32 while v is bf16. CPU flex has no backward, so the kernel's inputs are checked here."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from train.model import attention
+
+    seen = []
+
+    def recording_flex(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return flex_attention(q, k, v, **kw)
+
+    monkeypatch.setattr(attention, "_flex", lambda cuda: recording_flex)
+    model = _student(qk_norm=True)
+    for block in model.blocks:
+        block.attn.q_norm, block.attn.k_norm = _Float32RMSNorm(), _Float32RMSNorm()
+    layout = build_layout([GRIDS[:3], GRIDS[3:]], seq_len=64, registers=2)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        model(torch.cat(_pixels(GRIDS)), layout, attention="flex")
+    assert len(seen) == 2 and all(d == (torch.bfloat16,) * 3 for d in seen), seen
+
+
 def test_mask_never_crosses_images():
     layout = build_layout([GRIDS[:3]], seq_len=40, registers=2)
     mask = document_mask(layout.doc_ids, "dense").mask[0, 0]

@@ -46,6 +46,36 @@ def test_bf16_autocast_step_is_finite():
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_qk_norm_student_trains_through_flex_under_autocast():
+    """The amoe preset's qk-norms under autocast: CUDA runs ``rms_norm`` in float32, so q and k would reach
+    FlexAttention's compiled backward float32 next to a bf16 v (refused: mixed dtypes). Flex vs the dense mask,
+    outputs and gradients; the CPU rehearsal has no flex backward and compares the forward only."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(patch_size=16, dim=128, depth=2, num_heads=2, head_dim=64, norm="rmsnorm", qk_norm=True,
+                      registers=4)
+    model = Student(cfg).to(DEVICE)
+    grids = [(4, 6), (8, 8), (3, 5), (6, 4)]
+    layout = build_layout([grids[:2], grids[2:]], seq_len=256, registers=4).to(DEVICE)
+    g = torch.Generator(DEVICE).manual_seed(1)
+    pixels = torch.rand(sum(h * w for h, w in grids), 768, device=DEVICE, generator=g)
+    probe = torch.randn(pixels.shape[0], cfg.dim, device=DEVICE, generator=g)
+    outs, grads = {}, {}
+    for attention in ("dense", "flex"):
+        model.zero_grad()
+        backward = DEVICE == "cuda" or attention == "dense"
+        with torch.set_grad_enabled(backward), torch.autocast(DEVICE, dtype=HALF):
+            out = model(pixels, layout, attention=attention)
+        outs[attention] = out.patches.float().detach()
+        if backward:
+            (out.patches.float() * probe).mean().backward()
+            grads[attention] = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(outs["flex"], outs["dense"], rtol=0, atol=5e-2)
+    if "flex" in grads:
+        for name, ref in grads["dense"].items():
+            err = (grads["flex"][name] - ref).norm() / ref.norm().clamp_min(1e-12)
+            assert err <= 5e-2, (name, err.item())
+
+
 def _moe_student(backend: str) -> Student:
     torch.manual_seed(0)
     cfg = ModelConfig.model_validate({"preset": "tiny", "moe": {"layers": "odd", "experts": 8, "top_k": 2,
@@ -110,14 +140,16 @@ def test_compiled_student_on_cuda_matches_eager():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_under_torchrun_equal_one_gpu_with_accumulation(train_store, tmp_path):
-    """NCCL all-reduce: 2 ranks on 2 GPUs give the losses of 1 GPU with 2 microbatches per step."""
+    """NCCL all-reduce: 2 ranks on 2 GPUs give the losses of 1 GPU with 2 microbatches per step. The student
+    has Triton experts: rank 1 launches them on its own GPU (Triton uses the current device)."""
     import json
     import subprocess
     import sys
 
     base = [sys.executable, "-m", "pipeline.cli", "train", "--store", train_store, "--model", "tiny", "--steps", "3",
             "--set", "data.seq_len=160", "--set", "data.seqs_per_batch=2", "--set", "data.workers=0",
-            "--set", "run.log_every=1", "--set", f"run.device={DEVICE}"]
+            "--set", "run.log_every=1", "--set", f"run.device={DEVICE}", "--set", "model.moe.layers=odd",
+            "--set", "model.moe.experts=4", "--set", "model.moe.top_k=2", "--set", "model.moe.backend=triton"]
     single = subprocess.run([*base, "--out", str(tmp_path / "one"), "--set", "optim.accumulation=2"],
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr

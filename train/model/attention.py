@@ -84,6 +84,9 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(S, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # CUDA autocast runs rms_norm in float32, so q and k leave their norms float32 while v stays bf16;
+        # FlexAttention's backward refuses mixed dtypes (SDPA would cast them itself)
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if mask.kind == "flex":
             out = _flex(q.is_cuda)(q, k, v, block_mask=mask.mask)
         else:
