@@ -290,8 +290,10 @@ def _identity(x):
     return x
 
 
-def make_loader(dataset: StoreBatches, plans, cfg: DataConfig) -> torch.utils.data.DataLoader:
+def make_loader(dataset: StoreBatches, plans, cfg: DataConfig, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """Workers load plans in order; ``batch_size=None`` hands each plan to ``dataset[plan]`` as is.
+    ``pin_memory`` (a CUDA run): batches arrive in page-locked memory, so their ``non_blocking`` copies to
+    the GPU overlap the step instead of waiting for a staging copy.
 
     The loader draws its workers' base seed from a generator of its own, never from torch's global RNG:
     otherwise starting it would shift the random stream the model draws from (router noise), and a
@@ -301,4 +303,4 @@ def make_loader(dataset: StoreBatches, plans, cfg: DataConfig) -> torch.utils.da
     if cfg.workers > 0:
         kwargs = dict(num_workers=cfg.workers, prefetch_factor=cfg.prefetch, persistent_workers=False)
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=plans, collate_fn=_identity,
-                                       generator=torch.Generator().manual_seed(0), **kwargs)
+                                       generator=torch.Generator().manual_seed(0), pin_memory=pin_memory, **kwargs)

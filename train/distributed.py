@@ -27,10 +27,20 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the torchrun group when ``WORLD_SIZE`` > 1 (once); returns (rank, world)."""
+def init_distributed(device: str = "auto") -> tuple[int, int]:
+    """Join the torchrun group when ``WORLD_SIZE`` > 1 (once); returns (rank, world). ``device`` is the run's
+    (``resolve_device``): NCCL on CUDA, gloo on CPU.
+
+    On CUDA the rank's GPU becomes the current device first: Triton launches its kernels, and
+    ``torch.cuda.synchronize`` waits, on the current device, which is otherwise GPU 0 for every rank.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dev = resolve_device(device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
     return rank_and_world()
 
 

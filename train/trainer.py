@@ -91,7 +91,8 @@ def train(cfg: TrainConfig, store_url: str | list[str] | None, run: Path, *, fin
     opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
                             eps=cfg.optim.eps, fused=device.type == "cuda")
     start, best = _resume(model, opt, run, cfg, init_checkpoint)
-    batches = _batches(cfg, teachers, start, rank, world, model.guide.reads if model.guide else None)
+    batches = _batches(cfg, teachers, start, rank, world, model.guide.reads if model.guide else None,
+                       pin_memory=device.type == "cuda")
     log = MetricsLog(run, start, enabled=rank == 0)
     history: list[dict] = []
     t_begin = time.perf_counter()
@@ -178,7 +179,7 @@ def _resume(model: DistillModel, opt: torch.optim.Optimizer, run: Path, cfg: Tra
 
 
 def _batches(cfg: TrainConfig, teachers: list[str], start: int, rank: int, world: int,
-             layers: dict[str, list[int]] | None = None) -> Iterator[dict]:
+             layers: dict[str, list[int]] | None = None, pin_memory: bool = False) -> Iterator[dict]:
     """This rank's microbatches from ``start`` on: plans made here (the stores mixed by weight), loaded
     by DataLoader workers; ``layers``: cached teacher layers read with each image (TGR-MoE)."""
     dataset = StoreBatches([s.url for s in cfg.data.stores], teachers, cfg.data, patch=cfg.model.patch_size,
@@ -187,7 +188,7 @@ def _batches(cfg: TrainConfig, teachers: list[str], start: int, rank: int, world
                        weights=[s.weight for s in cfg.data.stores], accumulation=cfg.optim.accumulation, world=world,
                        rank=rank)
     dataset.drop_reader()  # the plans keep their stores' indexes; each loader worker opens its own readers
-    return iter(make_loader(dataset, plans.steps(start), cfg.data))
+    return iter(make_loader(dataset, plans.steps(start), cfg.data, pin_memory))
 
 
 # ------------------------------------------------------------------------------- one step

@@ -37,7 +37,7 @@ def train(
         cfg = load_cli_config(TrainConfig, config, {"model.preset": model, "run.steps": steps,
                                                     "model.init_from": str(init_from) if init_from else None}, set_)
         cfg = with_stores(cfg, store)
-        rank, world = init_distributed()
+        rank, world = init_distributed(cfg.run.device)
         with run_lock(out) if rank == 0 else contextlib.nullcontext():  # one run per directory at a time
             # rank 0 decides (fingerprints, where an --init-from run starts) and writes store.json; the
             # other ranks then read that record, so every rank starts from the same checkpoint

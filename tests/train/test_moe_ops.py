@@ -3,22 +3,25 @@
 References are independent of the code under test: per-row matmuls with gathered weights, and a
 float64 per-token loop ``y_t = sum_{j in topk} g_tj * MLP_j(x_t)``.
 
-The Triton kernels run on CPU under Triton's interpreter. ``TRITON_INTERPRET=1`` has to be in the
-environment before ``triton`` is first imported, so it is set here, above every other import. If
-some earlier test module in the same pytest process already imported triton without it, the Triton
-tests are skipped in-process and ``test_triton_suite_in_subprocess`` reruns them in a fresh
-interpreter that has the flag.
+Without a GPU the Triton kernels run on CPU under Triton's interpreter. ``TRITON_INTERPRET=1`` has to be
+in the environment before ``triton`` is first imported, so it is set here, above every import but torch's
+(torch does not import triton). If some earlier test module in the same pytest process already imported
+triton without it, the Triton tests are skipped in-process and ``test_triton_suite_in_subprocess`` reruns
+them in a fresh interpreter that has the flag. With CUDA (and no ``AMOE_GPU_TEST_DEVICE=cpu``) the flag is
+left alone: interpreted kernels on a GPU copy every argument to the host, slow and a host sync.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+import torch
+
+if not torch.cuda.is_available() or os.environ.get("AMOE_GPU_TEST_DEVICE") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from train.moe import MoEMLP, fine_grained_hidden  # noqa: E402
 from train.moe.ops import gather_rows, grouped_gemm, make_plan, scatter_combine  # noqa: E402
@@ -30,12 +33,12 @@ def _triton_in_process() -> bool:
         return False
     from train.moe.ops.grouped_gemm_triton import interpreter_enabled
 
-    return interpreter_enabled() or torch.cuda.is_available()
+    return interpreter_enabled()  # these tests launch on CPU tensors: only the interpreter runs them
 
 
 TRITON_OK = _triton_in_process()
 needs_triton = pytest.mark.skipif(
-    not TRITON_OK, reason="triton was imported before TRITON_INTERPRET=1; see test_triton_suite_in_subprocess"
+    not TRITON_OK, reason="triton runs compiled here (imported without TRITON_INTERPRET=1); see test_triton_suite_in_subprocess"
 )
 
 
