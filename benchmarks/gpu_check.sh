@@ -25,6 +25,7 @@ if [ "${1:-}" = "--cpu-rehearsal" ]; then
   export AMOE_BENCH_RESULTS=${AMOE_BENCH_RESULTS:-$(mktemp -d -t amoe-rehearsal-XXXX)}
 elif [ $# -eq 0 ]; then
   MODE=gpu DEVICE=cuda SCALE=1  # the limits below add up to 10 minutes; the expected total is under 8
+  export TRITON_INTERPRET=0  # compiled kernels: the tests would otherwise set the interpreter (slow, host copies)
   if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "error: gpu_check.sh: torch sees no CUDA GPU here; use --cpu-rehearsal to rehearse on CPU" >&2
     exit 2
@@ -52,13 +53,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit (x SCALE), log, 
 }
 
 if [ "$MODE" = gpu ]; then
-  TOKENS=65536 IMAGES=1200 KMEANS_N=1000000 LEVELS=10000,1000,100 FIT=100000 TARGET=100000
-  PRESET=amoe SEQ=2048 SEQS=8 PADDED=16 STEPS=20 LARGE=vit_large BIG_MIN=784 BIG_MAX=1024
-  STORE_IMAGES=1797 STORE_TEACHER=timm:vit_small_patch16_dinov3
+  TOKENS=65536 IMAGES=1200 BIG_IMAGES=400 KMEANS_N=1000000 LEVELS=10000,1000,100 FIT=100000 TARGET=100000
+  THREADS=16 PRESET=amoe SEQ=2048 SEQS=8 PADDED=16 STEPS=20 LARGE=vit_large BIG_MIN=784 BIG_MAX=1024
+  STORE_DIGITS=200 STORE_MAX=1024 STORE_TEACHER=timm:vit_small_patch16_dinov3
 else
-  TOKENS=256 IMAGES=12 KMEANS_N=20000 LEVELS=200,50,10 FIT=5000 TARGET=2000
-  PRESET=tiny SEQ=160 SEQS=2 PADDED=4 STEPS=2 LARGE=vit_tiny BIG_MIN=16 BIG_MAX=64
-  STORE_IMAGES=48 STORE_TEACHER=timm:vit_small_patch16_dinov3,depth=2,embed_dim=64,num_heads=2
+  TOKENS=256 IMAGES=12 BIG_IMAGES=8 KMEANS_N=20000 LEVELS=200,50,10 FIT=5000 TARGET=2000
+  THREADS=2 PRESET=tiny SEQ=160 SEQS=2 PADDED=4 STEPS=2 LARGE=vit_tiny BIG_MIN=16 BIG_MAX=64
+  STORE_DIGITS=27 STORE_MAX=64 STORE_TEACHER=timm:vit_small_patch16_dinov3,depth=2,embed_dim=64,num_heads=2
 fi
 
 "$PY" - > "$RESULTS/${MODE}_env.json" <<'EOF'
@@ -70,6 +71,12 @@ try:
     info["faiss"], info["faiss_gpus"] = faiss.__version__, getattr(faiss, "get_num_gpus", lambda: 0)()
 except ImportError:
     info["faiss"] = None
+if info.get("faiss_gpus"):  # a wheel without this GPU's kernels aborts the process: probe in a child
+    import subprocess, sys
+    probe = ("import faiss, numpy as np; i = faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), 8); "
+             "x = np.random.rand(64, 8).astype('float32'); i.add(x); assert (i.search(x, 1)[1][:, 0] == np.arange(64)).all()")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    info["faiss_gpu_search"] = "ok" if r.returncode == 0 else f"failed ({r.returncode}): {r.stderr.strip()[-300:]}"
 print(json.dumps(info))
 EOF
 cat "$RESULTS/${MODE}_env.json" | tee -a "$LOG" || failed+=(environment)
@@ -84,16 +91,18 @@ else  # the interpreter runs Triton on CPU in float32 only
 fi
 step cache_256 80 "$PY" benchmarks/cache_teachers.py --device "$DEVICE" --teachers "$LARGE" --images "$IMAGES" \
   --min-tokens 16 --max-tokens 256 --reads 0 --name "${MODE}_cache_teachers_256"
-step cache_1024 80 "$PY" benchmarks/cache_teachers.py --device "$DEVICE" --teachers "$LARGE" --images "$IMAGES" \
+# 784-1024 tokens an image: fewer images (the writer's compression of 1024-wide rows, not the GPU, sets the pace)
+step cache_1024 100 "$PY" benchmarks/cache_teachers.py --device "$DEVICE" --teachers "$LARGE" --images "$BIG_IMAGES" \
   --min-tokens "$BIG_MIN" --max-tokens "$BIG_MAX" --reads 0 --name "${MODE}_cache_teachers_1024"
+# a mixed-resolution store for packed vs padded: the 21 photos at up to STORE_MAX tokens among 16-token digits
 step store 60 bash -c "'$PY' -m pipeline.cli data demo '$WORK/images' > /dev/null && \
-  ls '$WORK'/images/digits/*.png | head -n $STORE_IMAGES > '$WORK/list.txt' && \
+  { ls '$WORK'/images/photos/*.png; ls '$WORK'/images/digits/*.png | head -n $STORE_DIGITS; } > '$WORK/list.txt' && \
   '$PY' -m pipeline.cli cache-teachers '$WORK/list.txt' --store '$WORK/store' --device '$DEVICE' \
-  --teacher '$STORE_TEACHER' --random-init --name dino > /dev/null"
+  --teacher '$STORE_TEACHER' --random-init --name dino --min-tokens 16 --max-tokens $STORE_MAX > /dev/null"
 step packing 60 "$PY" benchmarks/packing.py --store "$WORK/store" --device "$DEVICE" --preset "$PRESET" \
   --seq-len "$SEQ" --seqs "$SEQS" --images "$PADDED" --steps "$STEPS" --warmup 2 --name "${MODE}_packing"
 step kmeans 60 "$PY" benchmarks/curation_kmeans.py --n "$KMEANS_N" --levels "$LEVELS" --fit-sample "$FIT" \
-  --target "$TARGET" --threads 8 --name "${MODE}_curation_kmeans"
+  --target "$TARGET" --threads "$THREADS" --name "${MODE}_curation_kmeans"
 
 echo "results in $RESULTS (log: $LOG)"
 if [ ${#failed[@]} -gt 0 ]; then

@@ -61,7 +61,8 @@ def main() -> None:
     }
     torch.manual_seed(0)
     model = build_model(modes["packed"], store, teachers).to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=device.type == "cuda")  # as the trainer's
     data = {m: batches(cfg, args.store, teachers, args.warmup + args.steps)
             for m, cfg in modes.items()}
     stats = {m: {"seconds": 0.0, "real": 0, "slots": 0, "images": 0} for m in modes}
