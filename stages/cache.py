@@ -36,7 +36,7 @@ from .sources import list_images
 from .text_sets import (DEFAULT_TEMPLATES, TextSet, caption_set, class_set, classifier_set, prompt_set, read_captions,
                         read_lines)
 
-__all__ = ["CacheReport", "TeacherWorker", "check_range", "codec_fidelity", "run_cache"]
+__all__ = ["CacheReport", "TeacherWorker", "check_range", "codec_fidelity", "fidelity_units", "run_cache"]
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -87,11 +87,14 @@ class TeacherWorker:
     On CUDA the writes (float16 cast, compression, checksums) go to a background thread while the GPU
     computes the next unit. On CPU they run in the caller: the torch threads already hold the cores,
     and a writer competing with them slowed the forward by far more than the writes cost (measured:
-    +6 s of forward for 1 s of writing, Lite0 over 600 images on 2 cores).
+    +6 s of forward for 1 s of writing, Lite0 over 600 images on 2 cores). Only the units in
+    ``measured_units`` (``fidelity_units``) measure their codec's fidelity: it encodes every row a second
+    time, in float64, which cost more than the write itself.
     """
 
     def __init__(self, store_url: str, name: str, teacher_kwargs: dict, codec: str, threads: int,
-                 batch: tuple[int, int | None], unit_token_starts: np.ndarray, layers: tuple[int, ...] = ()):
+                 batch: tuple[int, int | None], unit_token_starts: np.ndarray, layers: tuple[int, ...] = (),
+                 measured_units: frozenset[int] | None = None):
         import torch
 
         from .teachers import build_teacher
@@ -102,6 +105,8 @@ class TeacherWorker:
         self.group = self.store.teacher_group(name)
         self.name, self.codec = name, codec
         self.fidelity: dict[str, dict] = {}  # the unit being written: per feature, its codec's measured cosine
+        self.measured_units = measured_units  # None: every unit
+        self.measuring = False  # whether the unit being written is one of them
         self.batch_size, self.batch_tokens = batch
         self.plan = self.store.plan()
         # the index is read a unit at a time (the units this worker computes and their neighbours): memory per
@@ -174,6 +179,7 @@ class TeacherWorker:
         """The unit's rows of what it still needs (the teacher's arrays, layers), then their commit markers:
         each layer's, then the teacher's."""
         g = self.group
+        self.measuring = self.codec != "float32" and (self.measured_units is None or unit in self.measured_units)
         for k in layers:
             array = g[L.layer_path(k)]
             self.store.clear_rows(array, r0, r1)
@@ -225,7 +231,7 @@ class TeacherWorker:
     def _put(self, array, a: int, b: int, values: np.ndarray, feature: str) -> None:
         """Write float32 ``values`` as rows ``a:b`` of a feature array and measure what its codec kept of them."""
         array[a:b] = check_range(values, self.codec, self.name, feature)
-        if self.codec != "float32":
+        if self.measuring:
             measured = fidelity(self.codec, values, int(array.chunks[0]), array.serializer)  # its own version
             self.fidelity[feature] = merge_fidelity(self.fidelity.get(feature), measured)
 
@@ -376,7 +382,8 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
         report = CacheReport(store.url, name, ingest, plan.num_units, plan.num_units - len(job.todo), resumed=resumed,
                              placement=placement.describe())
         init = (store.url, name, {**cfg.teacher_kwargs(), **placement.teacher_kwargs()}, cfg.feature_codec, threads,
-                (cfg.batch_size, cfg.batch_tokens), tokens.unit_starts, tuple(extras.layer_dims))
+                (cfg.batch_size, cfg.batch_tokens), tokens.unit_starts, tuple(extras.layer_dims),
+                frozenset(fidelity_units(plan.num_units, cfg.fidelity_units)))
         per_unit: dict[int, dict] = {}  # a unit run again counts once in the report (its last run)
         for attempt in range(2):
             for result in job.run_actors(TeacherWorker, init, workers=placement.workers, num_cpus=threads,
@@ -417,7 +424,7 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
         seconds["phis"] = time.perf_counter() - t
 
     if spec.codec != "float32" and (report.units_total > report.units_skipped or not was_complete):
-        measured = codec_fidelity(store, name, plan.num_units, list(extras.layer_dims))
+        measured = codec_fidelity(store, name, plan.num_units, list(extras.layer_dims), cfg.fidelity_units)
         if was_complete:  # layers added to a complete teacher: its own entries stay as they were
             measured = {f: m for f, m in measured.items() if f.startswith(f"{L.LAYERS}/")}
         store.teacher_group(name).attrs.update({"codec_fidelity": {
@@ -428,13 +435,20 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
     return report
 
 
+def fidelity_units(num_units: int, sample_units: int = 64) -> list[int]:
+    """The units whose writers measure their codec's fidelity: up to ``sample_units``, spread evenly from the
+    first unit to the last."""
+    return sorted(set(np.linspace(0, num_units - 1, min(sample_units, num_units)).round().astype(int).tolist()))
+
+
 def codec_fidelity(store: FeatureStore, name: str, num_units: int, layers: list[int] = (),
                    sample_units: int = 64) -> dict:
-    """The codec's measured fidelity per feature, from the commit markers of up to ``sample_units`` units spread
-    over the store (each marker holds what its writer measured; ``layers``: also their own markers, since layers
-    added to a cached teacher commit apart): mean and worst cosine to the float32 targets, raw and centred, over
-    the sampled units (``units_sampled``: those whose markers carry a measurement)."""
-    units = sorted(set(np.linspace(0, num_units - 1, min(sample_units, num_units)).round().astype(int).tolist()))
+    """The codec's measured fidelity per feature, from the commit markers of the ``fidelity_units`` (each marker
+    holds what its writer measured; ``layers``: also their own markers, since layers added to a cached teacher
+    commit apart): mean and worst cosine to the float32 targets, raw and centred, over those units
+    (``units_sampled``: those whose markers carry a measurement; a store resumed with another sample count
+    may have fewer)."""
+    units = fidelity_units(num_units, sample_units)
     merged: dict[str, dict] = {}
     sampled: dict[str, int] = {}
     for log in (store.teacher_commits(name), *(store.layer_commits(name, k) for k in layers)):

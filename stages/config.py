@@ -80,6 +80,9 @@ class CacheConfig(_ModelSource):
     chunk_rows: int = Field(256, gt=0, description="rows per inner chunk of patches (random-access read unit)")
     pixel_shard_bytes: int = Field(1 << 24, gt=0)
     pixel_chunk_bytes: int = Field(1 << 18, gt=0)
+    fidelity_units: int = Field(64, gt=0, description="units, spread over the store, whose writers measure what "
+                                "the codec keeps (codec_fidelity; a second encode of every row, which a GPU "
+                                "replica's writer cannot afford on every unit)")
     batch_size: int = Field(32, gt=0, description="most images per teacher batch")
     batch_tokens: int | None = Field(8192, gt=0, description="most student-grid tokens per teacher batch (memory "
                                      "at high resolution: 3 images of 2304 tokens); None: images only")

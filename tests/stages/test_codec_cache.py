@@ -77,3 +77,29 @@ def test_codec_stores_equal_the_float32_job_through_the_codec(image_folder, tmp_
         _cache(folder, str(tmp_path / "int8"), codec="bfloat16")
     # the older name in a config file gives way to --codec
     assert load_config(CacheConfig, None, {"teacher": TINY_CNN, "codec": "int8", "dtype": "float16"}).feature_codec == "int8"
+
+
+def test_only_the_sampled_units_measure_fidelity(image_folder, tmp_path, ray_local):
+    """The writers of ``fidelity_units`` units spread over the store (first and last included) measure their
+    codec; the others skip the second encode. ``codec_fidelity`` summarizes exactly what those units wrote."""
+    folder, _ = image_folder
+    url = str(tmp_path / "store")
+    report = _cache(folder, url, codec="float16", fidelity_units=2)
+    store = FeatureStore.open(url)
+    plan, name = store.plan(), report.teacher
+    assert plan.num_units >= 4
+    sampled = {0, plan.num_units - 1}
+    commits, layer_commits = store.teacher_commits(name), store.layer_commits(name, 3)
+    for unit in range(plan.num_units):
+        main, layer = commits.info(unit)["fidelity"], layer_commits.info(unit)["fidelity"]
+        if unit in sampled:  # the summary is written by every unit (a unit may own no patch or layer rows)
+            assert L.SUMMARY in main, unit
+        else:
+            assert main == {} and layer == {}, unit
+    fidelity = store.teacher_attrs(name)["codec_fidelity"]
+    ok = store.image_array(L.OK)[:]
+    owned_rows = sum(commits.info(u)["rows"][1] - commits.info(u)["rows"][0] for u in sampled)
+    assert fidelity[L.SUMMARY]["units_sampled"] == 2
+    assert fidelity[L.SUMMARY]["rows"] == sum(int(ok[slice(*plan.image_range(u))].sum()) for u in sampled)
+    assert fidelity[L.PATCHES]["rows"] == fidelity[L.layer_path(3)]["rows"] == owned_rows > 0
+    assert 0.999 < fidelity[L.PATCHES]["min_cosine"] <= fidelity[L.PATCHES]["mean_cosine"] <= 1
