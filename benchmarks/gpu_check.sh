@@ -94,7 +94,7 @@ step cache_256 80 "$PY" benchmarks/cache_teachers.py --device "$DEVICE" --teache
 # 784-1024 tokens an image: fewer images (the writer's compression of 1024-wide rows, not the GPU, sets the pace)
 step cache_1024 100 "$PY" benchmarks/cache_teachers.py --device "$DEVICE" --teachers "$LARGE" --images "$BIG_IMAGES" \
   --min-tokens "$BIG_MIN" --max-tokens "$BIG_MAX" --reads 0 --name "${MODE}_cache_teachers_1024"
-# a mixed-resolution store for packed vs padded: the 21 photos at up to STORE_MAX tokens among 16-token digits
+# a mixed-resolution store for packed vs padded: the 21 photos (288-1024 tokens on a GPU) among 16-token digits
 step store 60 bash -c "'$PY' -m pipeline.cli data demo '$WORK/images' > /dev/null && \
   { ls '$WORK'/images/photos/*.png; ls '$WORK'/images/digits/*.png | head -n $STORE_DIGITS; } > '$WORK/list.txt' && \
   '$PY' -m pipeline.cli cache-teachers '$WORK/list.txt' --store '$WORK/store' --device '$DEVICE' \

@@ -85,7 +85,8 @@ class TeacherWorker:
     """One teacher replica; ``run_unit`` computes a unit and writes it.
 
     On CUDA the writes (float16 cast, compression, checksums) go to a background thread while the GPU
-    computes the next unit. On CPU they run in the caller: the torch threads already hold the cores,
+    computes the next unit, and the next unit's images (``upcoming``, from the runner's lookahead) are
+    read and decoded while it computes this one. On CPU both run in the caller: the torch threads already hold the cores,
     and a writer competing with them slowed the forward by far more than the writes cost (measured:
     +6 s of forward for 1 s of writing, Lite0 over 600 images on 2 cores). Only the units in
     ``measured_units`` (``fidelity_units``) measure their codec's fidelity: it encodes every row a second
@@ -94,7 +95,7 @@ class TeacherWorker:
 
     def __init__(self, store_url: str, name: str, teacher_kwargs: dict, codec: str, threads: int,
                  batch: tuple[int, int | None], unit_token_starts: np.ndarray, layers: tuple[int, ...] = (),
-                 measured_units: frozenset[int] | None = None):
+                 measured_units: frozenset[int] | None = None, overlap: bool | None = None):
         import torch
 
         from .teachers import build_teacher
@@ -124,20 +125,41 @@ class TeacherWorker:
         self.main_done = self.commits.committed()
         self.layer_logs = {k: self.store.layer_commits(name, k) for k in layers}
         self.layer_done = {k: log.committed() for k, log in self.layer_logs.items()}
-        overlap = self.teacher.device.type == "cuda"
-        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") if overlap else None
+        self.overlap = self.teacher.device.type == "cuda" if overlap is None else overlap
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") if self.overlap else None
         self.pending: Future | None = None
-        # PNG decoding releases the GIL: the actor's CPU threads decode a unit in parallel (torch is idle then)
+        # PNG decoding releases the GIL: the actor's CPU threads decode a unit in parallel
         self.decoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png-decode")
+        self.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if self.overlap else None
+        self.prefetched: tuple[int, Future] | None = None  # (unit, its decoded images to come)
 
-    def _decode(self, w0: int, w1: int) -> dict[int, np.ndarray]:
-        po = self.pixel_offsets[w0:w1 + 1]
+    def _pixels_of(self, w0: int, w1: int) -> tuple[list[int], np.ndarray]:
+        """The usable images of ``w0:w1`` and their pixel offsets (index reads: the calling thread's only)."""
+        ok = self.index.ok_range(w0, w1)  # the flags only (rows() would read labels and pixel offsets too)
+        return [i for i in range(w0, w1) if ok[i - w0]], np.asarray(self.pixel_offsets[w0:w1 + 1])
+
+    def _decode(self, w0: int, keys: list[int], po: np.ndarray) -> dict[int, np.ndarray]:
+        """Read the pixel bytes of images ``keys`` (of the range starting at ``w0``) and decode them."""
         lo, hi = int(po[0]), int(po[-1])
         blob = self.store.image_array(L.PIXELS)[lo:hi] if hi > lo else np.zeros(0, np.uint8)
-        ok = self.index.ok_range(w0, w1)  # the flags only (rows() would read labels and pixel offsets too)
-        keys = [i for i in range(w0, w1) if ok[i - w0]]
         blobs = [blob[int(po[i - w0]) - lo: int(po[i - w0 + 1]) - lo] for i in keys]
         return dict(zip(keys, self.decoder.map(ImagePolicy.decode, blobs)))
+
+    def _work_range(self, unit: int) -> tuple[int, int]:
+        return self.plan.work_range(unit, [self.tokens], [self.shard_rows])
+
+    def _images(self, unit: int) -> tuple[dict[int, np.ndarray], bool]:
+        """The decoded images ``unit`` computes, and whether they were decoded ahead (a prefetch of another
+        unit is dropped: its decode finishes in the background and is not used)."""
+        ahead, self.prefetched = self.prefetched, None
+        if ahead is not None and ahead[0] == unit:
+            return ahead[1].result(), True
+        w0, w1 = self._work_range(unit)
+        return self._decode(w0, *self._pixels_of(w0, w1)), False
+
+    def _prefetch(self, unit: int) -> None:
+        w0, w1 = self._work_range(unit)
+        self.prefetched = (unit, self.prefetcher.submit(self._decode, w0, *self._pixels_of(w0, w1)))
 
     def _forward(self, images: dict[int, np.ndarray], layers: list[int]) -> dict[int, tuple]:
         """Per image: (summary [D], patches [gh*gw, D], registers [R, D] or None, {k: [gh*gw, Dk]}), float32."""
@@ -152,14 +174,17 @@ class TeacherWorker:
                               {k: v[j] for k, v in maps.items()})
         return results
 
-    def run_unit(self, unit: int) -> dict:
+    def run_unit(self, unit: int, upcoming: tuple | None = None) -> dict:
+        """Compute and write ``unit``; ``upcoming``: the runner's args of the unit this actor runs next, whose
+        images are then decoded during this unit's forward (with ``overlap``)."""
         t0 = time.perf_counter()
         i0, i1 = self.plan.image_range(unit)
         r0, r1 = self.plan.owned_rows(unit, self.tokens, self.shard_rows)
-        w0, w1 = self.plan.work_range(unit, [self.tokens], [self.shard_rows])
         main = unit not in self.main_done
         layers = [k for k, done in self.layer_done.items() if unit not in done]
-        images = self._decode(w0, w1)
+        images, prefetched = self._images(unit)
+        if upcoming is not None and self.prefetcher is not None:
+            self._prefetch(upcoming[0])
         t1 = time.perf_counter()
         results = self._forward(images, layers)
         t2 = time.perf_counter()
@@ -171,7 +196,7 @@ class TeacherWorker:
         held = sum(a.nbytes for a in images.values()) + sum(
             x.nbytes for res in results.values() for x in (*res[:3], *res[3].values()) if x is not None)
         return {"unit": unit, "images": sum(1 for i in results if i0 <= i < i1), "tokens": r1 - r0,
-                "decode_s": t1 - t0, "forward_s": t2 - t1, "write_s": time.perf_counter() - t2,
+                "prefetched": prefetched, "decode_s": t1 - t0, "forward_s": t2 - t1, "write_s": time.perf_counter() - t2,
                 "images_forward": len(results), "memory": memory_sample(held)}
 
     def _write(self, unit: int, i0: int, i1: int, r0: int, r1: int, results: dict, main: bool = True,
@@ -243,6 +268,7 @@ class TeacherWorker:
     def finish(self) -> None:
         """After the last unit: wait for its write (the runner calls this on every actor)."""
         self._wait_for_write()
+        self.prefetched = None  # the runner names no unit after an actor's last: nothing should be here
 
 
 def _uncommitted(store: FeatureStore, name: str, layers: list[int], num_units: int) -> set[int]:
@@ -387,7 +413,7 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
         per_unit: dict[int, dict] = {}  # a unit run again counts once in the report (its last run)
         for attempt in range(2):
             for result in job.run_actors(TeacherWorker, init, workers=placement.workers, num_cpus=threads,
-                                         num_gpus=placement.gpus_per_worker):
+                                         num_gpus=placement.gpus_per_worker, lookahead=True):
                 per_unit[result["unit"]] = result
                 report.workers.setdefault(result["memory"]["worker"], WorkerMemory()).add(result["memory"])
                 for key in ("decode_s", "forward_s", "write_s"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -111,7 +112,12 @@ def embed_images(teacher: Teacher, images: list[np.ndarray | None], batch_size: 
 def embed_sources(teacher: Teacher, sources: list[str], policy: ImagePolicy, batch_size: int = 32,
                   max_tokens: int | None = None) -> dict:
     """One unit end to end: ``embeddings`` [n, D] float32 (unit norm), ``ids``, ``ok``, ``reasons``."""
-    images, ids, reasons = decode_unit(sources, policy)
+    return _embedded(teacher, decode_unit(sources, policy), batch_size, max_tokens)
+
+
+def _embedded(teacher: Teacher, decoded: tuple[list, list[str], list[str]], batch_size: int,
+              max_tokens: int | None) -> dict:
+    images, ids, reasons = decoded
     return {"embeddings": embed_images(teacher, images, batch_size, max_tokens), "ids": ids,
             "ok": np.array([img is not None for img in images], bool), "reasons": reasons}
 
@@ -122,10 +128,15 @@ def _policy(cfg: CurateConfig) -> ImagePolicy:
 
 
 class EmbedWorker:
-    """One embedder replica: ``run_unit`` decodes, embeds, writes the unit's chunks, then commits it."""
+    """One embedder replica: ``run_unit`` decodes, embeds, writes the unit's chunks, then commits it.
+
+    The unit's images are read and decoded by the actor's threads in parallel (torch waits for them on
+    CPU); on CUDA (``overlap``) the next unit's (``upcoming``, the runner's lookahead) are decoded while
+    the GPU embeds this one.
+    """
 
     def __init__(self, url: str, teacher_kwargs: dict, policy: dict, dtype: str, threads: int,
-                 batch: tuple[int, int | None], unit_images: int):
+                 batch: tuple[int, int | None], unit_images: int, overlap: bool | None = None):
         import torch
         import zarr
 
@@ -138,10 +149,31 @@ class EmbedWorker:
         self.dtype, self.unit_images = dtype, unit_images
         self.batch_size, self.batch_tokens = batch
         self.commits = CommitLog(url, EMBED_COMMITS)
+        self.threads = threads
+        self.decoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        overlap = self.teacher.device.type == "cuda" if overlap is None else overlap
+        self.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if overlap else None
+        self.prefetched: tuple[int, Future] | None = None  # (unit, its decoded images to come)
 
-    def run_unit(self, unit: int, sources: list[str]) -> dict:
+    def _decode(self, sources: list[str]) -> tuple[list, list[str], list[str]]:
+        """``decode_unit`` of ``sources`` in one contiguous piece per thread, joined in order."""
+        step = max(1, -(-len(sources) // self.threads))
+        parts = list(self.decoder.map(lambda a: decode_unit(sources[a:a + step], self.policy),
+                                      range(0, len(sources), step)))
+        return tuple([x for part in parts for x in part[k]] for k in range(3))
+
+    def _decoded(self, unit: int, sources: list[str]) -> tuple[tuple, bool]:
+        ahead, self.prefetched = self.prefetched, None
+        if ahead is not None and ahead[0] == unit:
+            return ahead[1].result(), True
+        return self._decode(sources), False
+
+    def run_unit(self, unit: int, sources: list[str], upcoming: tuple | None = None) -> dict:
         t0 = time.perf_counter()
-        res = embed_sources(self.teacher, sources, self.policy, self.batch_size, self.batch_tokens)
+        decoded, prefetched = self._decoded(unit, sources)
+        if upcoming is not None and self.prefetcher is not None:
+            self.prefetched = (upcoming[0], self.prefetcher.submit(self._decode, upcoming[1]))
+        res = _embedded(self.teacher, decoded, self.batch_size, self.batch_tokens)
         i0 = unit * self.unit_images
         i1 = i0 + len(sources)
         g = self.group
@@ -151,7 +183,12 @@ class EmbedWorker:
         g[f"{POOL}/ok"][i0:i1] = res["ok"]
         failures = [[i0 + j, r] for j, r in enumerate(res["reasons"]) if not res["ok"][j]]
         self.commits.commit(unit, {"images": [i0, i1], "failures": failures, "node": ray_node_id()})
-        return {"unit": unit, "images": int(res["ok"].sum()), "seconds": time.perf_counter() - t0}
+        return {"unit": unit, "images": int(res["ok"].sum()), "prefetched": prefetched,
+                "seconds": time.perf_counter() - t0}
+
+    def finish(self) -> None:
+        """The runner names no unit after an actor's last: a decode still held here is dropped."""
+        self.prefetched = None
 
 
 # ------------------------------------------------------------------------------------ the job
@@ -242,7 +279,8 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
             init = (str(out), {**cfg.teacher_kwargs(), **placement.teacher_kwargs()}, policy.to_dict(), cfg.dtype,
                     threads, (cfg.batch_size, cfg.batch_tokens), unit)
             for result in job.run_actors(EmbedWorker, init, lambda u: (u, sources[u * unit:(u + 1) * unit]),
-                                         workers=workers, num_cpus=threads, num_gpus=placement.gpus_per_worker):
+                                         workers=workers, num_cpus=threads, num_gpus=placement.gpus_per_worker,
+                                         lookahead=True):
                 report.images_computed += result["images"]
     else:
         progress("embed", num_units, num_units)

@@ -8,11 +8,14 @@ order; ``on_progress(phase, done, total)`` counts skipped units as done.
 
 Actors follow one protocol: ``run_unit(*args) -> result`` per unit and, optionally, ``finish()``,
 called once on every actor after the last unit (an actor that writes in the background waits for
-its writes there, so an error in them reaches the driver).
+its writes there, so an error in them reaches the driver). With ``lookahead`` each call also names
+the unit that actor runs next (``upcoming=`` its args, None for its last), so an actor can decode
+that unit's images while its accelerator computes this one.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -85,9 +88,11 @@ class UnitJob:
         return self._collect(results())
 
     def run_actors(self, actor_cls: type, init_args: tuple, args: Callable[[int], tuple] = lambda u: (u,), *,
-                   workers: int = 1, num_cpus: float = 1, num_gpus: float = 0, max_restarts: int = 3
-                   ) -> Iterator[Any]:
-        """``actor.run_unit(*args(u))`` on a pool of ``workers`` actors (no more than units to do).
+                   workers: int = 1, num_cpus: float = 1, num_gpus: float = 0, max_restarts: int = 3,
+                   lookahead: bool = False) -> Iterator[Any]:
+        """``actor.run_unit(*args(u))`` on a pool of ``workers`` actors (no more than units to do);
+        ``lookahead``: ``run_unit(*args(u), upcoming=args(v))``, v being the unit the same actor runs next
+        (each actor holds one unit in reserve; the last units may wait for a busy actor).
 
         An actor lost with its node is restarted by Ray elsewhere (``max_restarts``) and the calls it had
         not answered are retried there (``max_task_retries``): Ray's own fault tolerance, no loop here.
@@ -104,8 +109,11 @@ class UnitJob:
 
         def results() -> Iterator[Any]:
             try:
-                pool = ray.util.ActorPool(actors)
-                yield from pool.map_unordered(lambda a, u: a.run_unit.remote(*args(u)), todo)
+                if lookahead:
+                    yield from _with_lookahead(actors, todo, args)
+                else:
+                    pool = ray.util.ActorPool(actors)
+                    yield from pool.map_unordered(lambda a, u: a.run_unit.remote(*args(u)), todo)
                 if hasattr(actor_cls, "finish"):
                     ray.get([a.finish.remote() for a in actors])
             finally:
@@ -113,3 +121,28 @@ class UnitJob:
                     ray.kill(a)
 
         return self._collect(results())
+
+
+def _with_lookahead(actors: list, todo: list[int], args: Callable[[int], tuple]) -> Iterator[Any]:
+    """Results of ``run_unit(*args(u), upcoming=...)`` over ``todo`` in completion order: an actor that answers
+    runs the unit it was told of next, and is told of the next unit still unassigned."""
+    import ray
+
+    queue = deque(todo)
+    running: dict[Any, tuple[Any, int | None]] = {}  # call -> (its actor, the unit that actor runs next)
+
+    def submit(actor: Any, unit: int) -> None:
+        upcoming = queue.popleft() if queue else None
+        call = actor.run_unit.remote(*args(unit), upcoming=None if upcoming is None else args(upcoming))
+        running[call] = (actor, upcoming)
+
+    for actor in actors:
+        if queue:
+            submit(actor, queue.popleft())
+    while running:
+        [ready], _ = ray.wait(list(running), num_returns=1)
+        actor, upcoming = running.pop(ready)
+        result = ray.get(ready)  # a unit's error reaches the driver here
+        if upcoming is not None:
+            submit(actor, upcoming)
+        yield result

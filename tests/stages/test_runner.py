@@ -53,6 +53,33 @@ def test_actor_pool_runs_pending_units_and_calls_finish_on_every_actor(ray_local
     assert sum(n.startswith("finished-") for n in names) == 2
 
 
+class _Hinted:
+    """An actor that reports each call's unit, the unit it was told comes next, and its own call count."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def run_unit(self, unit: int, extra: str, upcoming: tuple | None = None) -> tuple:
+        self.calls += 1
+        assert extra == f"u{unit}" and (upcoming is None or upcoming[1] == f"u{upcoming[0]}")
+        return unit, None if upcoming is None else upcoming[0], os.getpid(), self.calls
+
+
+def test_lookahead_tells_each_actor_the_unit_it_runs_next(ray_local):
+    job = UnitJob("hinted", 11, done={3, 7})
+    results = list(job.run_actors(_Hinted, (), lambda u: (u, f"u{u}"), workers=3, num_cpus=0.25, lookahead=True))
+    assert sorted(r[0] for r in results) == job.todo  # every pending unit once
+    by_actor: dict[int, list[tuple]] = {}
+    for unit, upcoming, pid, call in results:
+        by_actor.setdefault(pid, []).append((call, unit, upcoming))
+    assert len(by_actor) == 3
+    for calls in by_actor.values():
+        calls.sort()
+        assert [c[0] for c in calls] == list(range(1, len(calls) + 1))
+        # each call named the unit the same actor ran next; the last named none
+        assert [c[2] for c in calls] == [c[1] for c in calls[1:]] + [None]
+
+
 def test_nothing_to_do_starts_no_actor_and_reports_complete(ray_local, tmp_path):
     calls = []
     job = UnitJob("none", 3, done={0, 1, 2}, on_progress=lambda *a: calls.append(a))
