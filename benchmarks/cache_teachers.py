@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--min-tokens", type=int, default=64, help="image policy: fewest student tokens per image")
     ap.add_argument("--max-tokens", type=int, default=256, help="image policy: most student tokens per image")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--fidelity-units", type=int, default=None,
+                    help="units measuring the codec's fidelity (default: CacheConfig's 64, i.e. every unit of a "
+                         "small benchmark; 1 stands for a store of thousands of units, where 64 are ~nothing)")
     ap.add_argument("--name", default="cache_teachers", help="results file stem")
     args = ap.parse_args()
 
@@ -131,7 +134,9 @@ def main() -> None:
                                                   "batch_size": args.batch_size,
                                                   "threads": threads if args.device == "cpu" else None,
                                                   "device": args.device, "min_tokens": args.min_tokens,
-                                                  "max_tokens": args.max_tokens})
+                                                  "max_tokens": args.max_tokens,
+                                                  **({"fidelity_units": args.fidelity_units}
+                                                     if args.fidelity_units else {})})
             fresh = str(work / f"store-{key}")
             t = time.perf_counter()
             rep = run_cache(str(listing), fresh, cfg)
@@ -153,6 +158,7 @@ def main() -> None:
                 # is fixed cost (actor start, teacher build, scheduling), like cluster start and PHI-S
                 "steady_state_s": steady, "teacher_phase_fixed_s": sec["teacher"] - steady,
                 "images_forwarded": rep2.images_forwarded,
+                "units": rep2.units_total, "units_decoded_ahead": rep2.units_prefetched,
                 "ratio_fresh": full_s / fwd_s, "ratio_add": add_s / fwd_s,
                 "ratio_teacher_phase": sec["teacher"] / fwd_s,
                 "ratio_steady_state": steady / fwd_s,
@@ -166,7 +172,7 @@ def main() -> None:
             over_rows.append([key, n, rep2.images_forwarded, fwd_s, r["actor_forward_s"], r["steady_state_s"],
                               r["teacher_phase_s"], add_s, full_s, r["ratio_actor_forward"], r["ratio_steady_state"],
                               r["ratio_teacher_phase"], r["ratio_add"], r["ratio_fresh"], r["images_per_s_cache_add"],
-                              r["forward_share_of_teacher_phase"]])
+                              r["forward_share_of_teacher_phase"], f"{rep2.units_prefetched}/{rep2.units_total}"])
             facts = describe_store(fresh)
             t = facts["teachers"][key]
             tokens = facts["images"]["tokens_per_image"]["total"]
@@ -191,7 +197,8 @@ def main() -> None:
             ["teacher", "images", "images forwarded", "forward alone", "forward inside actors",
              "steady state (decode+forward+write)", "teacher phase", "cache (add teacher)", "cache (fresh store)",
              "ratio actor forward", "ratio steady state", "ratio teacher phase", "ratio add", "ratio fresh",
-             "images/s (add)", "forward share of teacher phase (GPU: busy share)"], over_rows),
+             "images/s (add)", "forward share of teacher phase (GPU: busy share)",
+             "units decoded ahead (CUDA)"], over_rows),
         "### Size on disk (bytes)\n\n" + md_table(
             ["teacher", "D", "tokens/image", "per image", "per token", "raw float16 per image",
              "compression", "Theia-style per image", "pixels per image"], size_rows),

@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_check.sh --cpu-rehearsal  # the same steps and code paths on CPU at toy sizes; results go
 #                                                 # to $AMOE_BENCH_RESULTS (default: a temporary folder), never results/
 #
-#   1. tests -m gpu: compiled FlexAttention = dense mask, bf16 step vs fp32, Triton student vs loop (fp32, bf16),
+#   1. tests -m gpu: compiled FlexAttention = dense mask (and its gradients with qk-norm under bf16), bf16 step vs
+#      fp32, Triton student vs loop (fp32, bf16),
 #      torch.compile vs eager, no host sync in the Triton MoE layer, 2-GPU torchrun = 1 GPU (where 2 GPUs exist)
 #   2. MoE layer forward+backward, bf16, 65,536 tokens, d=768: triton vs torch vs loop vs dense, E=8 k=2, E=28 k=6
 #   3. cache-teachers with a DINOv3 ViT-L/16 (random init) at <=256 and <=1024 tokens an image vs its bare forward
@@ -24,7 +25,7 @@ if [ "${1:-}" = "--cpu-rehearsal" ]; then
   export TRITON_INTERPRET=1 AMOE_GPU_TEST_DEVICE=cpu
   export AMOE_BENCH_RESULTS=${AMOE_BENCH_RESULTS:-$(mktemp -d -t amoe-rehearsal-XXXX)}
 elif [ $# -eq 0 ]; then
-  MODE=gpu DEVICE=cuda SCALE=1  # the limits below add up to 10 minutes; the expected total is under 8
+  MODE=gpu DEVICE=cuda SCALE=1  # the limits below add up to 630 s (each stops only its own step); expected under 8 min
   export TRITON_INTERPRET=0  # compiled kernels: the tests would otherwise set the interpreter (slow, host copies)
   if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "error: gpu_check.sh: torch sees no CUDA GPU here; use --cpu-rehearsal to rehearse on CPU" >&2
@@ -89,11 +90,12 @@ else  # the interpreter runs Triton on CPU in float32 only
   step moe_layer 70 "$PY" benchmarks/moe_layer.py --device cpu --tokens "$TOKENS" --dim 64 --dtype float32 \
     --backends triton,torch,loop --configs 8x2,28x6 --repeats 1 --name "${MODE}_moe_layer"
 fi
+# --fidelity-units 1: a real store has thousands of units, of which 64 measure their codec (here: every unit)
 step cache_256 80 "$PY" benchmarks/cache_teachers.py --device "$DEVICE" --teachers "$LARGE" --images "$IMAGES" \
-  --min-tokens 16 --max-tokens 256 --reads 0 --name "${MODE}_cache_teachers_256"
-# 784-1024 tokens an image: fewer images (the writer's compression of 1024-wide rows, not the GPU, sets the pace)
+  --min-tokens 16 --max-tokens 256 --reads 0 --fidelity-units 1 --name "${MODE}_cache_teachers_256"
+# 784-1024 tokens an image: fewer images (each is ~4x the rows of the step above, for the writer as for the GPU)
 step cache_1024 100 "$PY" benchmarks/cache_teachers.py --device "$DEVICE" --teachers "$LARGE" --images "$BIG_IMAGES" \
-  --min-tokens "$BIG_MIN" --max-tokens "$BIG_MAX" --reads 0 --name "${MODE}_cache_teachers_1024"
+  --min-tokens "$BIG_MIN" --max-tokens "$BIG_MAX" --reads 0 --fidelity-units 1 --name "${MODE}_cache_teachers_1024"
 # a mixed-resolution store for packed vs padded: the 21 photos (288-1024 tokens on a GPU) among 16-token digits
 step store 60 bash -c "'$PY' -m pipeline.cli data demo '$WORK/images' > /dev/null && \
   { ls '$WORK'/images/photos/*.png; ls '$WORK'/images/digits/*.png | head -n $STORE_DIGITS; } > '$WORK/list.txt' && \

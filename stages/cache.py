@@ -74,6 +74,7 @@ class CacheReport:
     images_forwarded: int = 0  # teacher forwards, counting neighbours' images a unit needs for its rows
     tokens: int = 0
     units_lost: list[int] = field(default_factory=list)  # answered by an actor lost with its node, run again
+    units_prefetched: int = 0  # units whose images were decoded during the previous unit's forward (CUDA)
     seconds: dict[str, float] = field(default_factory=dict)
     phis: dict[str, dict] = field(default_factory=dict)
     resumed: bool = False
@@ -133,33 +134,25 @@ class TeacherWorker:
         self.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if self.overlap else None
         self.prefetched: tuple[int, Future] | None = None  # (unit, its decoded images to come)
 
-    def _pixels_of(self, w0: int, w1: int) -> tuple[list[int], np.ndarray]:
-        """The usable images of ``w0:w1`` and their pixel offsets (index reads: the calling thread's only)."""
+    def _decode(self, unit: int) -> dict[int, np.ndarray]:
+        """The usable images ``unit`` computes (its work range), read and decoded; any thread may call it
+        (the index and offset caches lock, the decoder pool takes work from several threads)."""
+        w0, w1 = self.plan.work_range(unit, [self.tokens], [self.shard_rows])
         ok = self.index.ok_range(w0, w1)  # the flags only (rows() would read labels and pixel offsets too)
-        return [i for i in range(w0, w1) if ok[i - w0]], np.asarray(self.pixel_offsets[w0:w1 + 1])
-
-    def _decode(self, w0: int, keys: list[int], po: np.ndarray) -> dict[int, np.ndarray]:
-        """Read the pixel bytes of images ``keys`` (of the range starting at ``w0``) and decode them."""
+        keys = [i for i in range(w0, w1) if ok[i - w0]]
+        po = np.asarray(self.pixel_offsets[w0:w1 + 1])
         lo, hi = int(po[0]), int(po[-1])
         blob = self.store.image_array(L.PIXELS)[lo:hi] if hi > lo else np.zeros(0, np.uint8)
         blobs = [blob[int(po[i - w0]) - lo: int(po[i - w0 + 1]) - lo] for i in keys]
         return dict(zip(keys, self.decoder.map(ImagePolicy.decode, blobs)))
-
-    def _work_range(self, unit: int) -> tuple[int, int]:
-        return self.plan.work_range(unit, [self.tokens], [self.shard_rows])
 
     def _images(self, unit: int) -> tuple[dict[int, np.ndarray], bool]:
         """The decoded images ``unit`` computes, and whether they were decoded ahead (a prefetch of another
         unit is dropped: its decode finishes in the background and is not used)."""
         ahead, self.prefetched = self.prefetched, None
         if ahead is not None and ahead[0] == unit:
-            return ahead[1].result(), True
-        w0, w1 = self._work_range(unit)
-        return self._decode(w0, *self._pixels_of(w0, w1)), False
-
-    def _prefetch(self, unit: int) -> None:
-        w0, w1 = self._work_range(unit)
-        self.prefetched = (unit, self.prefetcher.submit(self._decode, w0, *self._pixels_of(w0, w1)))
+            return ahead[1].result(), True  # its read or decode error is raised here, for this unit
+        return self._decode(unit), False
 
     def _forward(self, images: dict[int, np.ndarray], layers: list[int]) -> dict[int, tuple]:
         """Per image: (summary [D], patches [gh*gw, D], registers [R, D] or None, {k: [gh*gw, Dk]}), float32."""
@@ -184,7 +177,7 @@ class TeacherWorker:
         layers = [k for k, done in self.layer_done.items() if unit not in done]
         images, prefetched = self._images(unit)
         if upcoming is not None and self.prefetcher is not None:
-            self._prefetch(upcoming[0])
+            self.prefetched = (upcoming[0], self.prefetcher.submit(self._decode, upcoming[0]))
         t1 = time.perf_counter()
         results = self._forward(images, layers)
         t2 = time.perf_counter()
@@ -413,7 +406,8 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
         per_unit: dict[int, dict] = {}  # a unit run again counts once in the report (its last run)
         for attempt in range(2):
             for result in job.run_actors(TeacherWorker, init, workers=placement.workers, num_cpus=threads,
-                                         num_gpus=placement.gpus_per_worker, lookahead=True):
+                                         num_gpus=placement.gpus_per_worker,
+                                         lookahead=placement.device == "cuda"):
                 per_unit[result["unit"]] = result
                 report.workers.setdefault(result["memory"]["worker"], WorkerMemory()).add(result["memory"])
                 for key in ("decode_s", "forward_s", "write_s"):
@@ -431,6 +425,7 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
         report.images_computed = sum(r["images"] for r in per_unit.values())
         report.images_forwarded = sum(r["images_forward"] for r in per_unit.values())
         report.tokens = sum(r["tokens"] for r in per_unit.values())
+        report.units_prefetched = sum(bool(r["prefetched"]) for r in per_unit.values())
         seconds["teacher"] = time.perf_counter() - t
 
     if extras.layer_dims:

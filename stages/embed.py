@@ -72,6 +72,7 @@ class EmbedReport:
     units_total: int = 0
     units_skipped: int = 0
     images_computed: int = 0
+    units_prefetched: int = 0  # units whose images were decoded during the previous unit's forward (CUDA)
     skipped: bool = False  # everything was already embedded
     placement: str = ""  # where the replicas computed (stages.placement)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -280,8 +281,9 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
                     threads, (cfg.batch_size, cfg.batch_tokens), unit)
             for result in job.run_actors(EmbedWorker, init, lambda u: (u, sources[u * unit:(u + 1) * unit]),
                                          workers=workers, num_cpus=threads, num_gpus=placement.gpus_per_worker,
-                                         lookahead=True):
+                                         lookahead=placement.device == "cuda"):
                 report.images_computed += result["images"]
+                report.units_prefetched += bool(result["prefetched"])
     else:
         progress("embed", num_units, num_units)
     seconds["embed"] = time.perf_counter() - t

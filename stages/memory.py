@@ -1,7 +1,8 @@
 """What a unit's worker reports of its memory, and the driver's per-worker summary of it.
 
 A worker holds one unit in flight (its decoded images and the teacher's outputs) and, on CUDA, one
-being written. Its resident memory should therefore level off after the first units and stay there
+being written and the next one's decoded images (decoded during this unit's forward; not in the
+unit bytes reported). Its resident memory should therefore level off after the first units and stay there
 however many units it runs: the summary keeps, per worker, its RSS after every unit and the peak,
 next to the bytes of the largest unit it held; growth is counted from the end of a short warm-up
 (allocator pools and caches fill during the first units), so a leak shows as growth. Linux

@@ -124,25 +124,34 @@ class UnitJob:
 
 
 def _with_lookahead(actors: list, todo: list[int], args: Callable[[int], tuple]) -> Iterator[Any]:
-    """Results of ``run_unit(*args(u), upcoming=...)`` over ``todo`` in completion order: an actor that answers
-    runs the unit it was told of next, and is told of the next unit still unassigned."""
+    """Results of ``run_unit(*args(u), upcoming=...)`` over ``todo`` in completion order.
+
+    Every actor gets a unit first; then each is told of one more unit, which it runs when it answers. An
+    actor that answers with nothing reserved takes a unit reserved by a busy one (whose hint is then
+    dropped by it), so no actor idles while a unit waits for another.
+    """
     import ray
 
     queue = deque(todo)
-    running: dict[Any, tuple[Any, int | None]] = {}  # call -> (its actor, the unit that actor runs next)
+    reserved: dict[int, int] = {}  # actor -> the unit it was told it runs next (not yet submitted)
+    running: dict[Any, int] = {}  # call -> its actor
 
-    def submit(actor: Any, unit: int) -> None:
-        upcoming = queue.popleft() if queue else None
-        call = actor.run_unit.remote(*args(unit), upcoming=None if upcoming is None else args(upcoming))
-        running[call] = (actor, upcoming)
-
-    for actor in actors:
+    def submit(a: int, unit: int) -> None:
         if queue:
-            submit(actor, queue.popleft())
+            reserved[a] = queue.popleft()
+        upcoming = reserved.get(a)
+        running[actors[a].run_unit.remote(*args(unit), upcoming=None if upcoming is None else args(upcoming))] = a
+
+    first = {a: queue.popleft() for a in range(len(actors)) if queue}
+    for a, unit in first.items():
+        submit(a, unit)
     while running:
         [ready], _ = ray.wait(list(running), num_returns=1)
-        actor, upcoming = running.pop(ready)
+        a = running.pop(ready)
         result = ray.get(ready)  # a unit's error reaches the driver here
-        if upcoming is not None:
-            submit(actor, upcoming)
+        unit = reserved.pop(a, None)
+        if unit is None and reserved:  # nothing of its own left: take a busy actor's reserved unit
+            unit = reserved.pop(next(iter(reserved)))
+        if unit is not None:
+            submit(a, unit)
         yield result

@@ -54,30 +54,61 @@ def test_actor_pool_runs_pending_units_and_calls_finish_on_every_actor(ray_local
 
 
 class _Hinted:
-    """An actor that reports each call's unit, the unit it was told comes next, and its own call count."""
+    """An actor that reports each call's unit, the unit it was told comes next, and its own call count;
+    a unit's args carry how long it takes."""
 
     def __init__(self):
         self.calls = 0
 
-    def run_unit(self, unit: int, extra: str, upcoming: tuple | None = None) -> tuple:
+    def run_unit(self, unit: int, seconds: float, upcoming: tuple | None = None) -> tuple:
+        import time
+
         self.calls += 1
-        assert extra == f"u{unit}" and (upcoming is None or upcoming[1] == f"u{upcoming[0]}")
+        time.sleep(seconds)
         return unit, None if upcoming is None else upcoming[0], os.getpid(), self.calls
 
 
-def test_lookahead_tells_each_actor_the_unit_it_runs_next(ray_local):
-    job = UnitJob("hinted", 11, done={3, 7})
-    results = list(job.run_actors(_Hinted, (), lambda u: (u, f"u{u}"), workers=3, num_cpus=0.25, lookahead=True))
+def _hinted(num_units: int, workers: int, seconds=lambda u: 0.0, done=()) -> dict[int, list[tuple]]:
+    """Run the lookahead pool; per actor (pid), its calls in order as (call, unit, unit it was told of)."""
+    job = UnitJob("hinted", num_units, done=set(done))
+    results = list(job.run_actors(_Hinted, (), lambda u: (u, seconds(u)), workers=workers, num_cpus=0.25,
+                                  lookahead=True))
     assert sorted(r[0] for r in results) == job.todo  # every pending unit once
     by_actor: dict[int, list[tuple]] = {}
     for unit, upcoming, pid, call in results:
         by_actor.setdefault(pid, []).append((call, unit, upcoming))
-    assert len(by_actor) == 3
     for calls in by_actor.values():
         calls.sort()
         assert [c[0] for c in calls] == list(range(1, len(calls) + 1))
-        # each call named the unit the same actor ran next; the last named none
-        assert [c[2] for c in calls] == [c[1] for c in calls[1:]] + [None]
+    return by_actor
+
+
+def test_lookahead_tells_each_actor_the_unit_it_runs_next(ray_local):
+    by_actor = _hinted(11, 3, done={3, 7})
+    assert len(by_actor) == 3
+    ran_by = {unit: pid for pid, calls in by_actor.items() for _, unit, _ in calls}
+    told_to = {told: pid for pid, calls in by_actor.items() for _, _, told in calls if told is not None}
+    for pid, calls in by_actor.items():
+        for k, (_, unit, told) in enumerate(calls):
+            nxt = calls[k + 1][1] if k + 1 < len(calls) else None
+            if told is not None and nxt != told:  # the unit it was told of went to an idle actor...
+                assert ran_by[told] != pid, (pid, calls)
+            if nxt is not None and nxt != told:  # ...and what it ran instead was taken from a busy one
+                assert told_to[nxt] != pid, (pid, calls)
+
+
+def test_lookahead_gives_every_actor_work_before_any_hint(ray_local):
+    by_actor = _hinted(3, 3)
+    assert len(by_actor) == 3 and all(len(calls) == 1 for calls in by_actor.values())
+
+
+def test_an_idle_actor_takes_the_unit_a_busy_actor_was_told_of(ray_local):
+    """Unit 0 is slow: its actor was told of unit 2, which the other actor runs once it has nothing left."""
+    by_actor = _hinted(5, 2, seconds=lambda u: 5.0 if u == 0 else 0.0)
+    ran_by = {unit: pid for pid, calls in by_actor.items() for _, unit, _ in calls}
+    slow = ran_by[0]
+    assert [unit for _, unit, _ in by_actor[slow]] == [0] and by_actor[slow][0][2] == 2
+    assert ran_by[2] != slow
 
 
 def test_nothing_to_do_starts_no_actor_and_reports_complete(ray_local, tmp_path):
