@@ -20,7 +20,7 @@ import torch
 from storage.fingerprint import diff_but_policy
 from storage.store import FeatureStore, StoreError
 from train.config import TrainConfig
-from train.distributed import resolve_device
+from train.distributed import use_device
 from train.losses import relational_error
 from train.rundir import RunDir, read_run
 
@@ -405,7 +405,7 @@ def evaluate_run(run: Path, store: str, tasks: list[str] | tuple[str, ...] = ("k
     cfg, record = read_run(run)
     for url in dict.fromkeys([store, bank or record["url"]]):
         check_teachers(record, url)
-    dev = resolve_device(device)
+    dev = use_device(device)
     model, meta = load_trained(run, store, cfg, record["teachers"], dev)
     ctx = EvalContext(run, cfg, record["teachers"], model, dev, store, bank or record["url"])
     result = {"checkpoint_step": meta["step"], "teachers": list(record["teachers"]), "store": store}

@@ -14,6 +14,7 @@ import io
 import re
 import struct
 import tarfile
+import threading
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -344,19 +345,45 @@ def image_id(data: bytes) -> str:
 
 
 # ----------------------------------------------------------------------------- decoding
-@contextmanager
-def _truncated_files_fail() -> Iterator[None]:
-    """Make Pillow raise on truncated data whatever other code set, and restore the setting after.
+class _DecodeSettings:
+    """Pillow's process-wide settings while any thread decodes, put back when the last one is done.
 
-    With ``LOAD_TRUNCATED_IMAGES = True`` Pillow pads missing pixels with gray and says nothing;
-    a padded image in the store would be silently wrong pixels and targets.
+    * ``LOAD_TRUNCATED_IMAGES`` off whatever other code set: with it on, Pillow pads missing pixels with
+      gray and says nothing; a padded image in the store would be silently wrong pixels and targets.
+    * ``DecompressionBombWarning`` ignored: ``max_pixels`` is the limit, Pillow's warning threshold must
+      not become a hidden second one.
+
+    Both are global state, so the decoding threads of one process (an actor decodes a unit on all its
+    threads) share one save and restore, counted under a lock: per-call saving would let one thread's
+    restore switch truncated-file padding back on under another's decode.
     """
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+    def __init__(self) -> None:
+        self.lock, self.active = threading.Lock(), 0
+        self.saved_truncated: bool = False
+        self.saved_warnings: warnings.catch_warnings | None = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self.lock:
+            if self.active == 0:
+                self.saved_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+                self.saved_warnings = warnings.catch_warnings()
+                self.saved_warnings.__enter__()
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            self.active += 1
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active -= 1
+                if self.active == 0:
+                    ImageFile.LOAD_TRUNCATED_IMAGES = self.saved_truncated
+                    self.saved_warnings.__exit__(None, None, None)
+
+
+_decode_settings = _DecodeSettings()
 
 
 def _riff_truncated(data: bytes) -> bool:
@@ -428,9 +455,7 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         raise DecodeError("truncated")
     try:
         Image.init()  # register every plugin, so that DECODE_FORMATS names only known ones
-        with _truncated_files_fail(), warnings.catch_warnings():
-            # max_pixels is the limit; Pillow's warning threshold must not become a hidden second one
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _decode_settings():
             img = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
             if img.width * img.height > max_pixels:
                 raise DecodeError(f"too-large: {img.width}x{img.height} > {max_pixels} pixels")

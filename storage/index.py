@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from . import layout as L
-from .store import StoreError
+from .store import StoreError, token_counts
 
 __all__ = ["ArrayIndex", "IndexRows", "StoreIndex", "UnitIndex", "UnitOffsets", "DEFAULT_CACHE_UNITS", "UNITS_PER_READ", "array_offsets", "plain_select",
            "pixel_offsets", "token_offsets"]
@@ -54,7 +54,7 @@ class UnitIndex:
 
     def tokens(self) -> np.ndarray:
         """Patch tokens of each image: gh·gw, 0 for a failed image (the contract of every ``offsets``)."""
-        return np.where(self.ok, self.grid[:, 0].astype(np.int64) * self.grid[:, 1], 0)
+        return token_counts(self.ok, self.grid)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from .masks import MaskInfo
 from .shards import ShardPlan
 from .strings import read_strings
 
-__all__ = ["STRING_ARRAYS", "FeatureStore", "StoreError", "TeacherGroupSpec", "token_offsets"]
+__all__ = ["STRING_ARRAYS", "FeatureStore", "StoreError", "TeacherGroupSpec", "token_counts", "token_offsets"]
 
 STRING_ARRAYS = {L.IDS: L.ID_OFFSETS, L.SOURCE: L.SOURCE_OFFSETS}  # images/ string arrays and their offsets (v3)
 

@@ -13,7 +13,8 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["allreduce_grads", "barrier", "gather_rows", "init_distributed", "rank_and_world", "resolve_device"]
+__all__ = ["allreduce_grads", "barrier", "gather_rows", "init_distributed", "rank_and_world", "resolve_device",
+           "use_device"]
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -27,17 +28,22 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def use_device(spec: str = "auto") -> torch.device:
+    """``resolve_device``, and on CUDA make that GPU the current device: Triton launches its kernels,
+    ``torch.cuda.synchronize`` waits and the DataLoader pins memory on the current device, which is
+    otherwise GPU 0 for every rank (and for a run asked to compute on ``cuda:1``)."""
+    device = resolve_device(spec)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def init_distributed(device: str = "auto") -> tuple[int, int]:
     """Join the torchrun group when ``WORLD_SIZE`` > 1 (once); returns (rank, world). ``device`` is the run's
-    (``resolve_device``): NCCL on CUDA, gloo on CPU.
-
-    On CUDA the rank's GPU becomes the current device first: Triton launches its kernels, and
-    ``torch.cuda.synchronize`` waits, on the current device, which is otherwise GPU 0 for every rank.
-    """
+    (``use_device``): NCCL on CUDA, gloo on CPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dev = resolve_device(device)
+        dev = use_device(device)
         if dev.type == "cuda":
-            torch.cuda.set_device(dev)
             dist.init_process_group("nccl", device_id=dev)
         else:
             dist.init_process_group("gloo")

@@ -29,7 +29,7 @@ from .checkpoint import (fall_back_to_trusted, latest_checkpoint, load_checkpoin
                          save_checkpoint)
 from .config import GuideConfig, OptimConfig, TrainConfig, with_stores
 from .data import PlanStream, StoreBatches, make_loader
-from .distributed import allreduce_grads, barrier, gather_rows, rank_and_world, resolve_device
+from .distributed import allreduce_grads, barrier, gather_rows, rank_and_world, use_device
 from .losses import distillation_terms, relational_terms
 from .metrics import MetricsLog
 from .model.distill import SPARSE_ONLY, TRAINING_ONLY, DistillModel, build_model
@@ -76,7 +76,7 @@ def train(cfg: TrainConfig, store_url: str | list[str] | None, run: Path, *, fin
     """
     cfg = with_stores(cfg, store_url)
     rank, world = rank_and_world()
-    device = resolve_device(cfg.run.device)
+    device = use_device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     store = FeatureStore.open(cfg.data.stores[0].url)

@@ -158,6 +158,29 @@ def test_truncated_files_fail_even_if_pillow_is_told_to_pad(fmt, monkeypatch):
     assert decode_rgb(data).size == img.size
 
 
+def test_truncated_files_fail_when_many_threads_decode(monkeypatch):
+    """An actor decodes a unit on all its threads: one thread's restore of Pillow's setting must not switch
+    padding back on under another thread's decode (per-call save and restore did, and a truncated PNG
+    came back padded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = _enc(_photo().resize((256, 256)), "PNG")
+    truncated = [data[: len(data) * k // 40] for k in range(8, 36)] * 4
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+
+    def reason(blob: bytes) -> str:
+        try:
+            decode_rgb(blob)
+        except DecodeError as err:
+            return err.reason
+        return "decoded"
+
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            assert set(pool.map(reason, truncated)) == {"truncated"}
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
 def test_flipped_bytes_are_corrupt_not_truncated():
     data = bytearray(_enc(_photo()))
     data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # damage inside IDAT, length intact

@@ -187,7 +187,8 @@ def gmm_rows(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.T
     consts = dict(GROUPS_P2=triton.next_power_of_2(e), IEEE_FP32=_ieee(x))
     if _check_device(x, w):
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) + e, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        _gmm_rows_tuned[grid](*args, **consts)
+        with torch.cuda.device(x.device):  # Triton launches on the current device, whatever x's is
+            _gmm_rows_tuned[grid](*args, **consts)
     else:
         meta = _INTERPRET_META
         _gmm_rows_kernel[(triton.cdiv(m, meta["BLOCK_M"]) + e, triton.cdiv(n, meta["BLOCK_N"]))](*args, **consts, **meta)
@@ -209,7 +210,8 @@ def gmm_dw(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, num_groups:
     consts = dict(IEEE_FP32=_ieee(x))
     if _check_device(x, dy):
         grid = lambda meta: (num_groups, triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        _gmm_dw_tuned[grid](*args, **consts)
+        with torch.cuda.device(x.device):
+            _gmm_dw_tuned[grid](*args, **consts)
     else:
         meta = _INTERPRET_META
         _gmm_dw_kernel[(num_groups, triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(n, meta["BLOCK_N"]))](*args, **consts, **meta)
