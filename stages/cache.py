@@ -407,7 +407,7 @@ def _cache_teacher(store: FeatureStore, refs: list, labels: np.ndarray | None, m
         for attempt in range(2):
             for result in job.run_actors(TeacherWorker, init, workers=placement.workers, num_cpus=threads,
                                          num_gpus=placement.gpus_per_worker,
-                                         lookahead=placement.device == "cuda"):
+                                         lookahead=True):
                 per_unit[result["unit"]] = result
                 report.workers.setdefault(result["memory"]["worker"], WorkerMemory()).add(result["memory"])
                 for key in ("decode_s", "forward_s", "write_s"):

@@ -281,7 +281,7 @@ def run_embed(refs: list[ImageRef], out: str, cfg: CurateConfig, *,
                     threads, (cfg.batch_size, cfg.batch_tokens), unit)
             for result in job.run_actors(EmbedWorker, init, lambda u: (u, sources[u * unit:(u + 1) * unit]),
                                          workers=workers, num_cpus=threads, num_gpus=placement.gpus_per_worker,
-                                         lookahead=placement.device == "cuda"):
+                                         lookahead=True):
                 report.images_computed += result["images"]
                 report.units_prefetched += bool(result["prefetched"])
     else:

@@ -10,7 +10,8 @@ Actors follow one protocol: ``run_unit(*args) -> result`` per unit and, optional
 called once on every actor after the last unit (an actor that writes in the background waits for
 its writes there, so an error in them reaches the driver). With ``lookahead`` each call also names
 the unit that actor runs next (``upcoming=`` its args, None for its last), so an actor can decode
-that unit's images while its accelerator computes this one.
+that unit's images while its accelerator computes this one (the teacher and embedding jobs always
+ask for it; their actors use it on CUDA only, where the CPU threads are free during the forward).
 """
 
 from __future__ import annotations
