@@ -31,7 +31,7 @@ from .ingest import IngestReport, MaskInput, ingest_images, read_labels, read_ma
 from .memory import WorkerMemory, memory_sample
 from .placement import Placement, place_job, replica_threads
 from .ray_cluster import ray_cluster
-from .runner import UnitJob, ray_node_id
+from .runner import DecodeAhead, UnitJob, ray_node_id
 from .sources import list_images
 from .text_sets import (DEFAULT_TEMPLATES, TextSet, caption_set, class_set, classifier_set, prompt_set, read_captions,
                         read_lines)
@@ -131,8 +131,7 @@ class TeacherWorker:
         self.pending: Future | None = None
         # PNG decoding releases the GIL: the actor's CPU threads decode a unit in parallel
         self.decoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png-decode")
-        self.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if self.overlap else None
-        self.prefetched: tuple[int, Future] | None = None  # (unit, its decoded images to come)
+        self.ahead = DecodeAhead(self.overlap)  # the next unit's images, decoded during this unit's forward
 
     def _decode(self, unit: int) -> dict[int, np.ndarray]:
         """The usable images ``unit`` computes (its work range), read and decoded; any thread may call it
@@ -145,14 +144,6 @@ class TeacherWorker:
         blob = self.store.image_array(L.PIXELS)[lo:hi] if hi > lo else np.zeros(0, np.uint8)
         blobs = [blob[int(po[i - w0]) - lo: int(po[i - w0 + 1]) - lo] for i in keys]
         return dict(zip(keys, self.decoder.map(ImagePolicy.decode, blobs)))
-
-    def _images(self, unit: int) -> tuple[dict[int, np.ndarray], bool]:
-        """The decoded images ``unit`` computes, and whether they were decoded ahead (a prefetch of another
-        unit is dropped: its decode finishes in the background and is not used)."""
-        ahead, self.prefetched = self.prefetched, None
-        if ahead is not None and ahead[0] == unit:
-            return ahead[1].result(), True  # its read or decode error is raised here, for this unit
-        return self._decode(unit), False
 
     def _forward(self, images: dict[int, np.ndarray], layers: list[int]) -> dict[int, tuple]:
         """Per image: (summary [D], patches [gh*gw, D], registers [R, D] or None, {k: [gh*gw, Dk]}), float32."""
@@ -175,9 +166,9 @@ class TeacherWorker:
         r0, r1 = self.plan.owned_rows(unit, self.tokens, self.shard_rows)
         main = unit not in self.main_done
         layers = [k for k, done in self.layer_done.items() if unit not in done]
-        images, prefetched = self._images(unit)
-        if upcoming is not None and self.prefetcher is not None:
-            self.prefetched = (upcoming[0], self.prefetcher.submit(self._decode, upcoming[0]))
+        images, prefetched = self.ahead.take(unit, self._decode, unit)
+        if upcoming is not None:
+            self.ahead.start(upcoming[0], self._decode, upcoming[0])
         t1 = time.perf_counter()
         results = self._forward(images, layers)
         t2 = time.perf_counter()
@@ -189,7 +180,8 @@ class TeacherWorker:
         held = sum(a.nbytes for a in images.values()) + sum(
             x.nbytes for res in results.values() for x in (*res[:3], *res[3].values()) if x is not None)
         return {"unit": unit, "images": sum(1 for i in results if i0 <= i < i1), "tokens": r1 - r0,
-                "prefetched": prefetched, "decode_s": t1 - t0, "forward_s": t2 - t1, "write_s": time.perf_counter() - t2,
+                "prefetched": prefetched, "decode_s": t1 - t0, "forward_s": t2 - t1,
+                "write_s": time.perf_counter() - t2,
                 "images_forward": len(results), "memory": memory_sample(held)}
 
     def _write(self, unit: int, i0: int, i1: int, r0: int, r1: int, results: dict, main: bool = True,
@@ -261,7 +253,7 @@ class TeacherWorker:
     def finish(self) -> None:
         """After the last unit: wait for its write (the runner calls this on every actor)."""
         self._wait_for_write()
-        self.prefetched = None  # the runner names no unit after an actor's last: nothing should be here
+        self.ahead.drop()  # the runner names no unit after an actor's last: nothing should be here
 
 
 def _uncommitted(store: FeatureStore, name: str, layers: list[int], num_units: int) -> set[int]:

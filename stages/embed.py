@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -42,7 +42,7 @@ from storage.image_policy import ImagePolicy
 
 from .placement import place_job, replica_threads
 from .ray_cluster import ray_cluster
-from .runner import UnitJob, ray_node_id
+from .runner import DecodeAhead, UnitJob, ray_node_id
 from .sources import ImageRef, iter_decoded, printable_source
 
 if TYPE_CHECKING:
@@ -153,8 +153,7 @@ class EmbedWorker:
         self.threads = threads
         self.decoder = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         overlap = self.teacher.device.type == "cuda" if overlap is None else overlap
-        self.prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if overlap else None
-        self.prefetched: tuple[int, Future] | None = None  # (unit, its decoded images to come)
+        self.ahead = DecodeAhead(overlap)  # the next unit's images, decoded during this unit's forward
 
     def _decode(self, sources: list[str]) -> tuple[list, list[str], list[str]]:
         """``decode_unit`` of ``sources`` in one contiguous piece per thread, joined in order."""
@@ -163,17 +162,11 @@ class EmbedWorker:
                                       range(0, len(sources), step)))
         return tuple([x for part in parts for x in part[k]] for k in range(3))
 
-    def _decoded(self, unit: int, sources: list[str]) -> tuple[tuple, bool]:
-        ahead, self.prefetched = self.prefetched, None
-        if ahead is not None and ahead[0] == unit:
-            return ahead[1].result(), True
-        return self._decode(sources), False
-
     def run_unit(self, unit: int, sources: list[str], upcoming: tuple | None = None) -> dict:
         t0 = time.perf_counter()
-        decoded, prefetched = self._decoded(unit, sources)
-        if upcoming is not None and self.prefetcher is not None:
-            self.prefetched = (upcoming[0], self.prefetcher.submit(self._decode, upcoming[1]))
+        decoded, prefetched = self.ahead.take(unit, self._decode, sources)
+        if upcoming is not None:
+            self.ahead.start(upcoming[0], self._decode, upcoming[1])
         res = _embedded(self.teacher, decoded, self.batch_size, self.batch_tokens)
         i0 = unit * self.unit_images
         i1 = i0 + len(sources)
@@ -189,7 +182,7 @@ class EmbedWorker:
 
     def finish(self) -> None:
         """The runner names no unit after an actor's last: a decode still held here is dropped."""
-        self.prefetched = None
+        self.ahead.drop()
 
 
 # ------------------------------------------------------------------------------------ the job

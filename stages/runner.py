@@ -17,12 +17,39 @@ ask for it; their actors use it on CUDA only, where the CPU threads are free dur
 from __future__ import annotations
 
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-__all__ = ["UnitJob", "ray_node_id"]
+__all__ = ["DecodeAhead", "UnitJob", "ray_node_id"]
 
 Progress = Callable[[str, int, int], None]
+
+
+class DecodeAhead:
+    """The actor's side of the lookahead: one unit's input work (read and decode) started in a background
+    thread while the actor computes the current unit, and used only by the unit it was started for (a
+    unit the runner gave to another actor is dropped: its work finishes and is not used). Disabled, it
+    starts nothing (CPU: the torch threads hold the cores during the forward)."""
+
+    def __init__(self, enabled: bool):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-ahead") if enabled else None
+        self.ahead: tuple[int, Future] | None = None
+
+    def take(self, unit: int, work: Callable[..., Any], *args: Any) -> tuple[Any, bool]:
+        """``work(*args)`` for ``unit``, and whether it had been done ahead (its error is raised here, for
+        this unit)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] == unit:
+            return ahead[1].result(), True
+        return work(*args), False
+
+    def start(self, unit: int, work: Callable[..., Any], *args: Any) -> None:
+        if self.pool is not None:
+            self.ahead = (unit, self.pool.submit(work, *args))
+
+    def drop(self) -> None:
+        self.ahead = None
 
 
 def ray_node_id() -> str | None:
@@ -93,7 +120,7 @@ class UnitJob:
                    lookahead: bool = False) -> Iterator[Any]:
         """``actor.run_unit(*args(u))`` on a pool of ``workers`` actors (no more than units to do);
         ``lookahead``: ``run_unit(*args(u), upcoming=args(v))``, v being the unit the same actor runs next
-        (each actor holds one unit in reserve; the last units may wait for a busy actor).
+        (each actor holds one unit in reserve, which an idle actor takes over).
 
         An actor lost with its node is restarted by Ray elsewhere (``max_restarts``) and the calls it had
         not answered are retried there (``max_task_retries``): Ray's own fault tolerance, no loop here.
